@@ -1,0 +1,155 @@
+"""Public API: parse, check, compile, load."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import networkx as nx
+
+from cfmlang import __version__
+from cfmlang.compiler import ast
+from cfmlang.compiler.artifact import (DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
+                                       nbytes, write_manifest, write_sharded)
+from cfmlang.compiler.check import check as check_stage
+from cfmlang.compiler.execute import MergeProvider, execute, input_fingerprint
+from cfmlang.compiler.graph import build_graph, graph_summary
+from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode
+from cfmlang.compiler.resolve import resolve
+from cfmlang.compiler.to_ast import parse as parse_text
+from cfmlang.compiler.weights import WeightError, default_cache_dir
+from cfmlang.diagnostics import CompileError, Diagnostic, error
+
+LANGUAGE_VERSION = "0"
+Source = "str | Path"
+
+
+@dataclass(frozen=True)
+class Input:
+    text: str
+    file: str
+    base_dir: Path
+
+
+def read_input(source) -> Input:
+    """A path to a .brick file, or program text (anything containing a newline)."""
+    if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith(".brick")):
+        path = Path(source)
+        if not path.is_file():
+            raise CompileError([error("E040", f"cannot read `{path}`: no such file",
+                                      None, "check the path")])
+        return Input(path.read_text(), str(path), path.resolve().parent)
+    return Input(str(source), "<input>", Path.cwd())
+
+
+def parse(source) -> ast.Program:
+    src = read_input(source)
+    return parse_text(src.text, src.file)
+
+
+def check(source) -> CheckedProgram:
+    src = read_input(source)
+    return check_stage(resolve(src.text, src.file, src.base_dir))
+
+
+@dataclass
+class CompileResult:
+    output_dir: Path
+    graph: nx.DiGraph
+    manifest: dict
+    warnings: tuple[Diagnostic, ...]
+    _keep: Any = field(default=None, repr=False)
+
+    @cached_property
+    def module(self):
+        return load(self.output_dir)
+
+
+def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+            progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
+    """Check, build the graph, and stream the output node into `output_dir` atomically.
+
+    Without `output_dir` the artifact goes to a temporary directory that lives as long as
+    the result."""
+    program = check(source)
+    if program.output is None:
+        raise CompileError([error("E070", "nothing to compile: the file sets no `output:`",
+                                  None, "add a line `output: NAME` naming the node to build")])
+    graph, dropped = build_graph(program)
+    keep = None
+    if output_dir is None:
+        keep = tempfile.TemporaryDirectory(prefix="cfm-out-")
+        output_dir = Path(keep.name) / "model"
+    output_dir = Path(output_dir)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    manifest = _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log)
+    return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), keep)
+
+
+def _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log) -> dict:
+    run = execute(program, graph, cache, log)
+    specs = run.output.specs
+    total = sum(nbytes(s) for s in specs)
+    done = [0]
+
+    def on_tensor(spec):
+        done[0] += nbytes(spec)
+        if progress:
+            progress(done[0], total)
+
+    try:
+        with atomic_directory(output_dir) as tmp:
+            files = write_sharded(tmp, specs, run.output.get, max_shard_bytes, on_tensor)
+            copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
+            manifest = build_manifest(program, graph, run, files, total)
+            write_manifest(tmp, manifest)
+    except WeightError as exc:
+        raise CompileError([error("E080", str(exc), None,
+                                  "the input weights are damaged or the merge is numerically "
+                                  "unstable; nothing was written")]) from None
+    except OSError as exc:
+        raise CompileError([error("E081", f"cannot write the output: {exc}", None,
+                                  "check free disk space and permissions; nothing was written")]) from None
+    return manifest
+
+
+def _output_dtype(provider) -> str | None:
+    return provider.dtype if isinstance(provider, MergeProvider) else None
+
+
+def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total) -> dict:
+    nodes = {}
+    for name in run.order:
+        node = program.node(name)
+        if isinstance(node, ModelNode):
+            nodes[name] = {"op": "model", "source": {"tag": node.source.tag, "given": node.source.given},
+                           "fingerprint": input_fingerprint(run.providers[name])}
+        else:
+            assert isinstance(node, MergeNode)
+            nodes[name] = {"op": "merge", "method": node.method, "base": node.base,
+                           "dtype": node.dtype or program.dtype,
+                           "options": dict(node.options),
+                           "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        nodes[name]["tensors_produced"] = run.providers[name].stats.tensors
+    return {
+        "format": "cfm-artifact", "language_version": LANGUAGE_VERSION,
+        "cfmlang_version": __version__,
+        "source": {"file": Path(program.root).name,
+                   "files": [{"file": Path(f).name, "sha256": h} for f, h in program.files]},
+        "seed": program.seed, "output": program.output, "standard": True,
+        "graph": graph_summary(graph), "nodes": nodes,
+        "artifact": {"files": files, "tensors": len(run.output.specs), "bytes": total},
+    }
+
+
+def load(directory, **kwargs):
+    """The compiled model as a torch module (transformers, for standard architectures)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not (directory / "cfm.json").is_file():
+        raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
+                                  None, "compile one with `cfmc compile FILE -o DIR`")])
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)

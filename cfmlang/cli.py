@@ -1,0 +1,161 @@
+"""`cfmc`: the command line. Thin: every command calls the public API.
+
+Exit codes: 0 ok, 1 user error (diagnostics printed), 2 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from cfmlang.diagnostics import CompileError, Diagnostic, render_json, render_plain
+
+EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CompileError as exc:
+        report(exc.diagnostics, args)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: never show a traceback by default
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        else:
+            print(f"internal error: {type(exc).__name__}: {exc}\n"
+                  "This is a bug in cfmlang. Please report it with the command you ran; "
+                  "rerun with --debug for the traceback.", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def report(diagnostics, args) -> None:
+    if getattr(args, "format", "text") == "json":
+        print(render_json(diagnostics))
+    elif diagnostics:
+        print(render_plain(diagnostics), file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfmc", description="compile configurable foundation models")
+    parser.add_argument("--version", action="version", version=f"cfmc {__import__('cfmlang').__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("check", cmd_check, "check a .brick file; exit 0 when valid")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+
+    sub = command("compile", cmd_compile, "compile a .brick file into an artifact directory")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("-o", "--output", type=Path, required=True, help="artifact directory (replaced atomically)")
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+    sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
+    sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("graph", cmd_graph, "print the dependency graph of a .brick file")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("dot", "mermaid", "json"), default="dot")
+
+    sub = command("run", cmd_run, "generate text with a compiled artifact")
+    sub.add_argument("directory", type=Path)
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--max-new-tokens", type=int, default=64)
+    sub.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    sub.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sub.add_argument("--temperature", type=float, default=0.7)
+    sub.add_argument("--top-p", type=float, default=0.9)
+    sub.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_check(args) -> int:
+    from cfmlang.api import check
+
+    program = check(args.file)
+    report(program.warnings, args)
+    if args.format == "text":
+        print(f"{args.file}: ok ({len(program.nodes)} nodes)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from cfmlang.api import check
+    from cfmlang.compiler.graph import build_graph, to_dot, to_json, to_mermaid
+
+    graph, dropped = build_graph(check(args.file))
+    if dropped:
+        print(render_plain(dropped), file=sys.stderr)
+    render = {"dot": to_dot, "mermaid": to_mermaid, "json": to_json}[args.format]
+    sys.stdout.write(render(graph))
+    return EXIT_OK
+
+
+def cmd_compile(args) -> int:
+    from cfmlang.api import compile
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    with ProgressBar(enabled=not args.quiet and args.format == "text") as bar:
+        result = compile(args.file, args.output, cache_dir=args.cache_dir,
+                         max_shard_bytes=int(args.shard_size * 1024**3), progress=bar.update, log=log)
+    report(result.warnings, args)
+    artifact = result.manifest["artifact"]
+    if args.format == "json":
+        import json
+        print(json.dumps({"output": str(args.output), **artifact}, indent=2))
+    elif not args.quiet:
+        print(f"wrote {args.output}: {artifact['tensors']} tensors, "
+              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s)", file=sys.stderr)
+    return EXIT_OK
+
+
+class ProgressBar:
+    """A rich progress bar over output bytes, drawn on stderr when it is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.progress = self.task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+            self.progress = Progress("[bold]writing", BarColumn(), DownloadColumn(),
+                                     TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("write", total=None)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+
+def cmd_run(args) -> int:
+    from cfmlang.runtime import generate
+
+    generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+             sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+             stream=sys.stdout)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

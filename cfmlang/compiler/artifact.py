@@ -1,0 +1,151 @@
+"""Artifacts: atomic output directories and streamed, sharded safetensors writing.
+
+Shapes and dtypes of every output tensor are known before any is computed, so each
+shard's header is written first and tensors are streamed into place one at a time:
+memory stays near the largest tensor, not the model size.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from cfmlang.compiler.ir import TensorSpec
+from cfmlang.compiler.weights import DTYPE_CODES, SUPPORT_FILES, TORCH_DTYPES, WeightError
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target` whole.
+
+    On any exception (including KeyboardInterrupt) the temporary directory is removed
+    and an existing `target` is left untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.is_symlink():
+            target.unlink()
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def nbytes(spec: TensorSpec) -> int:
+    size = TORCH_DTYPES[spec.dtype].itemsize
+    for dim in spec.shape:
+        size *= dim
+    return size
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        size = nbytes(spec)
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += size
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for spec in specs:
+        size = nbytes(spec)
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_shard(path: Path, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
+                on_tensor: Callable[[TensorSpec], None] = lambda spec: None) -> None:
+    """Write one safetensors file: header first, then each tensor as it is produced."""
+    with open(path, "wb") as handle:
+        handle.write(_header_bytes(specs, {"format": "pt"}))
+        for spec in specs:
+            tensor = produce(spec.name)
+            if tuple(tensor.shape) != spec.shape or DTYPE_CODES.get(tensor.dtype) != spec.dtype:
+                raise WeightError(f"tensor `{spec.name}` came out as {list(tensor.shape)} "
+                                  f"{DTYPE_CODES.get(tensor.dtype)}, expected {list(spec.shape)} {spec.dtype}")
+            handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            on_tensor(spec)
+
+
+def write_sharded(folder: Path, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  on_tensor: Callable[[TensorSpec], None] = lambda spec: None) -> list[str]:
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards))
+    for name, shard in zip(names, shards):
+        write_shard(folder / name, shard, produce, on_tensor)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(nbytes(s) for s in specs)},
+                 "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def write_state_dict(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in state.items()]
+    return write_sharded(folder, specs, lambda name: state[name])
+
+
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def copy_support_files(source_dir: Path, folder: Path, dtype_code: str | None) -> None:
+    """config.json (with the output dtype), tokenizer and generation config from the base."""
+    config = json.loads((source_dir / "config.json").read_text())
+    if dtype_code in TORCH_DTYPE_NAMES:
+        config["dtype"] = TORCH_DTYPE_NAMES[dtype_code]
+        config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in SUPPORT_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, folder / name)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "cfm.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

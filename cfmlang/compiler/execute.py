@@ -1,0 +1,136 @@
+"""Execute the graph: each node becomes a lazy tensor provider; the output node's
+tensors are pulled one at a time into the artifact, so nothing is held whole."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import networkx as nx
+import torch
+
+from cfmlang.compiler.graph import execution_order
+from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode, TensorSpec, layer_index
+from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, WeightError, open_source
+from cfmlang.stdlib import lookup
+
+
+class Provider(Protocol):
+    specs: list[TensorSpec]
+    support_dir: Path
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class NodeStats:
+    tensors: int = 0
+
+
+@dataclass
+class SourceProvider:
+    reader: Any
+    support_dir: Path
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return self.reader.specs
+
+    def get(self, name: str) -> torch.Tensor:
+        self.stats.tensors += 1
+        return self.reader.get(name)
+
+
+def interpolate(value, t: float):
+    """mergekit's gradient rule: a list of numbers is a piecewise-linear curve over t."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1:
+        return value[0]
+    scaled = t * (len(value) - 1)
+    low = int(scaled)
+    high = min(len(value) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * value[low] + frac * value[high]
+
+
+@dataclass
+class MergeProvider:
+    node: MergeNode
+    inputs: list[Provider]
+    base: Provider | None
+    dtype: str | None
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        self.method = lookup("merge", self.node.method)
+        self.options = dict(self.node.options)
+        self.num_layers = self.node.arch.num_layers
+        first = self.base or self.inputs[0]
+        self.support_dir = first.support_dir
+        self.specs = [TensorSpec(s.name, s.shape, self.dtype or s.dtype) for s in first.specs]
+
+    def layer_t(self, name: str) -> float:
+        layer = layer_index(name)
+        if layer is None:
+            return 0.0
+        return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+
+    def load(self, provider: Provider, name: str) -> torch.Tensor:
+        tensor = provider.get(name)
+        return tensor.to(TORCH_DTYPES[self.dtype]) if self.dtype else tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.layer_t(name)
+        tensors = [self.load(p, name) for p in self.inputs]
+        base = self.load(self.base, name) if self.base is not None else None
+        weights = [{k: interpolate(v, t) for k, v in i.params} for i in self.node.inputs]
+        options = {k: interpolate(v, t) for k, v in self.options.items()}
+        result = self.method.merge(tensors, base, weights, options)
+        if result.is_floating_point() and not torch.isfinite(result).all():
+            raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
+                              f"tensor `{name}`")
+        self.stats.tensors += 1
+        want = TORCH_DTYPES[self.dtype] if self.dtype else tensors[0].dtype
+        return result.to(want)
+
+
+@dataclass(frozen=True)
+class Execution:
+    output: Provider
+    providers: dict[str, Provider]
+    order: tuple[str, ...]
+
+
+def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=print) -> Execution:
+    """Open every source and wire merge providers in dependency order (no math yet)."""
+    providers: dict[str, Provider] = {}
+    order = execution_order(graph)
+    for name in order:
+        node = program.node(name)
+        if isinstance(node, ModelNode):
+            reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
+            providers[name] = SourceProvider(reader, folder)
+        else:
+            dtype = node.dtype or program.dtype
+            providers[name] = MergeProvider(
+                node, [providers[i.model] for i in node.inputs],
+                providers[node.base] if node.base else None,
+                None if dtype is None else _code(dtype))
+    return Execution(providers[program.output], providers, tuple(order))
+
+
+def _code(dtype_name: str) -> str:
+    return DTYPE_CODES[getattr(torch, dtype_name)]
+
+
+def input_fingerprint(provider: Provider) -> str:
+    """A cheap identity of a source's weights: names, shapes and dtypes of every tensor.
+
+    (Content hashing of weights belongs to the incremental cache.)"""
+    digest = hashlib.sha256()
+    for spec in provider.specs:
+        digest.update(f"{spec.name}|{spec.shape}|{spec.dtype};".encode())
+    return digest.hexdigest()

@@ -1,0 +1,110 @@
+"""The typed IR produced by the checker: names bound, parameters validated, shapes known.
+
+No weights are loaded to build it: architectures come from config.json, safetensors
+headers and GGUF metadata.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from cfmlang.diagnostics import Diagnostic, Span
+
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(tensor_name: str) -> int | None:
+    match = LAYER_RE.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str          # safetensors dtype code: F32, F16, BF16, F64 ...
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What the checker knows of a model before reading any weight."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    intermediate_size: int
+    tensors: tuple[TensorSpec, ...]
+
+    def tensor(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved weight source. `kind` is hf (a directory), gguf (a file) or
+    safetensors (a file with config.json beside it)."""
+
+    tag: str
+    given: str
+    kind: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ModelNode:
+    name: str
+    span: Span
+    source: Source
+    allow_pickle: bool
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    model: str
+    params: tuple[tuple[str, Any], ...]
+    span: Span
+
+
+@dataclass(frozen=True)
+class MergeNode:
+    name: str
+    span: Span
+    method: str
+    base: str | None
+    inputs: tuple[MergeInput, ...]
+    options: tuple[tuple[str, Any], ...]
+    dtype: str | None
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        names = [i.model for i in self.inputs]
+        if self.base and self.base not in names:
+            names.insert(0, self.base)
+        return tuple(names)
+
+
+Node = Union[ModelNode, MergeNode]
+
+
+@dataclass(frozen=True)
+class CheckedProgram:
+    root: str
+    nodes: tuple[Node, ...]
+    output: str | None
+    seed: int
+    dtype: str | None
+    files: tuple[tuple[str, str], ...]          # (path, sha256) of every .brick file read
+    warnings: tuple[Diagnostic, ...] = field(default=())
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)

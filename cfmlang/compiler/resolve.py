@@ -1,0 +1,142 @@
+"""Resolve: read a .brick file and its imports, and bind every declared name.
+
+Produces the symbol table (name -> declaration and the directory its paths are relative
+to) and the root file's settings. Syntax errors stop here; other problems (unknown
+keywords, duplicate names, missing or cyclic imports, unknown settings) are carried to
+the checker so that one run reports them together with its own.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from cfmlang.compiler import ast
+from cfmlang.compiler.to_ast import parse
+from cfmlang.diagnostics import CompileError, Diagnostic, did_you_mean, error, raise_if_errors, warning
+
+KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
+SETTINGS = ("output", "seed", "dtype")
+
+
+@dataclass(frozen=True)
+class Declared:
+    decl: ast.Decl
+    base_dir: Path
+
+
+@dataclass(frozen=True)
+class Resolved:
+    root: str
+    symbols: tuple[tuple[str, Declared], ...]
+    settings: tuple[ast.Setting, ...]
+    files: tuple[tuple[str, str], ...]
+    problems: tuple[Diagnostic, ...]
+
+    def table(self) -> dict[str, Declared]:
+        return dict(self.symbols)
+
+
+def stdlib_path(name: str) -> Path:
+    return Path(str(resources.files("cfmlang.stdlib").joinpath(name)))
+
+
+def resolve(text: str, file: str, base_dir: Path) -> Resolved:
+    state = _Loader()
+    root_key = str(Path(file).resolve()) if Path(file).is_file() else file
+    state.load_text(text, file, base_dir, importer=None, key=root_key)
+    if state.syntax_failed:
+        raise_if_errors(state.problems)
+    return Resolved(file, tuple(state.symbols.items()), tuple(state.root_settings),
+                    tuple(state.files), tuple(state.problems))
+
+
+class _Loader:
+    def __init__(self):
+        self.problems: list[Diagnostic] = []
+        self.symbols: dict[str, Declared] = {}
+        self.root_settings: list[ast.Setting] = []
+        self.files: list[tuple[str, str]] = []
+        self.stack: list[str] = []
+        self.loaded: set[str] = set()
+        self.syntax_failed = False
+
+    def load_text(self, text: str, file: str, base_dir: Path, importer: ast.Import | None,
+                  key: str):
+        self.files.append((file, hashlib.sha256(text.encode()).hexdigest()))
+        try:
+            program = parse(text, file)
+        except CompileError as exc:
+            self.problems += exc.diagnostics
+            self.syntax_failed = True
+            return
+        self.stack.append(key)
+        for statement in program.statements:
+            if isinstance(statement, ast.Import):
+                self.import_file(statement, base_dir)
+            elif isinstance(statement, ast.Setting):
+                self.setting(statement, is_root=importer is None)
+            else:
+                self.declare(statement, base_dir)
+        self.stack.pop()
+
+    def declare(self, decl: ast.Decl, base_dir: Path):
+        if decl.keyword not in KEYWORDS:
+            hint = did_you_mean(decl.keyword, KEYWORDS + ("import",))
+            self.problems.append(error(
+                "E010", f"unknown statement keyword `{decl.keyword}`", decl.keyword_span,
+                hint or f"a declaration starts with one of: {', '.join(KEYWORDS)}"))
+            return
+        first = self.symbols.get(decl.name)
+        if first is not None:
+            s = first.decl.name_span
+            self.problems.append(error(
+                "E011", f"`{decl.name}` is declared twice", decl.name_span,
+                "rename one of them", notes=[f"first declared at {s.file}:{s.line}:{s.col}"]))
+            return
+        self.symbols[decl.name] = Declared(decl, base_dir)
+
+    def setting(self, setting: ast.Setting, is_root: bool):
+        if setting.key not in SETTINGS:
+            self.problems.append(error(
+                "E015", f"unknown file-level setting `{setting.key}`", setting.key_span,
+                did_you_mean(setting.key, SETTINGS + KEYWORDS) or
+                f"settings are {', '.join(SETTINGS)}; declarations look like `model NAME:`"))
+        elif any(s.key == setting.key for s in self.root_settings) and is_root:
+            self.problems.append(error("E012", f"setting `{setting.key}` is given twice",
+                                       setting.key_span, "keep one of them"))
+        elif is_root:
+            self.root_settings.append(setting)
+        else:
+            self.problems.append(warning("W002", f"setting `{setting.key}` in an imported file "
+                                         "is ignored", setting.key_span,
+                                         "only the compiled file's settings apply"))
+
+    def import_file(self, node: ast.Import, base_dir: Path):
+        if node.keyword != "import":
+            self.problems.append(error("E010", f"unknown statement keyword `{node.keyword}`",
+                                       node.keyword_span, did_you_mean(node.keyword, ("import",))
+                                       or 'an import reads `import "path.brick"`'))
+            return
+        if node.path.startswith("std/"):
+            path = stdlib_path(node.path)
+        else:
+            path = (base_dir / node.path)
+        path = path.resolve()
+        key = str(path)
+        if key in self.stack:
+            self.problems.append(error("E041", f"import cycle: `{node.path}` imports itself "
+                                       "through this chain", node.path_span,
+                                       "remove one of the imports in the cycle"))
+            return
+        if key in self.loaded:
+            return
+        if not path.is_file():
+            hint = ("the standard library has: " + ", ".join(
+                "std/" + p.name for p in sorted(stdlib_path("std").glob("*.brick")))
+                if node.path.startswith("std/") else "import paths are relative to the importing file")
+            self.problems.append(error("E040", f"cannot find `{node.path}`", node.path_span, hint))
+            return
+        self.loaded.add(key)
+        self.load_text(path.read_text(), str(path), path.parent, importer=node, key=key)

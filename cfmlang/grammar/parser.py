@@ -1,0 +1,164 @@
+"""Source text -> lark tree, with syntax errors turned into diagnostics.
+
+The grammar is LALR(1); indentation is handled by lark's Indenter post-lexer.
+When a file has syntax errors, every top-level statement is re-parsed on its own so
+that all of them are reported at once.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.indenter import DedentError, Indenter
+
+from cfmlang.diagnostics import CompileError, Diagnostic, Span, error
+
+TOKEN_WORDS = {
+    "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
+    "NAME": "a name", "STRING": "a string", "SIGNED_NUMBER": "a number",
+    "SIGNED_INT": "an integer", "COLON": "`:`", "COMMA": "`,`", "LSQB": "`[`",
+    "RSQB": "`]`", "LBRACE": "`{`", "RBRACE": "`}`", "MINUS": "`-`", "DOT": "`.`",
+    "STAR": "`*`", "$END": "the end of the file",
+}
+
+
+class CfmIndenter(Indenter):
+    NL_type = "_NL"
+    OPEN_PAREN_types = ["LSQB", "LBRACE"]
+    CLOSE_PAREN_types = ["RSQB", "RBRACE"]
+    INDENT_type = "_INDENT"
+    DEDENT_type = "_DEDENT"
+    tab_len = 8
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("cfmlang.grammar").joinpath("cfm.lark").read_text()
+    return Lark(grammar, parser="lalr", lexer="contextual", postlex=CfmIndenter(),
+                propagate_positions=True, maybe_placeholders=True)
+
+
+def parse_tree(text: str, file: str) -> Tree:
+    """Parse one file; raise CompileError with every syntax error found."""
+    text = _normalise(text)
+    problems = _tab_problems(text, file)
+    if problems:
+        raise CompileError(problems)
+    try:
+        return _parser().parse(text)
+    except (UnexpectedInput, DedentError):
+        pass
+    raise CompileError(_errors_per_statement(text, file))
+
+
+def _normalise(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _tab_problems(text: str, file: str) -> list[Diagnostic]:
+    out = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        indent = re.match(r"[ \t]*", line).group(0)
+        if "\t" in indent and line.strip() and not line.strip().startswith("#"):
+            col = indent.index("\t") + 1
+            out.append(error("E004", "tab character in indentation",
+                             Span.point(file, number, col),
+                             "indent with spaces only; tabs have no agreed width"))
+    return out
+
+
+def _statement_chunks(text: str) -> list[tuple[int, str]]:
+    """Split a file into top-level statements: (first line number, text padded so that
+    line numbers are unchanged)."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines)
+              if line[:1] not in ("", " ", "\t", "#")]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    chunks = []
+    for a, b in zip(starts, starts[1:] + [len(lines)]):
+        body = "\n".join(lines[a:b])
+        chunks.append((a + 1, "\n" * a + body + "\n"))
+    return chunks
+
+
+def _errors_per_statement(text: str, file: str) -> list[Diagnostic]:
+    found: list[Diagnostic] = []
+    for first_line, chunk in _statement_chunks(text):
+        try:
+            _parser().parse(chunk)
+        except DedentError as exc:
+            found.append(_dedent_error(exc, chunk, file))
+        except UnexpectedInput as exc:
+            found.append(_syntax_error(exc, file))
+    return found or [error("E002", "syntax error", Span.point(file, 1, 1))]
+
+
+def _dedent_error(exc: DedentError, chunk: str, file: str) -> Diagnostic:
+    # lark does not say where; find the first line whose indent matches no open level.
+    levels = [0]
+    width_above = 0
+    for number, line in enumerate(chunk.split("\n"), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        width = len(line) - len(line.lstrip(" "))
+        if width > levels[-1]:
+            levels.append(width)
+            width_above = width
+            continue
+        while width < levels[-1]:
+            levels.pop()
+        if width != levels[-1]:
+            widths = " or ".join(str(w) for w in sorted(set(levels + [width_above])))
+            return error("E005", "this line's indentation matches no enclosing block",
+                         Span.point(file, number, 1, width),
+                         f"indent it by {widths} spaces, like the lines of an enclosing block")
+        width_above = width
+    return error("E005", f"inconsistent indentation: {exc}", Span.point(file, 1, 1))
+
+
+def _expected_words(expected) -> str:
+    words = sorted({TOKEN_WORDS.get(e, f"`{e.lower()}`" if e.isalpha() else e)
+                    for e in expected if not e.startswith("__")})
+    if not words:
+        return ""
+    return "expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
+
+
+def _syntax_error(exc: UnexpectedInput, file: str) -> Diagnostic:
+    line, col = max(exc.line, 1), max(exc.column, 1)
+    if isinstance(exc, UnexpectedCharacters):
+        char = exc.char
+        hint = "strings use double quotes" if char == "'" else _expected_words(exc.allowed or ())
+        return error("E001", f"unexpected character `{char}`", Span.point(file, line, col), hint)
+    if isinstance(exc, UnexpectedEOF):
+        return error("E003", "unexpected end of file", Span.point(file, line, col),
+                     _expected_words(exc.expected))
+    assert isinstance(exc, UnexpectedToken)
+    token: Token = exc.token
+    expected = set(exc.expected)
+    if token.type == "$END" and expected & {"RSQB", "RBRACE"}:
+        return error("E007", "unclosed bracket at the end of the file", Span.point(file, line, col),
+                     "close every `[` with `]` and every `{` with `}`")
+    if token.type == "$END":
+        return error("E003", "unexpected end of file", Span.point(file, line, col),
+                     _expected_words(expected))
+    described = TOKEN_WORDS.get(token.type, f"`{token}`")
+    if token.type in ("NAME", "STRING", "SIGNED_NUMBER", "SIGNED_INT"):
+        described = f"`{token}`"
+    hint = _expected_words(expected)
+    if token.type in ("_DEDENT", "_NL") and expected & {"RSQB", "RBRACE"}:
+        return error("E007", "unclosed bracket", Span.point(file, line, col),
+                     "close every `[` with `]` and every `{` with `}`")
+    if token.type == "_INDENT":
+        hint = "this line is indented more than the line before it expects"
+    elif token.type == "_NL" and "COLON" in expected:
+        hint = "a declaration needs a `:` after its name"
+    elif "COLON" in expected and token.type in ("NAME", "STRING", "SIGNED_NUMBER"):
+        hint = "write `key: value`; a key needs a `:`"
+    width = len(str(token)) if token.type not in ("_NL", "_INDENT", "_DEDENT") else 1
+    return error("E002", f"unexpected {described}", Span.point(file, line, col, width), hint)

@@ -1,0 +1,58 @@
+"""The registry of operation methods and brick kinds.
+
+Each entry is a small class with a pydantic parameter model. A method is found by its
+statement keyword and name (`merge`/`linear`, `grow`/`block_expand`, `brick`/`lora` ...).
+Entries whose `implemented` is False parse and resolve, and the checker reports
+"method X is not implemented yet" for them.
+"""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Gradient = Union[float, Annotated[list[float], Field(min_length=1)]]
+"""A number, or a list of numbers interpolated across layers (mergekit's gradients)."""
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class Method:
+    keyword: ClassVar[str]
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    implemented: ClassVar[bool] = True
+    planned_in: ClassVar[str] = ""
+    Options: ClassVar[type[Params]] = NoParams
+
+
+REGISTRY: dict[tuple[str, str], type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    key = (cls.keyword, cls.name)
+    if key in REGISTRY:
+        raise ValueError(f"{cls.keyword} method {cls.name!r} is registered twice")
+    REGISTRY[key] = cls
+    return cls
+
+
+def lookup(keyword: str, name: str) -> type[Method] | None:
+    return REGISTRY.get((keyword, name))
+
+
+def names_for(keyword: str) -> list[str]:
+    return sorted(name for kw, name in REGISTRY if kw == keyword)
+
+
+def planned(keyword: str, names: str, area: str) -> None:
+    """Register methods that parse and resolve but are not implemented yet."""
+    for name in names.split():
+        register(type(f"Planned_{keyword}_{name}", (Method,), {
+            "keyword": keyword, "name": name, "implemented": False, "planned_in": area}))

@@ -1,0 +1,26 @@
+"""Tiny random models built in the tests themselves (no hub access)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+            tie_word_embeddings=False)
+
+
+def tiny_model(folder: Path, seed: int, arch: str = "llama", dtype=torch.float32, **overrides) -> Path:
+    """Save a tiny randomly initialised causal LM (safetensors) and return its folder."""
+    torch.manual_seed(seed)
+    settings = {**TINY, **overrides}
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**settings))
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **settings))
+    with torch.no_grad():
+        for parameter in model.parameters():   # make norms non-trivial too
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    model.to(dtype).save_pretrained(folder)
+    return Path(folder)
