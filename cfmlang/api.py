@@ -106,7 +106,7 @@ def _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log) -
             manifest = build_manifest(program, graph, run, files, total)
             write_manifest(tmp, manifest)
     except WeightError as exc:
-        raise CompileError([error("E080", str(exc), None,
+        raise CompileError([error("E080", str(exc), exc.span,
                                   "the input weights are damaged or the merge is numerically "
                                   "unstable; nothing was written")]) from None
     except OSError as exc:

@@ -82,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_check(args) -> int:
     from cfmlang.api import check
+    from cfmlang.compiler.graph import build_graph
 
     program = check(args.file)
-    report(program.warnings, args)
+    _, dropped = build_graph(program)
+    report(program.warnings + tuple(dropped), args)
     if args.format == "text":
         print(f"{args.file}: ok ({len(program.nodes)} nodes)", file=sys.stderr)
     return EXIT_OK
@@ -109,12 +111,14 @@ def cmd_compile(args) -> int:
     with ProgressBar(enabled=not args.quiet and args.format == "text") as bar:
         result = compile(args.file, args.output, cache_dir=args.cache_dir,
                          max_shard_bytes=int(args.shard_size * 1024**3), progress=bar.update, log=log)
-    report(result.warnings, args)
     artifact = result.manifest["artifact"]
     if args.format == "json":
         import json
-        print(json.dumps({"output": str(args.output), **artifact}, indent=2))
-    elif not args.quiet:
+        print(json.dumps({"output": str(args.output), **artifact,
+                          "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
+        return EXIT_OK
+    report(result.warnings, args)
+    if not args.quiet:
         print(f"wrote {args.output}: {artifact['tensors']} tensors, "
               f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s)", file=sys.stderr)
     return EXIT_OK

@@ -53,8 +53,13 @@ class CompileError(Exception):
     """Raised by a stage that found user errors; carries every diagnostic of the stage."""
 
     def __init__(self, diagnostics: Sequence[Diagnostic]):
-        self.diagnostics = tuple(diagnostics)
+        self.diagnostics = tuple(sorted(diagnostics, key=_position))
         super().__init__(render_plain(self.diagnostics))
+
+
+def _position(d: Diagnostic) -> tuple:
+    s = d.span
+    return (0, "", 0, 0) if s is None else (1, s.file, s.line, s.col)
 
 
 def error(code: str, message: str, span: Span | None = None, *helps: str,

@@ -20,6 +20,7 @@ from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors
 from cfmlang.stdlib import lookup, names_for
 from cfmlang.stdlib.merge import MergeMethod
+from cfmlang.stdlib.registry import Gradient
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 MODEL_KEYS = ("source", "allow_pickle", "description")
@@ -281,7 +282,12 @@ class _Checker:
         try:
             return model.model_validate(data).model_dump(by_alias=True)
         except ValidationError as exc:
+            reported = set()
             for problem in exc.errors():
+                field = problem["loc"][0] if problem["loc"] else ""
+                if field in reported:
+                    continue   # a union reports once per alternative; say it once
+                reported.add(field)
                 self.problems.append(pydantic_diagnostic(problem, value, span, model))
             return None
 
@@ -452,6 +458,9 @@ def pydantic_diagnostic(problem: dict, value: ast.MapValue, span: Span,
                      f"add `{field}: ...`")
     path = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "list[", "float", "int", "bool")))
     message = problem["msg"][0].lower() + problem["msg"][1:]
+    annotation = model.model_fields[field].annotation if field in model.model_fields else None
+    if annotation is Gradient or annotation == (Gradient | None):
+        message = "expected a number, or a list of numbers interpolated across layers"
     return error("E032", f"invalid value for `{path or field}`: {message}",
                  span_at(value, tuple(p for p in loc if not isinstance(p, str) or p in
                                       {e.key for e in value.entries} or isinstance(p, int)), span))

@@ -91,7 +91,7 @@ class MergeProvider:
         result = self.method.merge(tensors, base, weights, options)
         if result.is_floating_point() and not torch.isfinite(result).all():
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
-                              f"tensor `{name}`")
+                              f"tensor `{name}`", self.node.span)
         self.stats.tensors += 1
         want = TORCH_DTYPES[self.dtype] if self.dtype else tensors[0].dtype
         return result.to(want)

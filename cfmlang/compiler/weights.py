@@ -27,7 +27,12 @@ SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 
 
 class WeightError(Exception):
-    """A problem found while reading weights; names the tensor and file."""
+    """A problem found while reading or computing weights; names the tensor and file,
+    and carries the span of the statement that produced it when one is known."""
+
+    def __init__(self, message: str, span=None):
+        super().__init__(message)
+        self.span = span
 
 
 class SafetensorsReader:

