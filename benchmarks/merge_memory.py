@@ -10,8 +10,8 @@
    (baseline), (b) `cfmc compile` of the linear merge of the three models, (c)
    `mergekit-yaml` of the same merge. Peak RSS is sampled with psutil every --interval
    seconds over the whole process tree and cross-checked with the kernel's high-water
-   mark (ru_maxrss of the reaped child, as wait4() returns it: the same number
-   getrusage(RUSAGE_CHILDREN) would report for that child alone).
+   mark, getrusage(RUSAGE_CHILDREN).ru_maxrss, taken in a tiny launcher process whose only
+   child is the measured command.
 3. Checks that both outputs are equal tensor by tensor (torch.equal).
 4. Prints a table and the ratios (RSS always above the idle baseline).
 """
@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -188,10 +187,11 @@ def mergekit_yaml(folders: list[Path]) -> str:
 
 # ---------------------------------------------------------------- measurement
 
-def tree_rss(proc: psutil.Process) -> int:
+def tree_rss(launcher: psutil.Process) -> int:
+    """Summed RSS of every process under the launcher (not the launcher itself)."""
     total = 0
     try:
-        members = [proc] + proc.children(recursive=True)
+        members = launcher.children(recursive=True)
     except psutil.Error:
         return 0
     for p in members:
@@ -202,29 +202,41 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+# Runs the measured command and reports getrusage(RUSAGE_CHILDREN) for it alone. A small
+# launcher is needed because Linux carries the spawning process's RSS high-water mark into
+# the child's ru_maxrss across (v)fork + exec: spawned straight from this (torch-importing)
+# script, every child would report at least this script's own peak.
+LAUNCHER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as out:
+    json.dump({"rc": rc, "wall_s": wall,
+               "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, out)
+"""
+
+
 def measure(label: str, cmd: list[str], logfile: Path, interval: float) -> dict:
     """Run `cmd` in a fresh process; sample the RSS of its process tree until it exits."""
     log(f"running {label}: {' '.join(cmd)}")
+    report = logfile.with_suffix(".rusage.json")
     with open(logfile, "wb") as out:
         start = time.perf_counter()
-        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        proc = psutil.Process(popen.pid)
+        popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd],
+                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        launcher = psutil.Process(popen.pid)
         peak, timeline = 0, []
-        while True:
-            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
-            if pid:
-                break
-            rss = tree_rss(proc)
-            now = time.perf_counter() - start
-            timeline.append((round(now, 3), rss))
+        while popen.poll() is None:
+            rss = tree_rss(launcher)
+            timeline.append((round(time.perf_counter() - start, 3), rss))
             peak = max(peak, rss)
             time.sleep(interval)
-        wall = time.perf_counter() - start
-    popen.returncode = os.waitstatus_to_exitcode(status)
-    if popen.returncode != 0:
-        sys.exit(f"{label} failed with exit code {popen.returncode}; see {logfile}:\n"
+    got = json.loads(report.read_text()) if report.is_file() else {"rc": popen.returncode}
+    if popen.returncode != 0 or got["rc"] != 0:
+        sys.exit(f"{label} failed with exit code {got['rc']}; see {logfile}:\n"
                  + logfile.read_text()[-3000:])
-    maxrss = usage.ru_maxrss * 1024          # Linux reports KiB
+    wall, maxrss = got["wall_s"], got["ru_maxrss_kib"] * 1024      # Linux reports KiB
     log(f"  {label}: wall {wall:.2f}s, sampled peak RSS {peak / MiB:.1f} MiB "
         f"({len(timeline)} samples), ru_maxrss {maxrss / MiB:.1f} MiB")
     return {"label": label, "cmd": cmd, "wall_s": wall, "peak_rss": peak, "ru_maxrss": maxrss,
@@ -325,7 +337,6 @@ def main() -> int:
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
 
-    import mergekit  # noqa: F401  (fail early if missing)
     from importlib.metadata import version
     versions = {p: version(p) for p in ("cfmlang", "mergekit", "torch", "transformers", "safetensors")}
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -360,7 +371,6 @@ def main() -> int:
             runs.append(measure(label if args.repeat == 1 else f"{label}#{k + 1}",
                                 commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval))
         results[label] = summarize(runs)
-    children_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
     equality = None
     if not args.skip_mergekit:
@@ -388,7 +398,6 @@ def main() -> int:
         frac = "" if label == "baseline" else f"{above / model_bytes:8.3f}"
         print(f"{label:<10} {r['wall_s']:8.2f} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
               f"{r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
-    print(f"(getrusage(RUSAGE_CHILDREN).ru_maxrss over all runs: {children_maxrss / MiB:.1f} MiB)")
     print()
 
     ours = results["cfmlang"]
@@ -423,7 +432,7 @@ def main() -> int:
                 "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "shards", "seed")},
             "model_bytes": model_bytes, "largest_tensor_bytes": largest, "weights": WEIGHTS,
             "interval_s": args.interval, "results": results, "ratios": ratios,
-            "children_ru_maxrss": children_maxrss, "equality": equality,
+"equality": equality,
             "target_fraction": TARGET_FRACTION, "verdict": verdict}, indent=1) + "\n")
         log(f"wrote {args.json}")
     if not args.keep_outputs:
