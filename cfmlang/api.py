@@ -35,7 +35,10 @@ class Input:
 
 def read_input(source) -> Input:
     """A path to a .brick file, or program text (anything containing a newline)."""
-    if isinstance(source, Path) or ("\n" not in str(source) and str(source).endswith(".brick")):
+    text = str(source)
+    is_path = isinstance(source, Path) or ("\n" not in text and (
+        text.endswith(".brick") or Path(text).is_file()))
+    if is_path:
         path = Path(source)
         if not path.is_file():
             raise CompileError([error("E040", f"cannot read `{path}`: no such file",
@@ -83,9 +86,23 @@ def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = D
         keep = tempfile.TemporaryDirectory(prefix="cfm-out-")
         output_dir = Path(keep.name) / "model"
     output_dir = Path(output_dir)
+    refuse_foreign_output(output_dir)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     manifest = _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log)
     return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), keep)
+
+
+def refuse_foreign_output(output_dir: Path) -> None:
+    """Only an artifact of ours (or nothing) may be replaced by a compile."""
+    if output_dir.is_symlink() or not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise CompileError([error("E082", f"refusing to write {output_dir}: it is a file", None,
+                                  "choose another output path")])
+    if any(output_dir.iterdir()) and not (output_dir / "cfm.json").is_file():
+        raise CompileError([error("E082", f"refusing to replace {output_dir}: it is a non-empty "
+                                  "directory that is not a cfmlang artifact", None,
+                                  "choose a new output path; cfmc only replaces its own artifacts")])
 
 
 def _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log) -> dict:

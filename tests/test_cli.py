@@ -134,3 +134,33 @@ def test_console_script_sigint_leaves_nothing(merge_file, tmp_path):
     assert "interrupted; nothing was written" in proc.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".interrupted")] == []
+
+
+def test_compile_refuses_to_replace_foreign_directory_or_file(merge_file, tmp_path, capsys):
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["compile", str(merge_file), "-o", str(foreign)]) == 1
+    assert "error[E082]" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["compile", str(merge_file), "-o", str(a_file)]) == 1
+    assert "error[E082]" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+def test_disk_full_is_a_diagnostic_and_writes_nothing(merge_file, tmp_path):
+    """Writes past a file-size limit fail with EFBIG, as on a full disk."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "from cfmlang.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-c", script, "compile", str(merge_file), "-o", str(out), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "error[E081]: cannot write the output" in proc.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".full")] == []
