@@ -11,7 +11,7 @@ import networkx as nx
 
 from cfmlang import __version__
 from cfmlang.compiler import ast
-from cfmlang.compiler.artifact import (DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
+from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
                                        nbytes, write_manifest, write_sharded)
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.execute import MergeProvider, execute, input_fingerprint
@@ -71,11 +71,12 @@ class CompileResult:
 
 
 def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
     """Check, build the graph, and stream the output node into `output_dir` atomically.
 
     Without `output_dir` the artifact goes to a temporary directory that lives as long as
-    the result."""
+    the result. Tensors are computed and written `chunk_bytes` of rows at a time where the
+    method allows it."""
     program = check(source)
     if program.output is None:
         raise CompileError([error("E070", "nothing to compile: the file sets no `output:`",
@@ -88,7 +89,7 @@ def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = D
     output_dir = Path(output_dir)
     refuse_foreign_output(output_dir)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log)
+    manifest = _stream(program, graph, output_dir, cache, (max_shard_bytes, chunk_bytes), progress, log)
     return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), keep)
 
 
@@ -105,7 +106,7 @@ def refuse_foreign_output(output_dir: Path) -> None:
                                   "choose a new output path; cfmc only replaces its own artifacts")])
 
 
-def _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log) -> dict:
+def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
     run = execute(program, graph, cache, log)
     specs = run.output.specs
     total = sum(nbytes(s) for s in specs)
@@ -118,7 +119,7 @@ def _stream(program, graph, output_dir, cache, max_shard_bytes, progress, log) -
 
     try:
         with atomic_directory(output_dir) as tmp:
-            files = write_sharded(tmp, specs, run.output.get, max_shard_bytes, on_tensor)
+            files = write_sharded(tmp, specs, run.output.get, sizes[0], on_tensor, sizes[1])
             copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
             manifest = build_manifest(program, graph, run, files, total)
             write_manifest(tmp, manifest)

@@ -120,6 +120,14 @@ def test_task_arithmetic_matches_formula_and_mergekit(tiny_zoo, tmp_path, arch, 
         assert torch.equal(ours[name], theirs[name]), name
 
 
+def test_row_blocks_give_the_same_bytes_as_whole_tensors(tiny_zoo, tmp_path):
+    a, b = tiny_zoo["mistral_a"], tiny_zoo["mistral_b"]
+    cfmlang.compile(LINEAR.format(a=a, b=b), tmp_path / "whole")
+    cfmlang.compile(LINEAR.format(a=a, b=b), tmp_path / "blocks", chunk_bytes=300)
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == whole
+
+
 def test_merge_of_a_merge_streams_through_both(tiny_zoo, tmp_path):
     a, b, c = (tiny_zoo[f"llama_{n}"] for n in "abc")
     text = f"""

@@ -21,6 +21,8 @@ from cfmlang.compiler.ir import TensorSpec
 from cfmlang.compiler.weights import DTYPE_CODES, SUPPORT_FILES, TORCH_DTYPES, WeightError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+DEFAULT_CHUNK_BYTES = 16 * 1024**2
+Produce = Callable[[str, "tuple[int, int] | None"], torch.Tensor]
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -98,27 +100,46 @@ def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_shard(path: Path, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
-                on_tensor: Callable[[TensorSpec], None] = lambda spec: None) -> None:
-    """Write one safetensors file: header first, then each tensor as it is produced."""
+def row_chunks(spec: TensorSpec, chunk_bytes: int) -> list[tuple[int, int] | None]:
+    """Row ranges of at most `chunk_bytes` each ([None] for a 0-d tensor)."""
+    if not spec.shape:
+        return [None]
+    rows = spec.shape[0]
+    row_bytes = max(nbytes(spec) // rows, 1) if rows else 1
+    step = max(1, chunk_bytes // row_bytes)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)] or [(0, 0)]
+
+
+def write_shard(path: Path, specs: list[TensorSpec], produce: Produce,
+                on_tensor: Callable[[TensorSpec], None] = lambda spec: None,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Write one safetensors file: header first, then each tensor, a block of rows at a
+    time, as it is produced."""
     with open(path, "wb") as handle:
         handle.write(_header_bytes(specs, {"format": "pt"}))
         for spec in specs:
-            tensor = produce(spec.name)
-            if tuple(tensor.shape) != spec.shape or DTYPE_CODES.get(tensor.dtype) != spec.dtype:
-                raise WeightError(f"tensor `{spec.name}` came out as {list(tensor.shape)} "
-                                  f"{DTYPE_CODES.get(tensor.dtype)}, expected {list(spec.shape)} {spec.dtype}")
-            handle.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            for rows in row_chunks(spec, chunk_bytes):
+                block = produce(spec.name, rows)
+                _check_block(spec, rows, block)
+                handle.write(block.contiguous().view(torch.uint8).numpy().data)
             on_tensor(spec)
 
 
-def write_sharded(folder: Path, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
+def _check_block(spec: TensorSpec, rows, block: torch.Tensor) -> None:
+    shape = spec.shape if rows is None else (rows[1] - rows[0],) + spec.shape[1:]
+    if tuple(block.shape) != shape or DTYPE_CODES.get(block.dtype) != spec.dtype:
+        raise WeightError(f"tensor `{spec.name}` came out as {list(block.shape)} "
+                          f"{DTYPE_CODES.get(block.dtype)}, expected {list(shape)} {spec.dtype}")
+
+
+def write_sharded(folder: Path, specs: list[TensorSpec], produce: Produce,
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                  on_tensor: Callable[[TensorSpec], None] = lambda spec: None) -> list[str]:
+                  on_tensor: Callable[[TensorSpec], None] = lambda spec: None,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[str]:
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))
     for name, shard in zip(names, shards):
-        write_shard(folder / name, shard, produce, on_tensor)
+        write_shard(folder / name, shard, produce, on_tensor, chunk_bytes)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(nbytes(s) for s in specs)},
                  "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
@@ -128,7 +149,8 @@ def write_sharded(folder: Path, specs: list[TensorSpec], produce: Callable[[str]
 
 def write_state_dict(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
     specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in state.items()]
-    return write_sharded(folder, specs, lambda name: state[name])
+    return write_sharded(folder, specs,
+                         lambda name, rows: state[name] if rows is None else state[name][rows[0]:rows[1]])
 
 
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}

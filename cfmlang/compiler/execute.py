@@ -12,7 +12,7 @@ import torch
 
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode, TensorSpec, layer_index
-from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, WeightError, open_source
+from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
 
 
@@ -20,12 +20,20 @@ class Provider(Protocol):
     specs: list[TensorSpec]
     support_dir: Path
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
 
 
 @dataclass
 class NodeStats:
+    """Tensors a node produced (each counted once, however many row blocks it took)."""
+
     tensors: int = 0
+    last: str = ""
+
+    def count(self, name: str) -> None:
+        if name != self.last:
+            self.tensors += 1
+            self.last = name
 
 
 @dataclass
@@ -38,9 +46,9 @@ class SourceProvider:
     def specs(self) -> list[TensorSpec]:
         return self.reader.specs
 
-    def get(self, name: str) -> torch.Tensor:
-        self.stats.tensors += 1
-        return self.reader.get(name)
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        self.stats.count(name)
+        return self.reader.get(name, rows)
 
 
 def interpolate(value, t: float):
@@ -71,6 +79,7 @@ class MergeProvider:
         first = self.base or self.inputs[0]
         self.support_dir = first.support_dir
         self.specs = [TensorSpec(s.name, s.shape, self.dtype or s.dtype) for s in first.specs]
+        self._whole: tuple[str, torch.Tensor | None] = ("", None)
 
     def layer_t(self, name: str) -> float:
         layer = layer_index(name)
@@ -78,21 +87,30 @@ class MergeProvider:
             return 0.0
         return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
-    def load(self, provider: Provider, name: str) -> torch.Tensor:
-        tensor = provider.get(name)
+    def load(self, provider: Provider, name: str, rows: Rows) -> torch.Tensor:
+        tensor = provider.get(name, rows)
         return tensor.to(TORCH_DTYPES[self.dtype]) if self.dtype else tensor
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        """Elementwise methods compute any block of rows on its own; others compute the
+        whole tensor once and hand out its rows."""
+        if rows is None or self.method.elementwise:
+            return self.compute(name, rows)
+        if self._whole[0] != name:
+            self._whole = (name, self.compute(name, None))
+        return self._whole[1][rows[0]:rows[1]]
+
+    def compute(self, name: str, rows: Rows) -> torch.Tensor:
         t = self.layer_t(name)
-        tensors = [self.load(p, name) for p in self.inputs]
-        base = self.load(self.base, name) if self.base is not None else None
+        tensors = [self.load(p, name, rows) for p in self.inputs]
+        base = self.load(self.base, name, rows) if self.base is not None else None
         weights = [{k: interpolate(v, t) for k, v in i.params} for i in self.node.inputs]
         options = {k: interpolate(v, t) for k, v in self.options.items()}
         result = self.method.merge(tensors, base, weights, options)
         if result.is_floating_point() and not torch.isfinite(result).all():
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                               f"tensor `{name}`", self.node.span)
-        self.stats.tensors += 1
+        self.stats.count(name)
         want = TORCH_DTYPES[self.dtype] if self.dtype else tensors[0].dtype
         return result.to(want)
 

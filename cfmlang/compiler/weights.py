@@ -26,6 +26,10 @@ SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
                  "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
+Rows = "tuple[int, int] | None"
+"""A range [start, stop) of a tensor's first dimension, or None for the whole tensor."""
+
+
 class WeightError(Exception):
     """A problem found while reading or computing weights; names the tensor and file,
     and carries the span of the statement that produced it when one is known."""
@@ -49,18 +53,12 @@ class SafetensorsReader:
                 self.specs.append(TensorSpec(name, tuple(info["shape"]), info["dtype"]))
         self.spec_by_name = {s.name: s for s in self.specs}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        """The tensor, or only rows [start, stop) of its first dimension."""
         if name not in self.location:
             raise WeightError(f"tensor `{name}` is missing")
         path, offset, length = self.location[name]
         spec = self.spec_by_name[name]
-        buffer = torch.empty(length, dtype=torch.uint8)
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            got = handle.readinto(buffer.numpy())
-        if got != length:
-            raise WeightError(f"tensor `{name}` in {path.name} is truncated "
-                              f"({got} of {length} bytes)")
         dtype = TORCH_DTYPES[spec.dtype]
         expected = dtype.itemsize
         for dim in spec.shape:
@@ -68,7 +66,19 @@ class SafetensorsReader:
         if expected != length:
             raise WeightError(f"tensor `{name}` in {path.name} has {length} bytes but its "
                               f"shape {list(spec.shape)} and dtype {spec.dtype} need {expected}")
-        return buffer.view(dtype).reshape(spec.shape)
+        shape = spec.shape
+        if rows is not None:
+            row_bytes = length // shape[0] if shape[0] else 0
+            offset, length = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0],) + shape[1:]
+        buffer = torch.empty(length, dtype=torch.uint8)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            got = handle.readinto(buffer.numpy())
+        if got != length:
+            raise WeightError(f"tensor `{name}` in {path.name} is truncated "
+                              f"({got} of {length} bytes)")
+        return buffer.view(dtype).reshape(shape)
 
 
 class PickleReader:
@@ -80,10 +90,11 @@ class PickleReader:
             self.tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
         self.specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in self.tensors.items()]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         if name not in self.tensors:
             raise WeightError(f"tensor `{name}` is missing")
-        return self.tensors[name].clone()
+        tensor = self.tensors[name]
+        return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
 
 
 def open_source(source: Source, allow_pickle: bool, cache_dir: Path, log=print):

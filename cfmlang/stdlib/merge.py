@@ -12,6 +12,9 @@ from cfmlang.stdlib.registry import Gradient, Method, Params, planned, register
 class MergeMethod(Method):
     keyword = "merge"
     needs_base: ClassVar[bool] = False
+    elementwise: ClassVar[bool] = True
+    """True when each output element depends only on the same element of the inputs, so
+    a tensor can be merged a block of rows at a time."""
     Input: ClassVar[type[Params]]
 
     @staticmethod
