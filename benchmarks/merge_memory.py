@@ -259,6 +259,28 @@ def summarize(runs: list[dict]) -> dict:
             "runs": runs}
 
 
+def code_state() -> dict:
+    """Which cfmlang source is measured: git HEAD, uncommitted files, a hash of its sources
+    (the package may be edited while the benchmark runs; the hash shows it)."""
+    from importlib.util import find_spec
+
+    package = Path(find_spec("cfmlang").origin).parent
+    digest = hashlib.sha256()
+    for file in sorted(package.rglob("*")):
+        if file.is_file() and file.suffix in (".py", ".lark", ".brick"):
+            digest.update(str(file.relative_to(package)).encode() + b"\0" + file.read_bytes())
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=package, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", ".").splitlines()]
+    return {"package": str(package), "head": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": dirty, "sources_sha256": digest.hexdigest()[:16]}
+
+
 # ---------------------------------------------------------------- verification
 
 def output_index(folder: Path) -> dict[str, Path]:
@@ -343,6 +365,10 @@ def main() -> int:
     log(f"host: {psutil.cpu_count()} cpus, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
 
     folders, model_bytes, largest = ensure_models(args)
+    code = code_state()
+    log(f"cfmlang source: {code['package']} at {code['head'] or '?'}"
+        + (f" + uncommitted changes in {', '.join(code['uncommitted'])}" if code["uncommitted"] else "")
+        + f" (sources sha256 {code['sources_sha256']})")
     runs_dir = args.work / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True)
@@ -371,6 +397,10 @@ def main() -> int:
             runs.append(measure(label if args.repeat == 1 else f"{label}#{k + 1}",
                                 commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval))
         results[label] = summarize(runs)
+    code_after = code_state()
+    if code_after["sources_sha256"] != code["sources_sha256"]:
+        log(f"WARNING: cfmlang's sources changed while the benchmark ran "
+            f"({code['sources_sha256']} -> {code_after['sources_sha256']}); rerun for clean numbers")
 
     equality = None
     if not args.skip_mergekit:
@@ -428,7 +458,8 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "versions": versions, "model": {k: getattr(args, k) for k in (
+            "versions": versions, "cfmlang_source": code, "cfmlang_source_after": code_after,
+            "model": {k: getattr(args, k) for k in (
                 "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "shards", "seed")},
             "model_bytes": model_bytes, "largest_tensor_bytes": largest, "weights": WEIGHTS,
             "interval_s": args.interval, "results": results, "ratios": ratios,

