@@ -219,7 +219,8 @@ with open(sys.argv[1], "w") as out:
 
 def measure(label: str, cmd: list[str], logfile: Path, interval: float) -> dict:
     """Run `cmd` in a fresh process; sample the RSS of its process tree until it exits."""
-    log(f"running {label}: {' '.join(cmd)}")
+    load = os.getloadavg()[0]
+    log(f"running {label} (1-min load average {load:.2f}): {' '.join(cmd)}")
     report = logfile.with_suffix(".rusage.json")
     with open(logfile, "wb") as out:
         start = time.perf_counter()
@@ -239,7 +240,7 @@ def measure(label: str, cmd: list[str], logfile: Path, interval: float) -> dict:
     wall, maxrss = got["wall_s"], got["ru_maxrss_kib"] * 1024      # Linux reports KiB
     log(f"  {label}: wall {wall:.2f}s, sampled peak RSS {peak / MiB:.1f} MiB "
         f"({len(timeline)} samples), ru_maxrss {maxrss / MiB:.1f} MiB")
-    return {"label": label, "cmd": cmd, "wall_s": wall, "peak_rss": peak, "ru_maxrss": maxrss,
+    return {"label": label, "cmd": cmd, "load_avg_before": load, "wall_s": wall, "peak_rss": peak, "ru_maxrss": maxrss,
             "samples": len(timeline), "timeline": timeline}
 
 
@@ -252,8 +253,21 @@ def prewarm(folders: list[Path]) -> None:
                     pass
 
 
+def fsync_outputs(folder: Path) -> float:
+    """Seconds to fsync every file the run wrote. cfmlang fsyncs its artifact before the
+    atomic rename (so this is ~0 for it); mergekit leaves dirty pages in the page cache.
+    Adding this to the wall time compares both at "output durably on disk"."""
+    start = time.perf_counter()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    return time.perf_counter() - start
+
+
 def summarize(runs: list[dict]) -> dict:
     return {"wall_s": statistics.median(r["wall_s"] for r in runs),
+            "durable_s": statistics.median(r["wall_s"] + r.get("sync_s", 0.0) for r in runs),
             "peak_rss": max(r["peak_rss"] for r in runs),
             "ru_maxrss": max(r["ru_maxrss"] for r in runs),
             "runs": runs}
@@ -386,17 +400,21 @@ def main() -> int:
                      "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
     }
     order = ["baseline", "cfmlang"] + ([] if args.skip_mergekit else ["mergekit"])
-    results = {}
-    for label in order:
-        runs = []
-        for k in range(args.repeat):
+    runs: dict[str, list[dict]] = {label: [] for label in order}
+    for k in range(args.repeat):           # interleaved, so slow drifts hit every tool alike
+        for label in order:
+            out = ours_out if label == "cfmlang" else mk_out
             if label != "baseline":
-                prewarm(folders)
-                out = ours_out if label == "cfmlang" else mk_out
                 shutil.rmtree(out, ignore_errors=True)
-            runs.append(measure(label if args.repeat == 1 else f"{label}#{k + 1}",
-                                commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval))
-        results[label] = summarize(runs)
+                prewarm(folders)
+            os.sync()   # no dirty pages left over from earlier work get flushed during the run
+            run = measure(label if args.repeat == 1 else f"{label}#{k + 1}",
+                          commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval)
+            if label != "baseline":
+                run["sync_s"] = fsync_outputs(out)
+                log(f"  fsync of its output afterwards: {run['sync_s']:.2f}s")
+            runs[label].append(run)
+    results = {label: summarize(runs[label]) for label in order}
     code_after = code_state()
     if code_after["sources_sha256"] != code["sources_sha256"]:
         log(f"WARNING: cfmlang's sources changed while the benchmark ran "
@@ -418,7 +436,7 @@ def main() -> int:
     print()
     print(f"model size (one input): {model_bytes / MiB:.1f} MiB; largest tensor "
           f"{largest / MiB:.1f} MiB; 3 inputs")
-    header = f"{'run':<10} {'wall s':>8} {'peak RSS MiB':>13} {'above base':>11} " \
+    header = f"{'run':<10} {'wall s':>8} {'+fsync s':>9} {'peak RSS MiB':>13} {'above base':>11} " \
              f"{'ru_maxrss MiB':>14} {'above base':>11} {'/ model':>8}"
     print(header)
     print("-" * len(header))
@@ -426,7 +444,8 @@ def main() -> int:
         r = results[label]
         above, above_k = r["peak_rss"] - base, r["ru_maxrss"] - base_k
         frac = "" if label == "baseline" else f"{above / model_bytes:8.3f}"
-        print(f"{label:<10} {r['wall_s']:8.2f} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
+        durable = "" if label == "baseline" else f"{r['durable_s']:9.2f}"
+        print(f"{label:<10} {r['wall_s']:8.2f} {durable:>9} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
               f"{r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
     print()
 
@@ -444,10 +463,13 @@ def main() -> int:
     if "mergekit" in results:
         mk = results["mergekit"]
         ratios["wall_ours_over_mergekit"] = ours["wall_s"] / mk["wall_s"]
+        ratios["durable_ours_over_mergekit"] = ours["durable_s"] / mk["durable_s"]
         ratios["rss_above_base_ours_over_mergekit"] = (ours["peak_rss"] - base) / (mk["peak_rss"] - base)
         ratios["ru_maxrss_above_base_ours_over_mergekit"] = \
             (ours["ru_maxrss"] - base_k) / (mk["ru_maxrss"] - base_k)
-        print(f"wall time cfmlang / mergekit: {ratios['wall_ours_over_mergekit']:.3f}")
+        print(f"wall time cfmlang / mergekit: {ratios['wall_ours_over_mergekit']:.3f} "
+              f"(wall + fsync of the output, i.e. until it is on disk: "
+              f"{ratios['durable_ours_over_mergekit']:.3f})")
         print(f"peak RSS above baseline cfmlang / mergekit: "
               f"{ratios['rss_above_base_ours_over_mergekit']:.3f} (ru_maxrss: "
               f"{ratios['ru_maxrss_above_base_ours_over_mergekit']:.3f})")

@@ -154,6 +154,8 @@ class Program:
 
 def describe(value: Value) -> str:
     """A short name for a value's kind, for error messages."""
+    if isinstance(value, Ref) and not value.is_plain:
+        return f"the selection `{value.text()}`"
     return {Number: "a number", String: "a string", Bool: "a boolean", Null: "null",
             Ref: "a name", Tagged: "a tagged source", ListValue: "a list",
             MapValue: "a map"}[type(value)]

@@ -57,12 +57,13 @@ class _Checker:
         graph.add_nodes_from(deps)
         graph.add_edges_from((dep, name) for name, ds in deps.items()
                              for dep in ds if dep in self.table)
-        self.report_cycles(graph)
-        self.order = list(nx.lexicographical_topological_sort(graph)) if nx.is_directed_acyclic_graph(graph) else []
+        cyclic = self.report_cycles(graph)
+        acyclic = graph.subgraph(n for n in graph if n not in cyclic)
+        self.order = list(nx.lexicographical_topological_sort(acyclic))
         for name in self.order:
-            body = bodies.get(name)
-            if body is not None and all(d in self.nodes for d in deps[name] if d in self.table):
-                self.check_decl(self.table[name], body)
+            # a declaration whose inputs failed is still checked on its own; references
+            # to failed nodes resolve silently, so nothing is reported twice
+            self.check_decl(self.table[name], bodies[name])
 
     def body_of(self, decl: ast.Decl) -> ast.MapValue | None:
         if not isinstance(decl.body, ast.MapValue):
@@ -103,8 +104,11 @@ class _Checker:
             refs += [i.name for i in inputs.value.items if isinstance(i, ast.Ref)]
         return refs
 
-    def report_cycles(self, graph: nx.DiGraph):
+    def report_cycles(self, graph: nx.DiGraph) -> set[str]:
+        """Report each cycle once; return every node on a cycle or depending on one."""
+        on_cycles: set[str] = set()
         for cycle in nx.simple_cycles(graph):
+            on_cycles.update(cycle)
             first = min(cycle)
             at = cycle.index(first)
             ordered = cycle[at:] + cycle[:at]
@@ -112,6 +116,7 @@ class _Checker:
             chain = " -> ".join(ordered + [first])
             self.problems.append(error("E022", f"dependency cycle: {chain}", decl.name_span,
                                        "a node cannot depend on itself, directly or through others"))
+        return on_cycles
 
     # ---- per-statement -------------------------------------------------------------
     def check_decl(self, declared: Declared, body: ast.MapValue):
@@ -215,9 +220,9 @@ class _Checker:
         if not method.needs_base and body.get("base") is not None:
             self.problems.append(error("E013", f"merge method `{method.name}` takes no `base:`",
                                        body.get("base").key_span, "remove it, or add the model to `inputs`"))
-        option_entries = [e for e in body.entries if e.key not in MERGE_KEYS]
+        option_entries = [e for e in body.entries if e.key in allowed and e.key not in MERGE_KEYS]
         options = self.validate(shared, ast.MapValue(tuple(option_entries), body.span), body.span)
-        inputs = self.merge_inputs(decl, body, method, options or {})
+        inputs = self.merge_inputs(decl, body, method, options)
         dtype = self.dtype(body.get("dtype"))
         if len(self.problems) > before or options is None or inputs is None:
             return
@@ -232,14 +237,16 @@ class _Checker:
         self.nodes[decl.name] = MergeNode(decl.name, decl.span, method.name, base, inputs,
                                           tuple(sorted(shared_values.items())), dtype, arch)
 
-    def merge_inputs(self, decl, body, method, defaults) -> tuple[MergeInput, ...] | None:
+    def merge_inputs(self, decl, body, method, defaults: dict | None) -> tuple[MergeInput, ...] | None:
+        """The bound inputs with validated parameters. `defaults` is None when the
+        node-level parameters were invalid: then only the references are checked."""
         entry = body.get("inputs")
         if entry is None:
             self.problems.append(error("E014", f"merge `{decl.name}` needs `inputs:`", decl.name_span,
                                        "list the models to merge, e.g. `inputs: {a: {weight: 0.5}, b: {weight: 0.5}}`"))
             return None
         input_fields = set(method.Input.model_fields)
-        default_params = {k: v for k, v in defaults.items() if k in input_fields and v is not None}
+        default_params = {k: v for k, v in (defaults or {}).items() if k in input_fields and v is not None}
         value = entry.value
         if isinstance(value, ast.ListValue):
             pairs = [(item, None) for item in value.items]
@@ -255,10 +262,12 @@ class _Checker:
         out = []
         for ref_value, params_value in pairs:
             name = self.model_ref_value(ref_value, "input")
+            if defaults is None:
+                continue
             params = self.input_params(method, params_value, default_params, ref_value.span)
             if name is not None and params is not None:
                 out.append(MergeInput(name, tuple(sorted(params.items())), ref_value.span))
-        return tuple(out) if len(out) == len(pairs) else None
+        return tuple(out) if defaults is not None and len(out) == len(pairs) else None
 
     def input_params(self, method, value, defaults: dict, span: Span) -> dict | None:
         if value is None:
@@ -283,10 +292,13 @@ class _Checker:
             return model.model_validate(data).model_dump(by_alias=True)
         except ValidationError as exc:
             reported = set()
+            extras = [str(p["loc"][0]) for p in exc.errors() if p["type"] == "extra_forbidden"]
             for problem in exc.errors():
                 field = problem["loc"][0] if problem["loc"] else ""
                 if field in reported:
                     continue   # a union reports once per alternative; say it once
+                if problem["type"] == "missing" and any(did_you_mean(x, [str(field)]) for x in extras):
+                    continue   # `wieght` was meant as `weight`: the E013 hint says so
                 reported.add(field)
                 self.problems.append(pydantic_diagnostic(problem, value, span, model))
             return None
@@ -322,8 +334,11 @@ class _Checker:
         if entry is None:
             return None
         value = entry.value
-        name = value.name if isinstance(value, ast.Ref) and value.is_plain else \
-            value.value if isinstance(value, ast.String) else None
+        if not (isinstance(value, ast.String) or (isinstance(value, ast.Ref) and value.is_plain)):
+            self.problems.append(error("E033", f"`dtype` must be a dtype name, not {ast.describe(value)}",
+                                       value.span, f"one of: {', '.join(DTYPES)}"))
+            return None
+        name = value.name if isinstance(value, ast.Ref) else value.value
         if name not in DTYPES:
             self.problems.append(error("E032", f"unknown dtype `{name if name else ast.describe(value)}`",
                                        value.span, did_you_mean(str(name), DTYPES) or
@@ -336,7 +351,7 @@ class _Checker:
         first_name, first = archs[0]
         ok = True
         for name, arch in archs[1:]:
-            for what in ("num_layers", "hidden_size", "vocab_size", "intermediate_size"):
+            for what in ("model_type", "num_layers", "hidden_size", "vocab_size", "intermediate_size"):
                 a, b = getattr(first, what), getattr(arch, what)
                 if a != b:
                     ok = False
@@ -354,6 +369,13 @@ class _Checker:
         if not first.tensors or not arch.tensors:
             return True  # pickled checkpoints: shapes are checked while streaming
         theirs = {t.name: t for t in arch.tensors}
+        mine = {t.name for t in first.tensors}
+        for spec in arch.tensors:
+            if spec.name not in mine:
+                self.problems.append(error("E062", f"tensor `{spec.name}` of `{name}` is missing "
+                                           f"from `{first_name}`", decl.name_span,
+                                           "merged models must have the same tensors"))
+                return False
         for spec in first.tensors:
             other = theirs.get(spec.name)
             if other is None:

@@ -82,6 +82,10 @@ class _Loader:
         self.stack.pop()
 
     def declare(self, decl: ast.Decl, base_dir: Path):
+        if decl.keyword == "import":
+            self.problems.append(error("E010", "`import` takes a quoted path, not a declaration",
+                                       decl.keyword_span, 'write `import "path.brick"`'))
+            return
         if decl.keyword not in KEYWORDS:
             hint = did_you_mean(decl.keyword, KEYWORDS + ("import",))
             self.problems.append(error(
@@ -98,7 +102,11 @@ class _Loader:
         self.symbols[decl.name] = Declared(decl, base_dir)
 
     def setting(self, setting: ast.Setting, is_root: bool):
-        if setting.key not in SETTINGS:
+        if setting.key in KEYWORDS:
+            self.problems.append(error(
+                "E015", f"`{setting.key}` declares a node and needs a name", setting.key_span,
+                f"write `{setting.key} NAME:` followed by its body"))
+        elif setting.key not in SETTINGS:
             self.problems.append(error(
                 "E015", f"unknown file-level setting `{setting.key}`", setting.key_span,
                 did_you_mean(setting.key, SETTINGS + KEYWORDS) or

@@ -71,12 +71,34 @@ def _tab_problems(text: str, file: str) -> list[Diagnostic]:
     return out
 
 
+def _bracket_scan(lines: list[str]):
+    """Yield (line index, open brackets before that line) and track where each open
+    bracket is, ignoring brackets inside strings and comments."""
+    open_at: list[tuple[int, int]] = []
+    for index, line in enumerate(lines):
+        yield index, list(open_at)
+        in_string = escaped = False
+        for col, char in enumerate(line):
+            if in_string:
+                escaped = char == "\\" and not escaped
+                in_string = escaped or char != '"'
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                break
+            elif char in "[{":
+                open_at.append((index, col))
+            elif char in "]}" and open_at:
+                open_at.pop()
+    yield len(lines), list(open_at)
+
+
 def _statement_chunks(text: str) -> list[tuple[int, str]]:
-    """Split a file into top-level statements: (first line number, text padded so that
-    line numbers are unchanged)."""
+    """Split a file into top-level statements, padded with blank lines so that line
+    numbers are unchanged. A column-0 line inside an open bracket continues the statement."""
     lines = text.split("\n")
-    starts = [i for i, line in enumerate(lines)
-              if line[:1] not in ("", " ", "\t", "#")]
+    starts = [i for i, still_open in _bracket_scan(lines)
+              if i < len(lines) and not still_open and lines[i][:1] not in ("", " ", "\t", "#")]
     if not starts or starts[0] != 0:
         starts = [0] + starts
     chunks = []
@@ -84,6 +106,15 @@ def _statement_chunks(text: str) -> list[tuple[int, str]]:
         body = "\n".join(lines[a:b])
         chunks.append((a + 1, "\n" * a + body + "\n"))
     return chunks
+
+
+def _unclosed_bracket(chunk: str, before_line: int | None = None) -> tuple[int, int] | None:
+    """1-based (line, col) of the innermost bracket still open at the start of line
+    `before_line` (1-based), or at the end of `chunk`."""
+    for index, still_open in _bracket_scan(chunk.split("\n")):
+        if before_line is not None and index + 1 == before_line or index == len(chunk.split("\n")):
+            return (still_open[-1][0] + 1, still_open[-1][1] + 1) if still_open else None
+    return None
 
 
 def _errors_per_statement(text: str, file: str) -> list[Diagnostic]:
@@ -94,7 +125,7 @@ def _errors_per_statement(text: str, file: str) -> list[Diagnostic]:
         except DedentError as exc:
             found.append(_dedent_error(exc, chunk, file))
         except UnexpectedInput as exc:
-            found.append(_syntax_error(exc, file))
+            found.append(_syntax_error(exc, file, chunk))
     return found or [error("E002", "syntax error", Span.point(file, 1, 1))]
 
 
@@ -129,21 +160,34 @@ def _expected_words(expected) -> str:
     return "expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
 
 
-def _syntax_error(exc: UnexpectedInput, file: str) -> Diagnostic:
+def _syntax_error(exc: UnexpectedInput, file: str, chunk: str) -> Diagnostic:
     line, col = max(exc.line, 1), max(exc.column, 1)
+    # a statement starting at column 1 while a bracket is open: the bracket is the error
+    at_line_start = col == 1 and isinstance(exc, UnexpectedToken) and exc.token.type == "NAME"
+    unclosed = _unclosed_bracket(chunk, line if at_line_start else None)
+    if at_line_start and unclosed:
+        return error("E007", "this bracket is never closed", Span.point(file, *unclosed),
+                     "close every `[` with `]` and every `{` with `}`")
     if isinstance(exc, UnexpectedCharacters):
         char = exc.char
-        hint = "strings use double quotes" if char == "'" else _expected_words(exc.allowed or ())
+        hint = "strings use double quotes" if char == "'" else ""
         return error("E001", f"unexpected character `{char}`", Span.point(file, line, col), hint)
+    expected = set(getattr(exc, "expected", ()) or ())
+    if unclosed and (isinstance(exc, UnexpectedEOF) or exc.token.type in ("$END", "_NL", "_DEDENT")) \
+            and expected & {"RSQB", "RBRACE"}:
+        return error("E007", "this bracket is never closed", Span.point(file, *unclosed),
+                     "close every `[` with `]` and every `{` with `}`")
     if isinstance(exc, UnexpectedEOF):
         return error("E003", "unexpected end of file", Span.point(file, line, col),
                      _expected_words(exc.expected))
     assert isinstance(exc, UnexpectedToken)
     token: Token = exc.token
-    expected = set(exc.expected)
-    if token.type == "$END" and expected & {"RSQB", "RBRACE"}:
-        return error("E007", "unclosed bracket at the end of the file", Span.point(file, line, col),
-                     "close every `[` with `]` and every `{` with `}`")
+    if token.type == "_INDENT":
+        # the indenter borrows the position of the newline before the indented line
+        indented = token.end_line or line + 1
+        return error("E002", "unexpected indentation", Span.point(file, indented, 1, len(str(token).split("\n")[-1])),
+                     "indent this line like the lines of its block, or give the line above a `key:` "
+                     "that opens a nested block")
     if token.type == "$END":
         return error("E003", "unexpected end of file", Span.point(file, line, col),
                      _expected_words(expected))
@@ -151,12 +195,7 @@ def _syntax_error(exc: UnexpectedInput, file: str) -> Diagnostic:
     if token.type in ("NAME", "STRING", "SIGNED_NUMBER", "SIGNED_INT"):
         described = f"`{token}`"
     hint = _expected_words(expected)
-    if token.type in ("_DEDENT", "_NL") and expected & {"RSQB", "RBRACE"}:
-        return error("E007", "unclosed bracket", Span.point(file, line, col),
-                     "close every `[` with `]` and every `{` with `}`")
-    if token.type == "_INDENT":
-        hint = "this line is indented more than the line before it expects"
-    elif token.type == "_NL" and "COLON" in expected:
+    if token.type == "_NL" and "COLON" in expected:
         hint = "a declaration needs a `:` after its name"
     elif "COLON" in expected and token.type in ("NAME", "STRING", "SIGNED_NUMBER"):
         hint = "write `key: value`; a key needs a `:`"
