@@ -187,19 +187,29 @@ def mergekit_yaml(folders: list[Path]) -> str:
 
 # ---------------------------------------------------------------- measurement
 
-def tree_rss(launcher: psutil.Process) -> int:
-    """Summed RSS of every process under the launcher (not the launcher itself)."""
-    total = 0
+def proc_rss(p: psutil.Process) -> tuple[int, int]:
+    """(RSS, anonymous part of it) of one process. The rest of RSS is file-backed pages
+    (shared libraries, mmap-ed weight files), which the kernel can drop under pressure."""
+    try:
+        with open(f"/proc/{p.pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith("Rss"))
+        kib = {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+        return kib["RssAnon"] + kib["RssFile"] + kib["RssShmem"], kib["RssAnon"]
+    except (OSError, KeyError, ValueError):     # not Linux, or the process just exited
+        try:
+            return p.memory_info().rss, 0
+        except psutil.Error:
+            return 0, 0
+
+
+def tree_rss(launcher: psutil.Process) -> tuple[int, int]:
+    """Summed (RSS, anonymous RSS) of every process under the launcher (not the launcher)."""
     try:
         members = launcher.children(recursive=True)
     except psutil.Error:
-        return 0
-    for p in members:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+        return 0, 0
+    sizes = [proc_rss(p) for p in members]
+    return sum(r for r, _ in sizes), sum(a for _, a in sizes)
 
 
 # Runs the measured command and reports getrusage(RUSAGE_CHILDREN) for it alone. A small
@@ -227,11 +237,11 @@ def measure(label: str, cmd: list[str], logfile: Path, interval: float) -> dict:
         popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, str(report), *cmd],
                                  stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         launcher = psutil.Process(popen.pid)
-        peak, timeline = 0, []
+        peak, peak_anon, timeline = 0, 0, []
         while popen.poll() is None:
-            rss = tree_rss(launcher)
-            timeline.append((round(time.perf_counter() - start, 3), rss))
-            peak = max(peak, rss)
+            rss, anon = tree_rss(launcher)
+            timeline.append((round(time.perf_counter() - start, 3), rss, anon))
+            peak, peak_anon = max(peak, rss), max(peak_anon, anon)
             time.sleep(interval)
     got = json.loads(report.read_text()) if report.is_file() else {"rc": popen.returncode}
     if popen.returncode != 0 or got["rc"] != 0:
@@ -239,8 +249,10 @@ def measure(label: str, cmd: list[str], logfile: Path, interval: float) -> dict:
                  + logfile.read_text()[-3000:])
     wall, maxrss = got["wall_s"], got["ru_maxrss_kib"] * 1024      # Linux reports KiB
     log(f"  {label}: wall {wall:.2f}s, sampled peak RSS {peak / MiB:.1f} MiB "
-        f"({len(timeline)} samples), ru_maxrss {maxrss / MiB:.1f} MiB")
-    return {"label": label, "cmd": cmd, "load_avg_before": load, "wall_s": wall, "peak_rss": peak, "ru_maxrss": maxrss,
+        f"(anonymous {peak_anon / MiB:.1f} MiB; {len(timeline)} samples), "
+        f"ru_maxrss {maxrss / MiB:.1f} MiB")
+    return {"label": label, "cmd": cmd, "load_avg_before": load, "wall_s": wall, "peak_rss": peak,
+            "peak_anon": peak_anon, "ru_maxrss": maxrss,
             "samples": len(timeline), "timeline": timeline}
 
 
@@ -269,6 +281,7 @@ def summarize(runs: list[dict]) -> dict:
     return {"wall_s": statistics.median(r["wall_s"] for r in runs),
             "durable_s": statistics.median(r["wall_s"] + r.get("sync_s", 0.0) for r in runs),
             "peak_rss": max(r["peak_rss"] for r in runs),
+            "peak_anon": max(r["peak_anon"] for r in runs),
             "ru_maxrss": max(r["ru_maxrss"] for r in runs),
             "runs": runs}
 
@@ -437,7 +450,7 @@ def main() -> int:
     print(f"model size (one input): {model_bytes / MiB:.1f} MiB; largest tensor "
           f"{largest / MiB:.1f} MiB; 3 inputs")
     header = f"{'run':<10} {'wall s':>8} {'+fsync s':>9} {'peak RSS MiB':>13} {'above base':>11} " \
-             f"{'ru_maxrss MiB':>14} {'above base':>11} {'/ model':>8}"
+             f"{'anon MiB':>9} {'ru_maxrss MiB':>14} {'above base':>11} {'/ model':>8}"
     print(header)
     print("-" * len(header))
     for label in order:
@@ -446,7 +459,11 @@ def main() -> int:
         frac = "" if label == "baseline" else f"{above / model_bytes:8.3f}"
         durable = "" if label == "baseline" else f"{r['durable_s']:9.2f}"
         print(f"{label:<10} {r['wall_s']:8.2f} {durable:>9} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
-              f"{r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
+              f"{r['peak_anon'] / MiB:9.1f} {r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
+    print(f"wall: median of {args.repeat} run(s); +fsync: until the output is on disk; peak RSS: max "
+          f"over runs, psutil, process tree, every {args.interval * 1000:.0f} ms;\nanon: its "
+          "anonymous (not file-backed) part; ru_maxrss: kernel high-water mark; "
+          "/ model: (peak RSS - baseline) / one model")
     print()
 
     ours = results["cfmlang"]
