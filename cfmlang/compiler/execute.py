@@ -107,13 +107,21 @@ class MergeProvider:
         weights = [{k: interpolate(v, t) for k, v in i.params} for i in self.node.inputs]
         options = {k: interpolate(v, t) for k, v in self.options.items()}
         result = self.method.merge(tensors, base, weights, options)
-        # a float64 sum is NaN/inf exactly when some element is (no mask allocated)
-        if result.is_floating_point() and not torch.isfinite(result.sum(dtype=torch.float64)):
+        if result.is_floating_point() and not all_finite(result):
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                               f"tensor `{name}`", self.node.span)
         self.stats.count(name)
         want = TORCH_DTYPES[self.dtype] if self.dtype else tensors[0].dtype
         return result.to(want)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or infinite. min/max propagate NaN and expose +-inf,
+    and unlike isfinite() they allocate no tensor-sized mask."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 @dataclass(frozen=True)
