@@ -148,6 +148,7 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total
             assert isinstance(node, MergeNode)
             nodes[name] = {"op": "merge", "method": node.method, "base": node.base,
                            "dtype": node.dtype or program.dtype,
+                           "seed": program.seed if node.seed is None else node.seed,
                            "options": dict(node.options),
                            "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
         nodes[name]["tensors_produced"] = run.providers[name].stats.tensors

@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import cfmlang
 from cfmlang.compiler.ir import layer_index
+from mergekit_oracle import run_mergekit, tensors
 
 NUM_LAYERS = 4
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def gradient(values, layer):
@@ -31,16 +24,6 @@ def gradient(values, layer):
     low = int(scaled)
     high = min(len(values) - 1, low + 1)
     return (1 - (scaled - low)) * values[low] + (scaled - low) * values[high]
-
-
-def run_mergekit(config: dict, out: Path) -> dict[str, torch.Tensor]:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    run_merge(MergeConfiguration.model_validate(config), str(out),
-              MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
-    return tensors(out)
 
 
 LINEAR = """

@@ -24,7 +24,7 @@ from cfmlang.stdlib.registry import Gradient
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 MODEL_KEYS = ("source", "allow_pickle", "description")
-MERGE_KEYS = ("method", "inputs", "base", "dtype", "description")
+MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
 METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
               "merge": "method"}
 
@@ -213,21 +213,22 @@ class _Checker:
         self.unknown_keys(body, allowed, f"merge `{decl.name}` (method {method.name})")
         before = len(self.problems)
         base = self.model_ref(body.get("base"), "base") if body.get("base") else None
-        if method.needs_base and body.get("base") is None:
+        if method.base == "required" and body.get("base") is None:
             self.problems.append(error("E014", f"merge method `{method.name}` needs a `base:` model",
                                        body.get("method").value.span,
                                        "name the model the task vectors are taken against"))
-        if not method.needs_base and body.get("base") is not None:
+        if method.base == "none" and body.get("base") is not None:
             self.problems.append(error("E013", f"merge method `{method.name}` takes no `base:`",
                                        body.get("base").key_span, "remove it, or add the model to `inputs`"))
         option_entries = [e for e in body.entries if e.key in allowed and e.key not in MERGE_KEYS]
         options = self.validate(shared, ast.MapValue(tuple(option_entries), body.span), body.span)
         inputs = self.merge_inputs(decl, body, method, options)
         dtype = self.dtype(body.get("dtype"))
+        seed = self.seed(body.get("seed").value) if body.get("seed") else None
         if len(self.problems) > before or options is None or inputs is None:
             return
-        shared_values = {k: v for k, v in options.items() if k in method.Options.model_fields
-                         or k == "lambda"}
+        shared_names = set(_aliases(method.Options))
+        shared_values = {k: v for k, v in options.items() if k in shared_names}
         models = [base] * (base is not None) + [i.model for i in inputs]
         arch = self.compatible(decl, [m for m in models if m])
         if arch is None:
@@ -235,7 +236,7 @@ class _Checker:
         if base in [i.model for i in inputs]:
             inputs = tuple(i for i in inputs if i.model != base)
         self.nodes[decl.name] = MergeNode(decl.name, decl.span, method.name, base, inputs,
-                                          tuple(sorted(shared_values.items())), dtype, arch)
+                                          tuple(sorted(shared_values.items())), dtype, seed, arch)
 
     def merge_inputs(self, decl, body, method, defaults: dict | None) -> tuple[MergeInput, ...] | None:
         """The bound inputs with validated parameters. `defaults` is None when the
@@ -330,6 +331,12 @@ class _Checker:
             return None
         return value.name
 
+    def seed(self, value: ast.Value) -> int | None:
+        if isinstance(value, ast.Number) and isinstance(value.value, int) and value.value >= 0:
+            return value.value
+        self.problems.append(error("E032", "`seed` must be a non-negative integer", value.span))
+        return None
+
     def dtype(self, entry: ast.Entry | None) -> str | None:
         if entry is None:
             return None
@@ -410,11 +417,7 @@ class _Settings:
             self.output = value.name
 
     def set_seed(self, setting: ast.Setting, checker: _Checker):
-        value = setting.value
-        if isinstance(value, ast.Number) and isinstance(value.value, int) and value.value >= 0:
-            self.seed = value.value
-        else:
-            checker.problems.append(error("E032", "`seed` must be a non-negative integer", value.span))
+        self.seed = checker.seed(setting.value) or 0
 
     def set_dtype(self, setting: ast.Setting, checker: _Checker):
         self.dtype = checker.dtype(ast.Entry("dtype", setting.key_span, setting.value))

@@ -14,6 +14,7 @@ from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode, TensorSpec, layer_index
 from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
+from cfmlang.stdlib.merge_base import MergeContext
 
 
 class Provider(Protocol):
@@ -70,6 +71,7 @@ class MergeProvider:
     inputs: list[Provider]
     base: Provider | None
     dtype: str | None
+    seed: int
     stats: NodeStats = field(default_factory=NodeStats)
 
     def __post_init__(self):
@@ -106,7 +108,8 @@ class MergeProvider:
         base = self.load(self.base, name, rows) if self.base is not None else None
         weights = [{k: interpolate(v, t) for k, v in i.params} for i in self.node.inputs]
         options = {k: interpolate(v, t) for k, v in self.options.items()}
-        result = self.method.merge(tensors, base, weights, options)
+        context = MergeContext(self.node.name, name, self.seed)
+        result = self.method.merge(tensors, base, weights, options, context)
         if result.is_floating_point() and not all_finite(result):
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                               f"tensor `{name}`", self.node.span)
@@ -145,7 +148,8 @@ def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=pri
             providers[name] = MergeProvider(
                 node, [providers[i.model] for i in node.inputs],
                 providers[node.base] if node.base else None,
-                None if dtype is None else _code(dtype))
+                None if dtype is None else _code(dtype),
+                program.seed if node.seed is None else node.seed)
     return Execution(providers[program.output], providers, tuple(order))
 
 

@@ -82,6 +82,7 @@ class MergeNode:
     inputs: tuple[MergeInput, ...]
     options: tuple[tuple[str, Any], ...]
     dtype: str | None
+    seed: int | None
     arch: ArchInfo
     node_type: str = "model"
 

@@ -1,5 +1,11 @@
 """Standard library: the registry of methods, and std/*.brick recipe files."""
 from cfmlang.stdlib import merge, planned  # noqa: F401  (registers the methods)
+from cfmlang.stdlib.merge_base import MERGEKIT_METHODS
 from cfmlang.stdlib.registry import REGISTRY, lookup, names_for
+from cfmlang.stdlib.registry import planned as _planned
+
+# every mergekit method parses today; those without a class yet answer E031
+_planned("merge", " ".join(m for m in MERGEKIT_METHODS if ("merge", m) not in REGISTRY),
+         "the merge issue")
 
 __all__ = ["REGISTRY", "lookup", "names_for"]

@@ -1,34 +1,11 @@
-"""Merge methods. Semantics and parameter names follow mergekit 0.1.5 exactly."""
+"""The basic merge methods: linear and task arithmetic (mergekit 0.1.5 semantics)."""
 from __future__ import annotations
-
-from typing import ClassVar
 
 import torch
 from pydantic import Field
 
-from cfmlang.stdlib.registry import Gradient, Method, Params, planned, register
-
-
-class MergeMethod(Method):
-    keyword = "merge"
-    needs_base: ClassVar[bool] = False
-    elementwise: ClassVar[bool] = True
-    """True when each output element depends only on the same element of the inputs, so
-    a tensor can be merged a block of rows at a time."""
-    Input: ClassVar[type[Params]]
-
-    @staticmethod
-    def merge(tensors: list[torch.Tensor], base: torch.Tensor | None,
-              weights: list[dict], options: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def working_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-class WeightedInput(Params):
-    weight: Gradient
+from cfmlang.stdlib.merge_base import MergeMethod, WeightedInput, working_dtype
+from cfmlang.stdlib.registry import Params, register
 
 
 @register
@@ -42,7 +19,7 @@ class Linear(MergeMethod):
     Input = WeightedInput
 
     @staticmethod
-    def merge(tensors, base, weights, options):
+    def merge(tensors, base, weights, options, context):
         first = tensors[0]
         if not first.is_floating_point():
             raise TypeError("linear merging needs floating-point tensors")
@@ -60,7 +37,7 @@ class Linear(MergeMethod):
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     summary = "base + lambda * sum(weight_i * (model_i - base))"
-    needs_base = True
+    base = "required"
 
     class Options(Params):
         normalize: bool = False
@@ -69,7 +46,7 @@ class TaskArithmetic(MergeMethod):
     Input = WeightedInput
 
     @staticmethod
-    def merge(tensors, base, weights, options):
+    def merge(tensors, base, weights, options, context):
         if not tensors:
             return base
         deltas = torch.stack([tensor - base for tensor in tensors])
@@ -82,8 +59,3 @@ class TaskArithmetic(MergeMethod):
         if options["lambda"] != 1:
             mixed.mul_(options["lambda"])
         return (base + mixed).to(base.dtype)
-
-
-planned("merge", "ties dare_ties dare_linear breadcrumbs breadcrumbs_ties della "
-        "della_linear slerp nuslerp multislerp karcher model_stock nearswap sce "
-        "passthrough arcee_fusion", "the merge issue")

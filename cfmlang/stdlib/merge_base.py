@@ -1,0 +1,70 @@
+"""What every merge method shares: the method class, the per-tensor context, helpers.
+
+A merge method is a small registered class:
+
+    @register
+    class Linear(MergeMethod):
+        name = "linear"
+        class Options(Params): ...        # node-level options (pydantic, strict)
+        Input = WeightedInput             # per-input parameters
+        base = "none" | "optional" | "required"
+        elementwise = True                # can merge a block of rows on its own
+        @staticmethod
+        def merge(tensors, base, weights, options, context) -> torch.Tensor: ...
+
+`tensors` are the non-base inputs (in declaration order), `weights` their per-input
+parameters and `options` the node options, both with gradients already evaluated for
+this tensor's layer. Parameter names, defaults and math follow mergekit 0.1.5.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from cfmlang.stdlib.registry import Gradient, Method, Params
+
+MERGEKIT_METHODS = (
+    "linear slerp nuslerp multislerp karcher task_arithmetic ties dare_ties dare_linear "
+    "breadcrumbs breadcrumbs_ties della della_linear model_stock sce nearswap arcee_fusion "
+    "ram passthrough").split()
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """Where a tensor merge happens: the node, the tensor, and the seed in force."""
+
+    node: str
+    tensor_name: str
+    seed: int
+
+    def generator(self) -> torch.Generator:
+        """A generator seeded from (seed, node, tensor): the same draws in every run and
+        whatever order tensors are computed in."""
+        key = hashlib.sha256(f"{self.seed}/{self.node}/{self.tensor_name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
+class MergeMethod(Method):
+    keyword = "merge"
+    base: ClassVar[str] = "none"
+    """Whether the method takes a `base:` model: "none", "optional" or "required"."""
+    elementwise: ClassVar[bool] = True
+    """True when each output element depends only on the same element of the inputs, so
+    a tensor can be merged a block of rows at a time."""
+    Input: ClassVar[type[Params]]
+
+    @staticmethod
+    def merge(tensors: list[torch.Tensor], base: torch.Tensor | None, weights: list[dict],
+              options: dict, context: MergeContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def working_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class WeightedInput(Params):
+    weight: Gradient
