@@ -173,3 +173,67 @@ def test_sharded_output_and_sharded_input(tiny_zoo, tmp_path):
     cfmlang.compile(text, tmp_path / "again")
     first, again = tensors(tmp_path / "sharded"), tensors(tmp_path / "again")
     assert all(torch.equal(first[n], again[n]) for n in first)
+
+
+FILTERED = """
+model a:
+  source: hf "{a}"
+model b:
+  source: hf "{b}"
+merge mix:
+  method: linear
+  weight: {{self_attn: 0.3, mlp: [0.1, 0.9], default: 0.5}}
+  inputs:
+    a: null
+    b: {{weight: {{up_proj: 2.0, default: [1.0, 0.0]}}}}
+output: mix
+"""
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_tensor_name_filters_match_mergekit(tiny_zoo, tmp_path, arch):
+    a, b = tiny_zoo[f"{arch}_a"], tiny_zoo[f"{arch}_b"]
+    cfmlang.compile(FILTERED.format(a=a, b=b), tmp_path / "ours")
+    ours, ta, tb = tensors(tmp_path / "ours"), tensors(a), tensors(b)
+    name = "model.layers.1.mlp.up_proj.weight"
+    wa = gradient([0.1, 0.9], 1)
+    torch.testing.assert_close(ours[name], (wa * ta[name] + 2.0 * tb[name]) / (wa + 2.0))
+    theirs = run_mergekit({"merge_method": "linear", "dtype": "float32",
+                           "parameters": {"weight": [{"filter": "self_attn", "value": 0.3},
+                                                     {"filter": "mlp", "value": [0.1, 0.9]},
+                                                     {"value": 0.5}]},
+                           "models": [{"model": str(a)},
+                                      {"model": str(b), "parameters": {"weight": [
+                                          {"filter": "up_proj", "value": 2.0},
+                                          {"value": [1.0, 0.0]}]}}]}, tmp_path / "mk")
+    assert set(theirs) == set(ours)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_filter_diagnostics(tiny_zoo):
+    from cfmlang.diagnostics import CompileError
+
+    a, b = tiny_zoo["llama_a"], tiny_zoo["llama_b"]
+    text = FILTERED.format(a=a, b=b).replace("self_attn: 0.3", "self_atn: 0.3")
+    program = cfmlang.check(text)
+    (warn,) = program.warnings
+    assert warn.code == "W003" and "`self_atn`" in warn.message and warn.help == ("did you mean `self_attn`?",)
+    no_default = FILTERED.format(a=a, b=b).replace(", default: 0.5", "")
+    with pytest.raises(CompileError) as info:
+        cfmlang.check(no_default)
+    (problem,) = info.value.diagnostics
+    assert problem.code == "E014" and "no value for tensor `lm_head.weight`" in problem.message
+    assert problem.span.line == 8
+
+
+def test_input_count_is_checked(tiny_zoo):
+    from cfmlang.diagnostics import CompileError
+
+    text = f'model a:\n  source: hf "{tiny_zoo["llama_a"]}"\n' \
+           "merge m:\n  method: task_arithmetic\n  base: a\n  inputs: [a]\n  weight: 1\noutput: m\n"
+    with pytest.raises(CompileError) as info:
+        cfmlang.check(text)
+    (problem,) = info.value.diagnostics
+    assert problem.code == "E034" and problem.span.line == 6
+    assert "takes at least 1 input besides the base, got 0" in problem.message

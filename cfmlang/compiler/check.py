@@ -17,10 +17,10 @@ from cfmlang.compiler import ast
 from cfmlang.compiler.ir import ArchInfo, CheckedProgram, MergeInput, MergeNode, ModelNode, Node
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
-from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors
+from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
 from cfmlang.stdlib import lookup, names_for
 from cfmlang.stdlib.merge import MergeMethod
-from cfmlang.stdlib.registry import Gradient
+from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 MODEL_KEYS = ("source", "allow_pickle", "description")
@@ -235,8 +235,54 @@ class _Checker:
             return
         if base in [i.model for i in inputs]:
             inputs = tuple(i for i in inputs if i.model != base)
+        if not self.input_count(method, inputs, body.get("inputs").value) or \
+                not self.filters(body, arch, method):
+            return
         self.nodes[decl.name] = MergeNode(decl.name, decl.span, method.name, base, inputs,
                                           tuple(sorted(shared_values.items())), dtype, seed, arch)
+
+    def input_count(self, method, inputs, span_value) -> bool:
+        low, high = method.min_inputs, method.max_inputs
+        if low <= len(inputs) and (high is None or len(inputs) <= high):
+            return True
+        besides = " besides the base" if method.base != "none" else ""
+        wanted = (f"exactly {low}" if low == high else f"at least {low}" if high is None
+                  else f"{low} to {high}")
+        self.problems.append(error("E034", f"merge method `{method.name}` takes {wanted} "
+                                   f"input{'' if wanted.endswith(' 1') else 's'}{besides}, got {len(inputs)}",
+                                   span_value.span, "the base is named with `base:`, not in `inputs`"
+                                   if method.base != "none" else ""))
+        return False
+
+    def filters(self, body: ast.MapValue, arch: ArchInfo, method) -> bool:
+        """Check tensor-name filter maps: each key should match some tensor (else a
+        warning), and every tensor needs a value (else an error)."""
+        fields = set(_aliases(method.Input)) | set(_aliases(method.Options))
+        maps = [e for e in body.entries if e.key in fields and isinstance(e.value, ast.MapValue)]
+        inputs = body.get("inputs").value
+        for per_input in (inputs.entries if isinstance(inputs, ast.MapValue) else ()):
+            if isinstance(per_input.value, ast.MapValue):
+                maps += [e for e in per_input.value.entries
+                         if e.key in fields and isinstance(e.value, ast.MapValue)]
+        names = [t.name for t in arch.tensors]
+        ok = True
+        for entry in maps:
+            keys = [e for e in entry.value.entries if e.key != FILTER_DEFAULT]
+            for key in keys:
+                if names and not any(key.key in n for n in names):
+                    self.problems.append(warning(
+                        "W003", f"filter `{key.key}` of `{entry.key}` matches no tensor", key.key_span,
+                        did_you_mean(key.key, _module_names(names)) or
+                        f"filters are parts of tensor names, e.g. {', '.join(sorted(_module_names(names))[:6])}"))
+            if entry.value.get(FILTER_DEFAULT) is None:
+                unmatched = [n for n in names if not any(k.key in n for k in keys)]
+                if unmatched:
+                    ok = False
+                    self.problems.append(error(
+                        "E014", f"`{entry.key}` has no value for tensor `{unmatched[0]}`"
+                        + (f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else ""),
+                        entry.value.span, f"add `{FILTER_DEFAULT}: ...` for tensors no filter matches"))
+        return ok
 
     def merge_inputs(self, decl, body, method, defaults: dict | None) -> tuple[MergeInput, ...] | None:
         """The bound inputs with validated parameters. `defaults` is None when the
@@ -440,6 +486,11 @@ def plain(value: ast.Value) -> Any:
     return {"tag": value.tag, "path": value.path}
 
 
+def _module_names(tensor_names: list[str]) -> set[str]:
+    return {part for name in tensor_names for part in name.split(".")
+            if not part.isdigit() and part not in ("model", "weight", "bias", "layers")}
+
+
 def _aliases(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
@@ -485,7 +536,8 @@ def pydantic_diagnostic(problem: dict, value: ast.MapValue, span: Span,
     message = problem["msg"][0].lower() + problem["msg"][1:]
     annotation = model.model_fields[field].annotation if field in model.model_fields else None
     if annotation is Gradient or annotation == (Gradient | None):
-        message = "expected a number, or a list of numbers interpolated across layers"
+        message = ("expected a number, a list of numbers interpolated across layers, or a map "
+                   "of tensor-name filters to those")
     return error("E032", f"invalid value for `{path or field}`: {message}",
                  span_at(value, tuple(p for p in loc if not isinstance(p, str) or p in
                                       {e.key for e in value.entries} or isinstance(p, int)), span))

@@ -15,6 +15,7 @@ from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode, TensorSpec
 from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.merge_base import MergeContext
+from cfmlang.stdlib.registry import FILTER_DEFAULT
 
 
 class Provider(Protocol):
@@ -50,6 +51,21 @@ class SourceProvider:
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         self.stats.count(name)
         return self.reader.get(name, rows)
+
+
+def filter_value(value, tensor_name: str):
+    """The entry of a filter map that applies to `tensor_name` (first key contained in the
+    name, else `default`); other values as they are."""
+    if not isinstance(value, dict):
+        return value
+    for key, chosen in value.items():
+        if key != FILTER_DEFAULT and key in tensor_name:
+            return chosen
+    return value.get(FILTER_DEFAULT)
+
+
+def evaluate(value, tensor_name: str, t: float):
+    return interpolate(filter_value(value, tensor_name), t)
 
 
 def interpolate(value, t: float):
@@ -106,8 +122,8 @@ class MergeProvider:
         t = self.layer_t(name)
         tensors = [self.load(p, name, rows) for p in self.inputs]
         base = self.load(self.base, name, rows) if self.base is not None else None
-        weights = [{k: interpolate(v, t) for k, v in i.params} for i in self.node.inputs]
-        options = {k: interpolate(v, t) for k, v in self.options.items()}
+        weights = [{k: evaluate(v, name, t) for k, v in i.params} for i in self.node.inputs]
+        options = {k: evaluate(v, name, t) for k, v in self.options.items()}
         context = MergeContext(self.node.name, name, self.seed)
         result = self.method.merge(tensors, base, weights, options, context)
         if result.is_floating_point() and not all_finite(result):

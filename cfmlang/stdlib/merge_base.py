@@ -54,6 +54,9 @@ class MergeMethod(Method):
     elementwise: ClassVar[bool] = True
     """True when each output element depends only on the same element of the inputs, so
     a tensor can be merged a block of rows at a time."""
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = None
+    """How many inputs besides the base the method takes (checked before any weight is read)."""
     Input: ClassVar[type[Params]]
 
     @staticmethod

@@ -11,8 +11,12 @@ from typing import Annotated, ClassVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Gradient = Union[float, Annotated[list[float], Field(min_length=1)]]
-"""A number, or a list of numbers interpolated across layers (mergekit's gradients)."""
+Curve = Union[float, Annotated[list[float], Field(min_length=1)]]
+Gradient = Union[Curve, Annotated[dict[str, Curve], Field(min_length=1)]]
+"""A number; a list of numbers interpolated across layers (mergekit's gradients); or a
+map of tensor-name filters to such values, `{self_attn: 0.3, mlp: [0, 1], default: 0.5}`:
+the first key found in the tensor's name applies, `default` when none is."""
+FILTER_DEFAULT = "default"
 
 
 class Params(BaseModel):
