@@ -1,6 +1,8 @@
 """Public API: parse, check, compile, load."""
 from __future__ import annotations
 
+import contextlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,15 +14,16 @@ import networkx as nx
 from cfmlang import __version__
 from cfmlang.compiler import ast
 from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
-                                       nbytes, write_manifest, write_sharded)
+                                       nbytes, write_adapter, write_manifest, write_sharded)
 from cfmlang.compiler.check import check as check_stage
-from cfmlang.compiler.execute import MergeProvider, execute, input_fingerprint
+from cfmlang.compiler.execute import LoraProvider, MergeProvider, execute, input_fingerprint
 from cfmlang.compiler.graph import build_graph, graph_summary
-from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode
+from cfmlang.compiler.ir import CheckedProgram, LoraExtractNode, MergeNode, ModelNode
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError, default_cache_dir
 from cfmlang.diagnostics import CompileError, Diagnostic, error
+from cfmlang.stdlib.lora import peft_config
 
 LANGUAGE_VERSION = "0"
 Source = "str | Path"
@@ -108,6 +111,8 @@ def refuse_foreign_output(output_dir: Path) -> None:
 
 def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
     run = execute(program, graph, cache, log)
+    if isinstance(run.output, LoraProvider):
+        return _write_adapter(program, graph, run, output_dir, progress, log)
     specs = run.output.specs
     total = sum(nbytes(s) for s in specs)
     done = [0]
@@ -117,12 +122,44 @@ def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
         if progress:
             progress(done[0], total)
 
-    try:
+    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
+        files = write_sharded(tmp, specs, run.output.get, sizes[0], on_tensor, sizes[1])
+        copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
+        manifest = build_manifest(program, graph, run, files, total)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _write_adapter(program, graph, run, output_dir, progress, log) -> dict:
+    node = program.node(program.output)
+    with _diagnosed_faults():
+        adapter = run.output.extract(progress or (lambda done, total: None))
         with atomic_directory(output_dir) as tmp:
-            files = write_sharded(tmp, specs, run.output.get, sizes[0], on_tensor, sizes[1])
-            copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
-            manifest = build_manifest(program, graph, run, files, total)
+            config = peft_config(adapter.ranks, list(node.targets), node.rank,
+                                 str(run.output.support_dir.resolve()))
+            files = write_adapter(tmp, adapter.tensors, config)
+            copy_support_files(run.output.support_dir, tmp, None)
+            manifest = build_manifest(program, graph, run, files,
+                                      sum(t.numel() * t.element_size() for t in adapter.tensors.values()))
+            manifest["standard"] = False
+            manifest["kind"] = "peft-lora"
+            manifest["adapter"] = {"relative_error": adapter.errors, "ranks": adapter.ranks,
+                                   "not_captured": list(adapter.not_captured)}
             write_manifest(tmp, manifest)
+    worst = max(adapter.errors.values(), default=0.0)
+    log(f"extracted {len(adapter.ranks)} LoRA modules; relative reconstruction error "
+        f"max {worst:.3g}, mean {sum(adapter.errors.values()) / max(len(adapter.errors), 1):.3g}")
+    if adapter.not_captured:
+        log(f"warning: {len(adapter.not_captured)} weights differ outside the target modules and are "
+            f"not in the adapter (first: {adapter.not_captured[0]})")
+    return manifest
+
+
+@contextlib.contextmanager
+def _diagnosed_faults():
+    """Weight and disk faults while writing become diagnostics (nothing is written)."""
+    try:
+        yield
     except WeightError as exc:
         raise CompileError([error("E080", str(exc), exc.span,
                                   "the input weights are damaged or the merge is numerically "
@@ -130,7 +167,6 @@ def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
     except OSError as exc:
         raise CompileError([error("E081", f"cannot write the output: {exc}", None,
                                   "check free disk space and permissions; nothing was written")]) from None
-    return manifest
 
 
 def _output_dtype(provider) -> str | None:
@@ -144,6 +180,9 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total
         if isinstance(node, ModelNode):
             nodes[name] = {"op": "model", "source": {"tag": node.source.tag, "given": node.source.given},
                            "fingerprint": input_fingerprint(run.providers[name])}
+        elif isinstance(node, LoraExtractNode):
+            nodes[name] = {"op": "lora_extract", "from": node.tuned, "base": node.base,
+                           "rank": node.rank, "threshold": node.threshold, "targets": list(node.targets)}
         else:
             assert isinstance(node, MergeNode)
             nodes[name] = {"op": "merge", "method": node.method, "base": node.base,
@@ -171,4 +210,9 @@ def load(directory, **kwargs):
     if not (directory / "cfm.json").is_file():
         raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
                                   None, "compile one with `cfmc compile FILE -o DIR`")])
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), directory)
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs)

@@ -121,7 +121,7 @@ def write_shard(path: Path, specs: list[TensorSpec], produce: Produce,
             for rows in row_chunks(spec, chunk_bytes):
                 block = produce(spec.name, rows)
                 _check_block(spec, rows, block)
-                handle.write(block.contiguous().view(torch.uint8).numpy().data)
+                handle.write(block.contiguous().view(-1).view(torch.uint8).numpy().data)
             on_tensor(spec)
 
 
@@ -171,3 +171,12 @@ def copy_support_files(source_dir: Path, folder: Path, dtype_code: str | None) -
 
 def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / "cfm.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> list[str]:
+    """A PEFT adapter directory: adapter_model.safetensors + adapter_config.json."""
+    specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in tensors.items()]
+    write_shard(folder / "adapter_model.safetensors", specs,
+                lambda name, rows: tensors[name] if rows is None else tensors[name][rows[0]:rows[1]])
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ["adapter_model.safetensors"]

@@ -14,7 +14,8 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
-from cfmlang.compiler.ir import ArchInfo, CheckedProgram, MergeInput, MergeNode, ModelNode, Node
+from cfmlang.compiler.ir import (ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
+                                 ModelNode, Node)
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
@@ -25,6 +26,7 @@ from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 MODEL_KEYS = ("source", "allow_pickle", "description")
 MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
+LORA_KEYS = ("kind", "extract", "source", "base", "train", "description")  # source/base/train: planned
 METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
               "merge": "method"}
 
@@ -97,6 +99,10 @@ class _Checker:
             entry = body.get(key)
             if entry and isinstance(entry.value, ast.Ref):
                 refs.append(entry.value.name)
+        extract = body.get("extract")
+        if extract and isinstance(extract.value, ast.MapValue):
+            refs += [e.value.name for e in extract.value.entries
+                     if e.key in ("from", "base") and isinstance(e.value, ast.Ref)]
         inputs = body.get("inputs") or body.get("attach")
         if inputs and isinstance(inputs.value, ast.MapValue):
             refs += [e.key for e in inputs.value.entries]
@@ -135,7 +141,42 @@ class _Checker:
                 f"it is planned in {entry.planned_in}; implemented {decl.keyword} methods: "
                 f"{', '.join(n for n in names_for(decl.keyword) if lookup(decl.keyword, n).implemented) or 'none yet'}"))
             return
-        self.check_merge(decl, body, entry)
+        if decl.keyword == "brick":
+            self.check_lora(decl, body, entry)
+        else:
+            self.check_merge(decl, body, entry)
+
+    def check_lora(self, decl: ast.Decl, body: ast.MapValue, kind) -> None:
+        self.unknown_keys(body, LORA_KEYS, f"brick `{decl.name}` (kind lora)")
+        extract = body.get("extract")
+        if extract is None:
+            self.problems.append(error(
+                "E031", "LoRA bricks from `source:` or `train:` are not implemented yet",
+                body.get("kind").value.span, "extract one from a fine-tune: `extract: {from: tuned, base: base, rank: 16}`"))
+            return
+        if not isinstance(extract.value, ast.MapValue):
+            self.problems.append(error("E033", f"`extract` must be a map, not {ast.describe(extract.value)}",
+                                       extract.value.span, "e.g. `extract: {from: tuned, base: base, rank: 16}`"))
+            return
+        spec = extract.value
+        refs = {}
+        for role in ("from", "base"):
+            entry = spec.get(role)
+            if entry is None:
+                self.problems.append(error("E014", f"`extract` needs `{role}:`", spec.span,
+                                           "name the fine-tuned model (`from`) and the model it was tuned from (`base`)"))
+            else:
+                refs[role] = self.model_ref(entry, f"`{role}` model")
+        numbers = ast.MapValue(tuple(e for e in spec.entries if e.key not in ("from", "base")), spec.span)
+        options = self.validate(kind.Options, numbers, spec.span)
+        if options is None or None in refs.values() or len(refs) < 2:
+            return
+        arch = self.compatible(decl, [refs["base"], refs["from"]])
+        if arch is None:
+            return
+        self.nodes[decl.name] = LoraExtractNode(decl.name, decl.span, refs["from"], refs["base"],
+                                                options["rank"], options["threshold"],
+                                                tuple(options["targets"]), arch)
 
     def method_name(self, decl: ast.Decl, body: ast.MapValue) -> str | None:
         key = METHOD_KEY[decl.keyword]

@@ -11,9 +11,11 @@ import networkx as nx
 import torch
 
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode, TensorSpec, layer_index
+from cfmlang.compiler.ir import (CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec,
+                                 layer_index)
 from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
+from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext
 from cfmlang.stdlib.registry import FILTER_DEFAULT
 
@@ -130,7 +132,7 @@ class MergeProvider:
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                               f"tensor `{name}`", self.node.span)
         self.stats.count(name)
-        want = TORCH_DTYPES[self.dtype] if self.dtype else tensors[0].dtype
+        want = TORCH_DTYPES[self.dtype] if self.dtype else (tensors[0] if tensors else base).dtype
         return result.to(want)
 
 
@@ -141,6 +143,48 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An extracted LoRA adapter, small enough to hold: PEFT-named tensors, the rank
+    kept per module, the relative reconstruction error per weight, and the weights that
+    changed outside the target modules (which an adapter cannot carry)."""
+
+    tensors: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    errors: dict[str, float]
+    not_captured: tuple[str, ...]
+
+
+@dataclass
+class LoraProvider:
+    node: LoraExtractNode
+    tuned: Provider
+    base: Provider
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        self.support_dir = self.base.support_dir
+        self.specs = [s for s in self.base.specs if is_target(s.name, list(self.node.targets))]
+
+    def extract(self, on_weight=lambda done, total: None) -> Adapter:
+        tensors, ranks, errors = {}, {}, {}
+        for done, spec in enumerate(self.specs, start=1):
+            tuned, base = self.tuned.get(spec.name), self.base.get(spec.name)
+            low = extract_low_rank(tuned.float(), base.float(), self.node.rank, self.node.threshold)
+            module = spec.name[: -len(".weight")]
+            tensors[f"base_model.model.{module}.lora_A.weight"] = low.down
+            tensors[f"base_model.model.{module}.lora_B.weight"] = low.up
+            ranks[module], errors[spec.name] = low.down.shape[0], low.relative_error
+            self.stats.count(spec.name)
+            on_weight(done, len(self.specs))
+        return Adapter(tensors, ranks, errors, self.changed_elsewhere())
+
+    def changed_elsewhere(self) -> tuple[str, ...]:
+        targets = {s.name for s in self.specs}
+        return tuple(s.name for s in self.base.specs if s.name not in targets
+                     and not torch.equal(self.tuned.get(s.name), self.base.get(s.name)))
 
 
 @dataclass(frozen=True)
@@ -159,6 +203,8 @@ def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=pri
         if isinstance(node, ModelNode):
             reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
             providers[name] = SourceProvider(reader, folder)
+        elif isinstance(node, LoraExtractNode):
+            providers[name] = LoraProvider(node, providers[node.tuned], providers[node.base])
         else:
             dtype = node.dtype or program.dtype
             providers[name] = MergeProvider(

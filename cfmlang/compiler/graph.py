@@ -5,7 +5,7 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import CheckedProgram, MergeNode, ModelNode
+from cfmlang.compiler.ir import CheckedProgram, LoraExtractNode, MergeNode, ModelNode
 from cfmlang.diagnostics import Diagnostic, warning
 
 
@@ -35,6 +35,8 @@ def build_graph(program: CheckedProgram) -> tuple[nx.DiGraph, list[Diagnostic]]:
 def node_attributes(node) -> dict:
     if isinstance(node, ModelNode):
         return {"op": "model", "source": f'{node.source.tag} "{node.source.given}"'}
+    if isinstance(node, LoraExtractNode):
+        return {"op": "lora_extract", "from": node.tuned, "base": node.base, "rank": node.rank}
     assert isinstance(node, MergeNode)
     return {"op": "merge", "method": node.method, "base": node.base or "",
             "inputs": [i.model for i in node.inputs], "dtype": node.dtype or ""}
@@ -49,6 +51,8 @@ def label(graph: nx.DiGraph, name: str) -> str:
     data = graph.nodes[name]
     if data["op"] == "model":
         return f"{name}\\n{data['source']}"
+    if data["op"] == "lora_extract":
+        return f"{name}\\nlora rank {data['rank']}"
     return f"{name}\\nmerge {data['method']}"
 
 

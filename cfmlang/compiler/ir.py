@@ -94,7 +94,26 @@ class MergeNode:
         return tuple(names)
 
 
-Node = Union[ModelNode, MergeNode]
+@dataclass(frozen=True)
+class LoraExtractNode:
+    """A LoRA adapter extracted from the difference `tuned - base`."""
+
+    name: str
+    span: Span
+    tuned: str
+    base: str
+    rank: int
+    threshold: float
+    targets: tuple[str, ...]
+    arch: ArchInfo
+    node_type: str = "adapter"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.base, self.tuned)
+
+
+Node = Union[ModelNode, MergeNode, LoraExtractNode]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from cfmlang.stdlib.registry import Gradient, Method, Params
 MERGEKIT_METHODS = (
     "linear slerp nuslerp multislerp karcher task_arithmetic ties dare_ties dare_linear "
     "breadcrumbs breadcrumbs_ties della della_linear model_stock sce nearswap arcee_fusion "
-    "ram passthrough").split()
+    "ram ramplus_tl passthrough").split()
 
 
 @dataclass(frozen=True)
