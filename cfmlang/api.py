@@ -162,8 +162,8 @@ def _diagnosed_faults():
         yield
     except WeightError as exc:
         raise CompileError([error("E080", str(exc), exc.span,
-                                  "the input weights are damaged or the merge is numerically "
-                                  "unstable; nothing was written")]) from None
+                                  exc.help or "the input weights are damaged or the merge is "
+                                  "numerically unstable", "nothing was written")]) from None
     except OSError as exc:
         raise CompileError([error("E081", f"cannot write the output: {exc}", None,
                                   "check free disk space and permissions; nothing was written")]) from None

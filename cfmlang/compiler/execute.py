@@ -16,7 +16,7 @@ from cfmlang.compiler.ir import (CheckedProgram, LoraExtractNode, MergeNode, Mod
 from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.lora import extract_low_rank, is_target
-from cfmlang.stdlib.merge_base import MergeContext
+from cfmlang.stdlib.merge_base import MergeContext, MergeError
 from cfmlang.stdlib.registry import FILTER_DEFAULT
 
 
@@ -127,7 +127,11 @@ class MergeProvider:
         weights = [{k: evaluate(v, name, t) for k, v in i.params} for i in self.node.inputs]
         options = {k: evaluate(v, name, t) for k, v in self.options.items()}
         context = MergeContext(self.node.name, name, self.seed)
-        result = self.method.merge(tensors, base, weights, options, context)
+        try:
+            result = self.method.merge(tensors, base, weights, options, context)
+        except MergeError as exc:
+            raise WeightError(f"merge `{self.node.name}` ({self.node.method}), tensor `{name}`: {exc}",
+                              self.node.span, exc.help) from None
         if result.is_floating_point() and not all_finite(result):
             raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                               f"tensor `{name}`", self.node.span)

@@ -34,9 +34,10 @@ class WeightError(Exception):
     """A problem found while reading or computing weights; names the tensor and file,
     and carries the span of the statement that produced it when one is known."""
 
-    def __init__(self, message: str, span=None):
+    def __init__(self, message: str, span=None, help: str = ""):
         super().__init__(message)
         self.span = span
+        self.help = help
 
 
 class SafetensorsReader:

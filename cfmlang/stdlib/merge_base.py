@@ -32,6 +32,15 @@ MERGEKIT_METHODS = (
     "ram ramplus_tl passthrough").split()
 
 
+class MergeError(Exception):
+    """A merge that cannot be computed for a tensor. The executor reports it as E080 at
+    the merge statement, naming the tensor, with `help` as the hint."""
+
+    def __init__(self, message: str, help: str = ""):
+        super().__init__(message)
+        self.help = help
+
+
 @dataclass(frozen=True)
 class MergeContext:
     """Where a tensor merge happens: the node, the tensor, and the seed in force."""
