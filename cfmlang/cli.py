@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=0.7)
     sub.add_argument("--top-p", type=float, default=0.9)
     sub.add_argument("--seed", type=int, default=0)
+
+    sub = command("import", cmd_import, "translate a mergekit YAML config into a .brick program")
+    sub.add_argument("file", type=Path, help="the mergekit config (YAML)")
+    sub.add_argument("-o", "--output", type=Path, help="write the .brick file here (default: stdout)")
+    sub.add_argument("--force", action="store_true", help="replace an existing output file")
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
     return parser
 
 
@@ -158,6 +164,17 @@ def cmd_run(args) -> int:
     generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
              sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
              stream=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    from cfmlang.mergekit_import import import_file
+
+    text = import_file(args.file, args.output, force=args.force)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        print(f"wrote {args.output}", file=sys.stderr)
     return EXIT_OK
 
 

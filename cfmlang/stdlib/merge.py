@@ -5,7 +5,7 @@ import torch
 from pydantic import Field
 
 from cfmlang.stdlib.merge_base import MergeMethod, WeightedInput, working_dtype
-from cfmlang.stdlib.registry import Params, register
+from cfmlang.stdlib.registry import Gradient, Params, register
 
 
 @register
@@ -41,7 +41,7 @@ class TaskArithmetic(MergeMethod):
 
     class Options(Params):
         normalize: bool = False
-        lambda_: float = Field(1.0, alias="lambda")
+        lambda_: Gradient = Field(1.0, alias="lambda")
 
     Input = WeightedInput
 
