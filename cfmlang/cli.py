@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-p", type=float, default=0.9)
     sub.add_argument("--seed", type=int, default=0)
 
+    sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
+    sub.add_argument("--format", choices=("md",), default="md")
+
     sub = command("import", cmd_import, "translate a mergekit YAML config into a .brick program")
     sub.add_argument("file", type=Path, help="the mergekit config (YAML)")
     sub.add_argument("-o", "--output", type=Path, help="write the .brick file here (default: stdout)")
@@ -164,6 +167,13 @@ def cmd_run(args) -> int:
     generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
              sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
              stream=sys.stdout)
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from cfmlang.stdlib.catalogue import methods_markdown
+
+    sys.stdout.write(methods_markdown() + "\n")
     return EXIT_OK
 
 

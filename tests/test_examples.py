@@ -48,3 +48,11 @@ def test_smol_example_and_std_import_check():
     assert program.output == "smol" and program.node("smol").arch.num_layers == 30
     via_std = cfmlang.check('import "std/smollm2.brick"\noutput: smollm2\n')
     assert via_std.node("smollm2").arch.hidden_size == 576
+
+
+def test_method_reference_is_generated_from_the_registry():
+    """docs/methods.md is `cfmc methods` output: regenerate it when methods change."""
+    from cfmlang.stdlib.catalogue import methods_markdown
+
+    docs = (EXAMPLES.parent / "docs" / "methods.md").read_text()
+    assert docs == methods_markdown() + "\n", "run: cfmc methods > docs/methods.md"

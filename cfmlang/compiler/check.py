@@ -575,8 +575,11 @@ def pydantic_diagnostic(problem: dict, value: ast.MapValue, span: Span,
                      f"add `{field}: ...`")
     path = ".".join(str(p) for p in loc if not str(p).startswith(("function-", "list[", "float", "int", "bool")))
     message = problem["msg"][0].lower() + problem["msg"][1:]
+    if not loc:   # a check across several parameters
+        return error("E032", f"invalid parameters: {message}", value.span if value.entries else span)
     annotation = model.model_fields[field].annotation if field in model.model_fields else None
-    if annotation is Gradient or annotation == (Gradient | None):
+    is_type_error = kind.endswith(("_type", "_parsing")) or kind == "too_short"
+    if is_type_error and (annotation is Gradient or annotation == (Gradient | None)):
         message = ("expected a number, a list of numbers interpolated across layers, or a map "
                    "of tensor-name filters to those")
     return error("E032", f"invalid value for `{path or field}`: {message}",

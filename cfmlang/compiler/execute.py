@@ -17,7 +17,7 @@ from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightErro
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext, MergeError
-from cfmlang.stdlib.registry import FILTER_DEFAULT
+from cfmlang.stdlib.registry import evaluate
 
 
 class Provider(Protocol):
@@ -53,34 +53,6 @@ class SourceProvider:
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         self.stats.count(name)
         return self.reader.get(name, rows)
-
-
-def filter_value(value, tensor_name: str):
-    """The entry of a filter map that applies to `tensor_name` (first key contained in the
-    name, else `default`); other values as they are."""
-    if not isinstance(value, dict):
-        return value
-    for key, chosen in value.items():
-        if key != FILTER_DEFAULT and key in tensor_name:
-            return chosen
-    return value.get(FILTER_DEFAULT)
-
-
-def evaluate(value, tensor_name: str, t: float):
-    return interpolate(filter_value(value, tensor_name), t)
-
-
-def interpolate(value, t: float):
-    """mergekit's gradient rule: a list of numbers is a piecewise-linear curve over t."""
-    if not isinstance(value, list):
-        return value
-    if len(value) == 1:
-        return value[0]
-    scaled = t * (len(value) - 1)
-    low = int(scaled)
-    high = min(len(value) - 1, low + 1)
-    frac = scaled - low
-    return (1 - frac) * value[low] + frac * value[high]
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cfmlang.stdlib.merge_base import MergeMethod
+from cfmlang.stdlib.merge_sparse import sign_agreement
 from cfmlang.stdlib.registry import Gradient, NoParams, Params, register
 
 
@@ -134,13 +135,6 @@ def variance_topk_mask(deltas: torch.Tensor, fraction: float, dtype: torch.dtype
     return mask
 
 
-def agrees_with_elected_sign(deltas: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """True where an input's task vector has the sign of the sum over inputs (TIES
-    election by total mass; a zero sum elects +, a zero element agrees with neither)."""
-    elected = (deltas.sum(dim=0) >= 0).to(dtype) * 2 - 1
-    return deltas.sign().to(dtype) == elected
-
-
 def energy_shares(deltas: torch.Tensor) -> torch.Tensor:
     """Each input's mean squared task vector as a share of the total (equal shares
     when the total is below 1e-6)."""
@@ -173,7 +167,7 @@ class SCE(MergeMethod):
         deltas = task_vectors(tensors, base)
         if options["select_topk"] < 1:
             deltas = deltas * variance_topk_mask(deltas, options["select_topk"], mask_dtype).unsqueeze(0)
-        agreeing = agrees_with_elected_sign(deltas, mask_dtype)
+        agreeing = sign_agreement(deltas, "sum", int8_votes=options["int8_mask"])
         shares = energy_shares(deltas).reshape((-1,) + (1,) * base.dim())
         kept = shares * agreeing
         merged = (deltas * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)

@@ -19,6 +19,35 @@ the first key found in the tensor's name applies, `default` when none is."""
 FILTER_DEFAULT = "default"
 
 
+def filter_value(value, tensor_name: str):
+    """The entry of a filter map that applies to `tensor_name` (first key contained in the
+    name, else `default`); other values as they are."""
+    if not isinstance(value, dict):
+        return value
+    for key, chosen in value.items():
+        if key != FILTER_DEFAULT and key in tensor_name:
+            return chosen
+    return value.get(FILTER_DEFAULT)
+
+
+def interpolate(value, t: float):
+    """mergekit's gradient rule: a list of numbers is a piecewise-linear curve over t."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1:
+        return value[0]
+    scaled = t * (len(value) - 1)
+    low = int(scaled)
+    high = min(len(value) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * value[low] + frac * value[high]
+
+
+def evaluate(value, tensor_name: str, t: float):
+    """A parameter's value for one tensor at layer position t."""
+    return interpolate(filter_value(value, tensor_name), t)
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
