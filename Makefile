@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python benchmarks/merge_memory.py
+	$(BIN)/python benchmarks/merge_vs_mergekit.py
 
 clean:
 	rm -rf out $(VENV)
