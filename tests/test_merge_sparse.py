@@ -482,3 +482,18 @@ def test_node_level_options_are_typed(tiny_zoo):
     found = diagnostics(program("ties", a, b, c, node="  rescale: 1\n  lambda: \"x\"",
                                 b_params="weight: 1.0", c_params="weight: 1.0"))
     assert sorted(d.code for d in found) == ["E032", "E032"]
+
+
+def test_largest_mask_selection_equals_the_full_sort():
+    """The kthvalue shortcut keeps exactly the argsort's set, with and without ties."""
+    from cfmlang.stdlib.merge_sparse import largest_mask
+
+    generator = torch.Generator().manual_seed(3)
+    for values in (torch.rand(5000, generator=generator),
+                   torch.randint(0, 7, (5000,), generator=generator).float(),   # many ties
+                   torch.zeros(100)):
+        for count in (1, 17, 2500, 4999, 5000):
+            count = min(count, values.numel())
+            expected = torch.zeros(values.numel(), dtype=torch.bool)
+            expected[torch.argsort(values, descending=True)[:count]] = True
+            assert torch.equal(largest_mask(values, count), expected), (values[:5], count)

@@ -89,6 +89,7 @@ class MergeProvider:
         if rows is None or self.method.elementwise:
             return self.compute(name, rows)
         if self._whole[0] != name:
+            self._whole = ("", None)   # let the previous tensor go before computing this one
             self._whole = (name, self.compute(name, None))
         return self._whole[1][rows[0]:rows[1]]
 

@@ -73,8 +73,25 @@ def keep_largest(delta: torch.Tensor, params: dict, rescale: bool,
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     count = max(1, int(density * delta.numel()))
-    largest_first = torch.argsort(ranking_magnitudes(delta), descending=True)
-    return apply_mask(delta, mask_of(largest_first[:count], delta), rescale)
+    return apply_mask(delta, largest_mask(ranking_magnitudes(delta), count).view(delta.shape), rescale)
+
+
+def largest_mask(magnitudes: torch.Tensor, count: int) -> torch.Tensor:
+    """True at the `count` largest of the flat `magnitudes`.
+
+    A selection (kthvalue, linear time) finds the cut; when every value equal to the cut
+    fits among the kept ones, the kept set is unique and this is the answer. Only when
+    equal values straddle the cut does the choice among them depend on the sort order,
+    and then the full descending argsort decides, as in mergekit."""
+    total = magnitudes.numel()
+    if count >= total:
+        return torch.ones(total, dtype=torch.bool)
+    cut = torch.kthvalue(magnitudes, total - count + 1).values
+    above = magnitudes > cut
+    if int(above.sum()) + int((magnitudes == cut).sum()) == count:
+        return above | (magnitudes == cut)
+    largest_first = torch.argsort(magnitudes, descending=True)
+    return mask_of(largest_first[:count], magnitudes)
 
 
 def keep_magnitude_band(delta: torch.Tensor, params: dict, rescale: bool,
