@@ -1,19 +1,24 @@
 #!/usr/bin/env python3
-"""Peak memory and wall time of a streamed linear merge: cfmlang (`cfmc compile`) vs mergekit 0.1.5.
+"""Wall time and peak memory of streamed merges: cfmlang (`cfmc compile`) vs mergekit 0.1.5.
 
-    .venv/bin/python benchmarks/merge_memory.py [--work benchmarks/work] [--json results.json]
+    .venv/bin/python benchmarks/merge_vs_mergekit.py [--methods linear,ties] [--repeat 3]
+                                                     [--work benchmarks/work] [--json results.json]
 
 1. Builds (once, cached under --work) three random float32 Llama checkpoints of >= 1 GB
    each, written tensor by tensor from seeded generators (never a whole model in memory),
    as 2 safetensors shards + model.safetensors.index.json + config.json.
-2. Runs, each in a fresh subprocess, (a) an idle interpreter that imports torch
-   (baseline), (b) `cfmc compile` of the linear merge of the three models, (c)
-   `mergekit-yaml` of the same merge. Peak RSS is sampled with psutil every --interval
-   seconds over the whole process tree and cross-checked with the kernel's high-water
-   mark, getrusage(RUSAGE_CHILDREN).ru_maxrss, taken in a tiny launcher process whose only
-   child is the measured command.
-3. Checks that both outputs are equal tensor by tensor (torch.equal).
-4. Prints a table and the ratios (RSS always above the idle baseline).
+2. For each merge method of --methods (the same three models each time), runs, each in a
+   fresh subprocess and interleaved --repeat times, (a) an idle interpreter that imports
+   torch (baseline), (b) `cfmc compile` of the merge, (c) `mergekit-yaml` of the same merge.
+   Peak RSS is sampled with psutil every --interval seconds over the whole process tree
+   and cross-checked with the kernel's high-water mark, getrusage(RUSAGE_CHILDREN).ru_maxrss,
+   taken in a tiny launcher process whose only child is the measured command.
+3. Checks that both outputs are equal tensor by tensor (torch.equal; the max absolute and
+   relative differences otherwise) and that they follow the method's formula on a few
+   small tensors (computed independently here).
+4. Prints one table per method and a summary: speed-up (mergekit wall / cfmlang wall),
+   peak RSS above the idle baseline cfmlang / mergekit, and, for linear, cfmlang's peak
+   RSS above baseline / one model size.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -34,8 +41,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
 MiB = 1024 ** 2
-WEIGHTS = {"a": 0.5, "b": 0.3, "c": [0.1, 0.9]}
-TARGET_FRACTION = 0.25
+TARGET_FRACTION = 0.25      # linear: cfmlang peak RSS above baseline / one model size, <
+TARGET_SPEEDUP = 1.5        # mergekit wall / cfmlang wall, >=
+TARGET_RSS_RATIO = 1.0      # peak RSS above baseline, cfmlang / mergekit, <=
+REL_TOLERANCE = 1e-6        # outputs that differ by less (relative to the tensor's max |x|) pass
 
 
 def log(msg: str) -> None:
@@ -164,25 +173,105 @@ def ensure_models(args) -> tuple[list[Path], int, int]:
     return folders, model_bytes, largest
 
 
-# ---------------------------------------------------------------- merge configs
+# ---------------------------------------------------------------- merge methods
 
-def brick_text(folders: list[Path]) -> str:
-    lines = []
-    for name, folder in zip("abc", folders):
-        lines += [f"model {name}:", f'  source: hf "{folder.resolve()}"']
-    lines += ["merge mix:", "  method: linear", "  dtype: float32", "  inputs:"]
-    for name in "abc":
-        lines.append(f"    {name}: {{weight: {json.dumps(WEIGHTS[name])}}}")
-    lines.append("output: mix")
-    return "\n".join(lines) + "\n"
+def interpolate(value, t: float) -> float:
+    """mergekit's gradient rule: a list of numbers is a piecewise-linear curve over the
+    layer position t in [0, 1]."""
+    if not isinstance(value, list):
+        return value
+    if len(value) == 1:
+        return value[0]
+    scaled = t * (len(value) - 1)
+    low = int(scaled)
+    high = min(len(value) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * value[low] + frac * value[high]
 
 
-def mergekit_yaml(folders: list[Path]) -> str:
-    lines = ["merge_method: linear", "dtype: float32", "models:"]
-    for name, folder in zip("abc", folders):
-        lines += [f"  - model: {folder.resolve()}",
-                  f"    parameters: {{weight: {json.dumps(WEIGHTS[name])}}}"]
-    return "\n".join(lines) + "\n"
+def flow(params: dict) -> str:
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items()) + "}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked merge: the same config as a .brick and as a mergekit YAML, and an
+    independent float64 reference of the formula for the formula check."""
+
+    name: str
+    summary: str
+    base: str | None                    # "a", "b" or "c", or None
+    inputs: dict[str, dict]             # model -> per-input parameters (gradients allowed)
+    options: dict                       # node-level options
+    reference: Callable                 # (base tensor | None, [input tensors], [params]) -> float64
+    memory_target: bool = False         # also check peak RSS above baseline / one model
+
+    def brick(self, folders: list[Path]) -> str:
+        lines = []
+        for name, folder in zip("abc", folders):
+            lines += [f"model {name}:", f'  source: hf "{folder.resolve()}"']
+        lines += ["merge mix:", f"  method: {self.name}"]
+        if self.base:
+            lines.append(f"  base: {self.base}")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in self.options.items()]
+        lines.append("  inputs:")
+        lines += [f"    {name}: {flow(params)}" for name, params in self.inputs.items()]
+        lines += ["  dtype: float32", "output: mix"]
+        return "\n".join(lines) + "\n"
+
+    def mergekit_yaml(self, folders: list[Path]) -> str:
+        where = dict(zip("abc", (f.resolve() for f in folders)))
+        lines = [f"merge_method: {self.name}", "dtype: float32"]
+        if self.base:
+            lines.append(f"base_model: {where[self.base]}")
+        if self.options:
+            lines.append("parameters:")
+            lines += [f"  {k}: {json.dumps(v)}" for k, v in self.options.items()]
+        lines.append("models:")
+        for name, params in self.inputs.items():
+            lines += [f"  - model: {where[name]}", f"    parameters: {flow(params)}"]
+        return "\n".join(lines) + "\n"
+
+
+def linear_reference(base, tensors, params):
+    weights = [p["weight"] for p in params]
+    return sum(w * t.double() for w, t in zip(weights, tensors)) / sum(weights)
+
+
+def ties_reference(base, tensors, params):
+    """TIES written out plainly: float32 task vectors (as both tools compute them), the
+    `density` share of largest magnitudes kept (topk here, argsort in both tools), the
+    rest in float64: weights, sign election by the sign of the sum, normalize by the
+    weights of the agreeing inputs."""
+    import torch
+
+    rows = []
+    for tensor, p in zip(tensors, params):
+        delta = (tensor - base).reshape(-1)
+        count = max(1, int(p["density"] * delta.numel()))
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[delta.abs().topk(count).indices] = True
+        rows.append(delta.double() * keep * p["weight"])
+    deltas = torch.stack(rows)
+    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).double()
+    agree = deltas.sign() == elected
+    weights = torch.tensor([p["weight"] for p in params], dtype=torch.float64).unsqueeze(1)
+    divisor = (weights * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (base.double().reshape(-1) + (deltas * agree).sum(dim=0) / divisor).reshape(base.shape)
+
+
+METHODS = {
+    "linear": Method(
+        "linear", "linear: a 0.5, b 0.3, c [0.1, 0.9] (gradient), float32",
+        None, {"a": {"weight": 0.5}, "b": {"weight": 0.3}, "c": {"weight": [0.1, 0.9]}}, {},
+        linear_reference, memory_target=True),
+    "ties": Method(
+        "ties", "ties: base a; b weight 0.6 density 0.5; c weight 0.4 density [0.3, 0.7] "
+                "(gradient); normalize, int8_mask, float32",
+        "a", {"b": {"weight": 0.6, "density": 0.5}, "c": {"weight": 0.4, "density": [0.3, 0.7]}},
+        {"normalize": True, "int8_mask": True}, ties_reference),
+}
 
 
 # ---------------------------------------------------------------- measurement
@@ -300,7 +389,7 @@ def code_state() -> dict:
     def git(*argv: str) -> str:
         try:
             return subprocess.run(["git", *argv], cwd=package, capture_output=True, text=True,
-                                  check=True).stdout.strip()
+                                  check=True).stdout.rstrip("\n")
         except (OSError, subprocess.CalledProcessError):
             return ""
     dirty = [line[3:] for line in git("status", "--porcelain", "--", ".").splitlines()]
@@ -321,16 +410,19 @@ def output_index(folder: Path) -> dict[str, Path]:
     return where
 
 
-def compare_outputs(ours: Path, theirs: Path, folders: list[Path], layers: int) -> dict:
-    """Tensor-by-tensor torch.equal of both outputs, plus a formula check on small tensors."""
+def compare_outputs(method: Method, ours: Path, theirs: Path, folders: list[Path],
+                    layers: int) -> dict:
+    """Tensor-by-tensor torch.equal of both outputs (max absolute and relative differences
+    where they are not equal), plus a formula check on the norm weights of the first and
+    last layers (the ends of every gradient)."""
     import torch
     from safetensors import safe_open
 
     a, b = output_index(ours), output_index(theirs)
     if set(a) != set(b):
-        sys.exit(f"tensor names differ: only ours {sorted(set(a) - set(b))[:5]}, "
+        sys.exit(f"{method.name}: tensor names differ: only ours {sorted(set(a) - set(b))[:5]}, "
                  f"only mergekit {sorted(set(b) - set(a))[:5]}")
-    unequal, max_diff = [], 0.0
+    unequal, max_diff, max_rel = [], 0.0, 0.0
     handles: dict[Path, object] = {}
 
     def read(path: Path, name: str):
@@ -341,34 +433,200 @@ def compare_outputs(ours: Path, theirs: Path, folders: list[Path], layers: int) 
     for name in sorted(a):
         x, y = read(a[name], name), read(b[name], name)
         if x.dtype != y.dtype or x.shape != y.shape:
-            sys.exit(f"{name}: ours {x.dtype} {tuple(x.shape)} vs mergekit {y.dtype} {tuple(y.shape)}")
+            sys.exit(f"{method.name}: {name}: ours {x.dtype} {tuple(x.shape)} vs mergekit "
+                     f"{y.dtype} {tuple(y.shape)}")
         if not torch.equal(x, y):
             unequal.append(name)
-            max_diff = max(max_diff, (x.double() - y.double()).abs().max().item())
+            diff = (x.double() - y.double()).abs().max().item()
+            scale = max(y.double().abs().max().item(), 1e-30)
+            max_diff, max_rel = max(max_diff, diff), max(max_rel, diff / scale)
+        del x, y
     # Both tools could agree and still be wrong: check the formula on the norm weights.
-    inputs = [output_index(f) for f in folders]
-    checked = 0
-    for layer in (0, layers - 1):
+    inputs = dict(zip("abc", (output_index(f) for f in folders)))
+    names = [n for n in method.inputs]
+    checked, formula_max_rel = 0, 0.0
+    for layer in sorted({0, layers - 1}):
         name = f"model.layers.{layer}.input_layernorm.weight"
         t = layer / (layers - 1) if layers > 1 else 1.0
-        w = [0.5, 0.3, 0.1 + t * (0.9 - 0.1)]
+        params = [{k: interpolate(v, t) for k, v in method.inputs[n].items()} for n in names]
+        base = read(inputs[method.base][name], name) if method.base else None
+        want = method.reference(base, [read(inputs[n][name], name) for n in names], params)
         got = read(a[name], name).double()
-        want = sum(wi * read(idx[name], name).double() for wi, idx in zip(w, inputs)) / sum(w)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"{method.name} formula check, {name}: {m}")
+        formula_max_rel = max(formula_max_rel,
+                              ((got - want).abs().max() / want.abs().max()).item())
         checked += 1
     return {"tensors": len(a), "unequal": len(unequal), "unequal_names": unequal[:20],
-            "max_abs_diff": max_diff, "formula_checked": checked}
+            "max_abs_diff": max_diff, "max_rel_diff": max_rel,
+            "within_tolerance": max_rel <= REL_TOLERANCE, "formula_checked": checked,
+            "formula_max_rel_diff": formula_max_rel}
+
+
+def describe_equality(eq: dict) -> str:
+    if not eq["unequal"]:
+        return f"bit-exact (torch.equal on all {eq['tensors']} tensors)"
+    return (f"NOT bit-exact: {eq['unequal']} of {eq['tensors']} tensors differ, max abs diff "
+            f"{eq['max_abs_diff']:.3e}, max relative diff {eq['max_rel_diff']:.3e} "
+            + ("(within" if eq["within_tolerance"] else "(OVER") + f" the {REL_TOLERANCE:g} tolerance)")
+
+
+# ---------------------------------------------------------------- running one method
+
+def run_method(method: Method, folders: list[Path], args) -> dict:
+    """baseline, cfmlang and mergekit, interleaved --repeat times; then the comparison."""
+    runs_dir = args.work / "runs" / method.name
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    runs_dir.mkdir(parents=True)
+    brick, yaml = runs_dir / "mix.brick", runs_dir / "mix.yml"
+    brick.write_text(method.brick(folders))
+    yaml.write_text(method.mergekit_yaml(folders))
+    ours_out, mk_out = runs_dir / "out-cfmlang", runs_dir / "out-mergekit"
+    log(f"=== {method.summary}")
+    code = code_state()
+
+    commands = {
+        "baseline": [sys.executable, "-c", "import time, torch; time.sleep(1.0)"],
+        "cfmlang": [str(BIN / "cfmc"), "compile", str(brick), "-o", str(ours_out), "-q"],
+        "mergekit": [str(BIN / "mergekit-yaml"), str(yaml), str(mk_out), "--no-cuda",
+                     "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+    }
+    order = ["baseline", "cfmlang"] + ([] if args.skip_mergekit else ["mergekit"])
+    runs: dict[str, list[dict]] = {label: [] for label in order}
+    for k in range(args.repeat):           # interleaved, so slow drifts hit every tool alike
+        for label in order:
+            out = ours_out if label == "cfmlang" else mk_out
+            if label != "baseline":
+                shutil.rmtree(out, ignore_errors=True)
+                prewarm(folders)
+            os.sync()   # no dirty pages left over from earlier work get flushed during the run
+            tag = f"{method.name}/{label}" + ("" if args.repeat == 1 else f"#{k + 1}")
+            run = measure(tag, commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval)
+            if label != "baseline":
+                run["sync_s"] = fsync_outputs(out)
+                log(f"  fsync of its output afterwards: {run['sync_s']:.2f}s")
+            runs[label].append(run)
+    results = {label: summarize(runs[label]) for label in order}
+    code_after = code_state()
+    if code_after["sources_sha256"] != code["sources_sha256"]:
+        log(f"WARNING: cfmlang's sources changed while {method.name} was measured "
+            f"({code['sources_sha256']} -> {code_after['sources_sha256']}); rerun for clean numbers")
+
+    equality = None
+    if not args.skip_mergekit:
+        log(f"comparing {method.name} outputs tensor by tensor ...")
+        equality = compare_outputs(method, ours_out, mk_out, folders, args.layers)
+        log(f"  {describe_equality(equality)}; formula checked on {equality['formula_checked']} "
+            f"tensors (max relative diff {equality['formula_max_rel_diff']:.1e})")
+    if not args.keep_outputs:
+        shutil.rmtree(ours_out, ignore_errors=True)
+        shutil.rmtree(mk_out, ignore_errors=True)
+    return {"summary": method.summary, "brick": brick.read_text(), "mergekit_yaml": yaml.read_text(),
+            "cfmlang_source": code, "cfmlang_source_after": code_after,
+            "results": results, "equality": equality}
+
+
+def ratios_of(method: Method, measured: dict, model_bytes: int, largest: int) -> dict:
+    results = measured["results"]
+    base, base_k = results["baseline"]["peak_rss"], results["baseline"]["ru_maxrss"]
+    ours = results["cfmlang"]
+    ratios = {"ours_rss_above_base_over_model": (ours["peak_rss"] - base) / model_bytes,
+              "ours_ru_maxrss_above_base_over_model": (ours["ru_maxrss"] - base_k) / model_bytes,
+              "ours_rss_above_base_over_largest_tensor": (ours["peak_rss"] - base) / largest}
+    verdicts = {}
+    if method.memory_target:
+        verdicts["rss_over_model"] = ratios["ours_rss_above_base_over_model"] < TARGET_FRACTION
+    if "mergekit" in results:
+        mk = results["mergekit"]
+        ratios["speedup_mergekit_over_ours"] = mk["wall_s"] / ours["wall_s"]
+        ratios["speedup_durable_mergekit_over_ours"] = mk["durable_s"] / ours["durable_s"]
+        ratios["wall_ours_over_mergekit"] = ours["wall_s"] / mk["wall_s"]
+        ratios["durable_ours_over_mergekit"] = ours["durable_s"] / mk["durable_s"]
+        ratios["rss_above_base_ours_over_mergekit"] = (ours["peak_rss"] - base) / (mk["peak_rss"] - base)
+        ratios["ru_maxrss_above_base_ours_over_mergekit"] = \
+            (ours["ru_maxrss"] - base_k) / (mk["ru_maxrss"] - base_k)
+        verdicts["speedup"] = ratios["speedup_mergekit_over_ours"] >= TARGET_SPEEDUP
+        verdicts["rss_vs_mergekit"] = ratios["rss_above_base_ours_over_mergekit"] <= TARGET_RSS_RATIO
+        verdicts["outputs"] = measured["equality"]["within_tolerance"]
+    return {"ratios": ratios, "verdicts": verdicts}
+
+
+def pass_fail(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def print_table(method: Method, measured: dict, model_bytes: int, args) -> None:
+    results = measured["results"]
+    base, base_k = results["baseline"]["peak_rss"], results["baseline"]["ru_maxrss"]
+    print()
+    print(f"== {method.summary}")
+    header = f"{'run':<10} {'wall s':>8} {'+fsync s':>9} {'peak RSS MiB':>13} {'above base':>11} " \
+             f"{'anon MiB':>9} {'ru_maxrss MiB':>14} {'above base':>11} {'/ model':>8}"
+    print(header)
+    print("-" * len(header))
+    for label, r in results.items():
+        above, above_k = r["peak_rss"] - base, r["ru_maxrss"] - base_k
+        frac = "" if label == "baseline" else f"{above / model_bytes:8.3f}"
+        durable = "" if label == "baseline" else f"{r['durable_s']:9.2f}"
+        print(f"{label:<10} {r['wall_s']:8.2f} {durable:>9} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
+              f"{r['peak_anon'] / MiB:9.1f} {r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
+    if measured["equality"] is not None:
+        print(f"outputs: {describe_equality(measured['equality'])}")
+
+
+def print_summary(methods: list[Method], measured: dict, checks: dict, args) -> None:
+    print()
+    print(f"wall: median of {args.repeat} run(s); +fsync: until the output is on disk; peak RSS: max "
+          f"over runs, psutil, process tree, every {args.interval * 1000:.0f} ms;\nanon: its "
+          "anonymous (not file-backed) part; ru_maxrss: kernel high-water mark; "
+          "/ model: (peak RSS - baseline) / one model")
+    print()
+    print("summary")
+    for method in methods:
+        r, v = checks[method.name]["ratios"], checks[method.name]["verdicts"]
+        print(f"{method.name}:")
+        if "speedup_mergekit_over_ours" in r:
+            print(f"  speed-up, wall mergekit / cfmlang: {r['speedup_mergekit_over_ours']:.2f}x "
+                  f"(with the fsync of the output: {r['speedup_durable_mergekit_over_ours']:.2f}x; "
+                  f"target >= {TARGET_SPEEDUP}) -> {pass_fail(v['speedup'])}")
+            print(f"  peak RSS above baseline, cfmlang / mergekit: "
+                  f"{r['rss_above_base_ours_over_mergekit']:.3f} (ru_maxrss: "
+                  f"{r['ru_maxrss_above_base_ours_over_mergekit']:.3f}; target <= "
+                  f"{TARGET_RSS_RATIO:g}) -> {pass_fail(v['rss_vs_mergekit'])}")
+        if method.memory_target:
+            print(f"  cfmlang peak RSS above baseline / one model size: "
+                  f"{r['ours_rss_above_base_over_model']:.3f} (ru_maxrss: "
+                  f"{r['ours_ru_maxrss_above_base_over_model']:.3f}; target < {TARGET_FRACTION}) "
+                  f"-> {pass_fail(v['rss_over_model'])}")
+        else:
+            print(f"  cfmlang peak RSS above baseline / one model size: "
+                  f"{r['ours_rss_above_base_over_model']:.3f} (no target)")
+        print(f"  cfmlang peak RSS above baseline / largest tensor: "
+              f"{r['ours_rss_above_base_over_largest_tensor']:.2f}")
+        if measured[method.name]["equality"] is not None:
+            print(f"  outputs: {describe_equality(measured[method.name]['equality'])}")
 
 
 # ---------------------------------------------------------------- main
 
+def parse_methods(text: str) -> list[Method]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    return [METHODS[n] for n in dict.fromkeys(names)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", type=parse_methods, default=list(METHODS.values()),
+                        help=f"comma-separated merge methods (default {','.join(METHODS)})")
     parser.add_argument("--work", type=Path, default=HERE / "work",
                         help="cache for models and outputs (default benchmarks/work, git-ignored)")
     parser.add_argument("--json", type=Path, help="write every number (and RSS timelines) here")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per tool; the table shows median wall time and max peak RSS")
+                        help="runs per tool; the tables show median wall time and max peak RSS")
     parser.add_argument("--interval", type=float, default=0.02, help="RSS sampling period, s")
     parser.add_argument("--skip-mergekit", action="store_true", help="measure cfmlang only")
     parser.add_argument("--rebuild", action="store_true", help="regenerate the models")
@@ -390,109 +648,33 @@ def main() -> int:
     versions = {p: version(p) for p in ("cfmlang", "mergekit", "torch", "transformers", "safetensors")}
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     log(f"host: {psutil.cpu_count()} cpus, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
+    import cfmlang.stdlib as stdlib
+    missing = [m.name for m in args.methods if not stdlib.lookup("merge", m.name).implemented]
+    if missing:
+        sys.exit(f"cfmlang does not implement merge method(s) {', '.join(missing)} yet")
 
     folders, model_bytes, largest = ensure_models(args)
     code = code_state()
     log(f"cfmlang source: {code['package']} at {code['head'] or '?'}"
         + (f" + uncommitted changes in {', '.join(code['uncommitted'])}" if code["uncommitted"] else "")
         + f" (sources sha256 {code['sources_sha256']})")
-    runs_dir = args.work / "runs"
-    shutil.rmtree(runs_dir, ignore_errors=True)
-    runs_dir.mkdir(parents=True)
-    brick = runs_dir / "mix.brick"
-    brick.write_text(brick_text(folders))
-    yaml = runs_dir / "mix.yml"
-    yaml.write_text(mergekit_yaml(folders))
-    ours_out, mk_out = runs_dir / "out-cfmlang", runs_dir / "out-mergekit"
+    shutil.rmtree(args.work / "runs", ignore_errors=True)
 
-    python = sys.executable
-    commands = {
-        "baseline": [python, "-c", "import time, torch; time.sleep(1.0)"],
-        "cfmlang": [str(BIN / "cfmc"), "compile", str(brick), "-o", str(ours_out), "-q"],
-        "mergekit": [str(BIN / "mergekit-yaml"), str(yaml), str(mk_out), "--no-cuda",
-                     "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
-    }
-    order = ["baseline", "cfmlang"] + ([] if args.skip_mergekit else ["mergekit"])
-    runs: dict[str, list[dict]] = {label: [] for label in order}
-    for k in range(args.repeat):           # interleaved, so slow drifts hit every tool alike
-        for label in order:
-            out = ours_out if label == "cfmlang" else mk_out
-            if label != "baseline":
-                shutil.rmtree(out, ignore_errors=True)
-                prewarm(folders)
-            os.sync()   # no dirty pages left over from earlier work get flushed during the run
-            run = measure(label if args.repeat == 1 else f"{label}#{k + 1}",
-                          commands[label], runs_dir / f"{label}-{k + 1}.log", args.interval)
-            if label != "baseline":
-                run["sync_s"] = fsync_outputs(out)
-                log(f"  fsync of its output afterwards: {run['sync_s']:.2f}s")
-            runs[label].append(run)
-    results = {label: summarize(runs[label]) for label in order}
+    measured, checks = {}, {}
+    for method in args.methods:
+        measured[method.name] = run_method(method, folders, args)
+        checks[method.name] = ratios_of(method, measured[method.name], model_bytes, largest)
     code_after = code_state()
     if code_after["sources_sha256"] != code["sources_sha256"]:
         log(f"WARNING: cfmlang's sources changed while the benchmark ran "
             f"({code['sources_sha256']} -> {code_after['sources_sha256']}); rerun for clean numbers")
 
-    equality = None
-    if not args.skip_mergekit:
-        log("comparing outputs tensor by tensor ...")
-        equality = compare_outputs(ours_out, mk_out, folders, args.layers)
-        if equality["unequal"]:
-            log(f"  NOT bit-exact: {equality['unequal']} of {equality['tensors']} tensors differ, "
-                f"max abs diff {equality['max_abs_diff']:.3e}")
-        else:
-            log(f"  bit-exact: all {equality['tensors']} tensors torch.equal; "
-                f"formula checked on {equality['formula_checked']} tensors")
-
-    base = results["baseline"]["peak_rss"]
-    base_k = results["baseline"]["ru_maxrss"]
     print()
     print(f"model size (one input): {model_bytes / MiB:.1f} MiB; largest tensor "
           f"{largest / MiB:.1f} MiB; 3 inputs")
-    header = f"{'run':<10} {'wall s':>8} {'+fsync s':>9} {'peak RSS MiB':>13} {'above base':>11} " \
-             f"{'anon MiB':>9} {'ru_maxrss MiB':>14} {'above base':>11} {'/ model':>8}"
-    print(header)
-    print("-" * len(header))
-    for label in order:
-        r = results[label]
-        above, above_k = r["peak_rss"] - base, r["ru_maxrss"] - base_k
-        frac = "" if label == "baseline" else f"{above / model_bytes:8.3f}"
-        durable = "" if label == "baseline" else f"{r['durable_s']:9.2f}"
-        print(f"{label:<10} {r['wall_s']:8.2f} {durable:>9} {r['peak_rss'] / MiB:13.1f} {above / MiB:11.1f} "
-              f"{r['peak_anon'] / MiB:9.1f} {r['ru_maxrss'] / MiB:14.1f} {above_k / MiB:11.1f} {frac:>8}")
-    print(f"wall: median of {args.repeat} run(s); +fsync: until the output is on disk; peak RSS: max "
-          f"over runs, psutil, process tree, every {args.interval * 1000:.0f} ms;\nanon: its "
-          "anonymous (not file-backed) part; ru_maxrss: kernel high-water mark; "
-          "/ model: (peak RSS - baseline) / one model")
-    print()
-
-    ours = results["cfmlang"]
-    ratios = {"ours_rss_above_base_over_model": (ours["peak_rss"] - base) / model_bytes,
-              "ours_ru_maxrss_above_base_over_model": (ours["ru_maxrss"] - base_k) / model_bytes,
-              "ours_rss_above_base_over_largest_tensor": (ours["peak_rss"] - base) / largest}
-    verdict = "PASS" if ratios["ours_rss_above_base_over_model"] < TARGET_FRACTION else "FAIL"
-    print(f"cfmlang peak RSS above baseline / one model size: "
-          f"{ratios['ours_rss_above_base_over_model']:.3f} (ru_maxrss: "
-          f"{ratios['ours_ru_maxrss_above_base_over_model']:.3f}; target < {TARGET_FRACTION}) "
-          f"-> {verdict}")
-    print(f"cfmlang peak RSS above baseline / largest tensor: "
-          f"{ratios['ours_rss_above_base_over_largest_tensor']:.2f}")
-    if "mergekit" in results:
-        mk = results["mergekit"]
-        ratios["wall_ours_over_mergekit"] = ours["wall_s"] / mk["wall_s"]
-        ratios["durable_ours_over_mergekit"] = ours["durable_s"] / mk["durable_s"]
-        ratios["rss_above_base_ours_over_mergekit"] = (ours["peak_rss"] - base) / (mk["peak_rss"] - base)
-        ratios["ru_maxrss_above_base_ours_over_mergekit"] = \
-            (ours["ru_maxrss"] - base_k) / (mk["ru_maxrss"] - base_k)
-        print(f"wall time cfmlang / mergekit: {ratios['wall_ours_over_mergekit']:.3f} "
-              f"(wall + fsync of the output, i.e. until it is on disk: "
-              f"{ratios['durable_ours_over_mergekit']:.3f})")
-        print(f"peak RSS above baseline cfmlang / mergekit: "
-              f"{ratios['rss_above_base_ours_over_mergekit']:.3f} (ru_maxrss: "
-              f"{ratios['ru_maxrss_above_base_ours_over_mergekit']:.3f})")
-        print("outputs: " + ("bit-exact (torch.equal on every tensor)" if not equality["unequal"]
-                             else f"{equality['unequal']} tensors differ, max abs diff "
-                                  f"{equality['max_abs_diff']:.3e}"))
+    for method in args.methods:
+        print_table(method, measured[method.name], model_bytes, args)
+    print_summary(args.methods, measured, checks, args)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -500,14 +682,22 @@ def main() -> int:
             "versions": versions, "cfmlang_source": code, "cfmlang_source_after": code_after,
             "model": {k: getattr(args, k) for k in (
                 "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "shards", "seed")},
-            "model_bytes": model_bytes, "largest_tensor_bytes": largest, "weights": WEIGHTS,
-            "interval_s": args.interval, "results": results, "ratios": ratios,
-"equality": equality,
-            "target_fraction": TARGET_FRACTION, "verdict": verdict}, indent=1) + "\n")
+            "model_bytes": model_bytes, "largest_tensor_bytes": largest,
+            "interval_s": args.interval, "repeat": args.repeat,
+            "targets": {"speedup_mergekit_over_ours_min": TARGET_SPEEDUP,
+                        "rss_above_base_ours_over_mergekit_max": TARGET_RSS_RATIO,
+                        "linear_ours_rss_above_base_over_model_max": TARGET_FRACTION,
+                        "output_rel_tolerance": REL_TOLERANCE},
+            "methods": {m.name: {**measured[m.name], "inputs": m.inputs, "options": m.options,
+                                 "base": m.base, **checks[m.name]} for m in args.methods},
+        }, indent=1) + "\n")
         log(f"wrote {args.json}")
-    if not args.keep_outputs:
-        shutil.rmtree(ours_out, ignore_errors=True)
-        shutil.rmtree(mk_out, ignore_errors=True)
+    # Missed speed or memory targets are reported, not errors; outputs that disagree are.
+    wrong = [m.name for m in args.methods if checks[m.name]["verdicts"].get("outputs") is False]
+    if wrong:
+        log(f"ERROR: cfmlang and mergekit outputs disagree beyond {REL_TOLERANCE:g} for "
+            f"{', '.join(wrong)}")
+        return 1
     return 0
 
 
