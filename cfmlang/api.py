@@ -26,7 +26,6 @@ from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.stdlib.lora import peft_config
 
 LANGUAGE_VERSION = "0"
-Source = "str | Path"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from cfmlang.diagnostics import CompileError, Diagnostic, render_json, render_plain
+from cfmlang.diagnostics import CompileError, render_json, render_plain
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
 

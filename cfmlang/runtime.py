@@ -15,7 +15,7 @@ def generate(directory, prompt: str, *, max_new_tokens: int = 64, chat: bool = T
     """Generate a completion of `prompt` with the artifact in `directory`; returns the new text.
 
     With `stream`, tokens are written to it as they are produced."""
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

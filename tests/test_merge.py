@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import cfmlang
 from cfmlang.compiler.ir import layer_index

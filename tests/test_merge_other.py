@@ -255,7 +255,7 @@ def test_input_counts_are_refused(tiny_zoo, tmp_path, method, inputs, base, want
         cfmlang.compile(brick(models, method, inputs, base, options), tmp_path / "out")
     assert any(d.code == "E034" and method in d.message for d in caught.value.diagnostics)
     entry = lookup("merge", method)
-    with pytest.raises(ValueError, match=f"`{method}` needs {wanted}, got {len(inputs)}"):
+    with pytest.raises(ValueError, match=f"`{method}` takes {wanted}, got {len(inputs)}"):
         require_input_count(entry, [torch.zeros(1)] * len(inputs))
 
 

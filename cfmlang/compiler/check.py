@@ -20,7 +20,7 @@ from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
 from cfmlang.stdlib import lookup, names_for
-from cfmlang.stdlib.merge import MergeMethod
+from cfmlang.stdlib.merge_base import MergeMethod, input_count_problem
 from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -283,17 +283,12 @@ class _Checker:
                                           tuple(sorted(shared_values.items())), dtype, seed, arch)
 
     def input_count(self, method, inputs, span_value) -> bool:
-        low, high = method.min_inputs, method.max_inputs
-        if low <= len(inputs) and (high is None or len(inputs) <= high):
-            return True
-        besides = " besides the base" if method.base != "none" else ""
-        wanted = (f"exactly {low}" if low == high else f"at least {low}" if high is None
-                  else f"{low} to {high}")
-        self.problems.append(error("E034", f"merge method `{method.name}` takes {wanted} "
-                                   f"input{'' if wanted.endswith(' 1') else 's'}{besides}, got {len(inputs)}",
-                                   span_value.span, "the base is named with `base:`, not in `inputs`"
-                                   if method.base != "none" else ""))
-        return False
+        problem = input_count_problem(method, len(inputs))
+        if problem:
+            self.problems.append(error("E034", problem, span_value.span,
+                                       "the base is named with `base:`, not in `inputs`"
+                                       if method.base != "none" else ""))
+        return problem is None
 
     def filters(self, body: ast.MapValue, arch: ArchInfo, method) -> bool:
         """Check tensor-name filter maps: each key should match some tensor (else a

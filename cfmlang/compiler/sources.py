@@ -171,6 +171,8 @@ def _check_header(header: dict, path: Path, data_size: int) -> None:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed entry") from None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed shape {shape!r}")
         if dtype not in DTYPE_CODES:
             raise SourceError("E051", f"tensor `{name}` in {path.name} has unknown dtype {dtype}")
         if end > data_size or start > end:

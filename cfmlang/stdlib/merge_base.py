@@ -74,6 +74,18 @@ class MergeMethod(Method):
         raise NotImplementedError
 
 
+def input_count_problem(method: type[MergeMethod], count: int) -> str | None:
+    """Why `count` inputs (besides the base) do not suit `method`, or None when they do."""
+    low, high = method.min_inputs, method.max_inputs
+    if low <= count and (high is None or count <= high):
+        return None
+    wanted = (f"exactly {low}" if low == high else f"at least {low}" if high is None
+              else f"{low} to {high}")
+    plural = "" if wanted.endswith(" 1") else "s"
+    besides = " besides the base" if method.base != "none" else ""
+    return f"merge method `{method.name}` takes {wanted} input{plural}{besides}, got {count}"
+
+
 def working_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

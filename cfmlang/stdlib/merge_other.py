@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cfmlang.stdlib.merge_base import MergeMethod
+from cfmlang.stdlib.merge_base import MergeMethod, input_count_problem
 from cfmlang.stdlib.merge_sparse import sign_agreement
 from cfmlang.stdlib.registry import Gradient, NoParams, Params, register
 
@@ -19,17 +19,9 @@ from cfmlang.stdlib.registry import Gradient, NoParams, Params, register
 def require_input_count(method: type[MergeMethod], tensors: list) -> None:
     """Refuse a merge whose number of non-base inputs is outside the method's range
     (the checker reports this before any weight is read; this guards direct calls)."""
-    count, low, high = len(tensors), method.min_inputs, method.max_inputs
-    if low <= count and (high is None or count <= high):
-        return
-    besides = " besides the base" if method.base == "required" else ""
-    if low == high:
-        wanted = f"exactly {low} input{'s' * (low != 1)}{besides}"
-    elif high is None:
-        wanted = f"at least {low} inputs{besides}"
-    else:
-        wanted = f"between {low} and {high} inputs{besides}"
-    raise ValueError(f"merge method `{method.name}` needs {wanted}, got {count}")
+    problem = input_count_problem(method, len(tensors))
+    if problem:
+        raise ValueError(problem)
 
 
 def task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
