@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cfmlang.compiler.ir import FLOAT_DTYPES
 from cfmlang.diagnostics import SOURCES, CompileError, Diagnostic, Span, did_you_mean, error
 
 CANNOT = "E100"
@@ -42,7 +43,7 @@ BASE_POLICY = {
     "linear": "ignored", "passthrough": "ignored", "karcher": "ignored",
     "multislerp": "optional", "nuslerp": "optional",
 }
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = tuple(FLOAT_DTYPES)
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
             "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
 MODEL_ENTRY_KEYS = ("model", "parameters")

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from cfmlang.compiler.ir import TensorSpec
+from cfmlang.compiler.ir import FLOAT_DTYPES, TensorSpec
 from cfmlang.compiler.weights import DTYPE_CODES, SUPPORT_FILES, TORCH_DTYPES, WeightError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -147,13 +147,21 @@ def write_sharded(folder: Path, specs: list[TensorSpec], produce: Produce,
     return names
 
 
+def held_specs(state: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    """Specs of tensors already in memory."""
+    return [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in state.items()]
+
+
+def held_producer(state: dict[str, torch.Tensor]) -> Produce:
+    """Serve blocks of rows of tensors already in memory."""
+    return lambda name, rows: state[name] if rows is None else state[name][rows[0]:rows[1]]
+
+
 def write_state_dict(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
-    specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in state.items()]
-    return write_sharded(folder, specs,
-                         lambda name, rows: state[name] if rows is None else state[name][rows[0]:rows[1]])
+    return write_sharded(folder, held_specs(state), held_producer(state))
 
 
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+TORCH_DTYPE_NAMES = {code: name for name, code in FLOAT_DTYPES.items()}
 
 
 def copy_support_files(source_dir: Path, folder: Path, dtype_code: str | None) -> None:
@@ -175,8 +183,6 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> list[str]:
     """A PEFT adapter directory: adapter_model.safetensors + adapter_config.json."""
-    specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in tensors.items()]
-    write_shard(folder / "adapter_model.safetensors", specs,
-                lambda name, rows: tensors[name] if rows is None else tensors[name][rows[0]:rows[1]])
+    write_shard(folder / "adapter_model.safetensors", held_specs(tensors), held_producer(tensors))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ["adapter_model.safetensors"]

@@ -14,7 +14,7 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
-from cfmlang.compiler.ir import (ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
+from cfmlang.compiler.ir import (FLOAT_DTYPES, ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
                                  ModelNode, Node)
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
@@ -23,7 +23,7 @@ from cfmlang.stdlib import lookup, names_for
 from cfmlang.stdlib.merge_base import MergeMethod, input_count_problem
 from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+DTYPES = FLOAT_DTYPES
 MODEL_KEYS = ("source", "allow_pickle", "description")
 MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
 LORA_KEYS = ("kind", "extract", "source", "base", "train", "description")  # source/base/train: planned
@@ -482,7 +482,7 @@ class _Checker:
 
 class _Settings:
     def __init__(self, settings: tuple[ast.Setting, ...], checker: _Checker):
-        self.output = self.seed_value = None
+        self.output = None
         self.seed, self.dtype = 0, None
         for setting in settings:
             getattr(self, "set_" + setting.key)(setting, checker)

@@ -11,9 +11,9 @@ import networkx as nx
 import torch
 
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec,
+from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec,
                                  layer_index)
-from cfmlang.compiler.weights import DTYPE_CODES, TORCH_DTYPES, Rows, WeightError, open_source
+from cfmlang.compiler.weights import TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext, MergeError
@@ -187,13 +187,10 @@ def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=pri
             providers[name] = MergeProvider(
                 node, [providers[i.model] for i in node.inputs],
                 providers[node.base] if node.base else None,
-                None if dtype is None else _code(dtype),
+                None if dtype is None else FLOAT_DTYPES[dtype],
                 program.seed if node.seed is None else node.seed)
     return Execution(providers[program.output], providers, tuple(order))
 
-
-def _code(dtype_name: str) -> str:
-    return DTYPE_CODES[getattr(torch, dtype_name)]
 
 
 def input_fingerprint(provider: Provider) -> str:

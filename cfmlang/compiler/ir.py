@@ -11,6 +11,9 @@ from typing import Any, Union
 
 from cfmlang.diagnostics import Diagnostic, Span
 
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+"""The dtype names a program may use, and their safetensors codes."""
+
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

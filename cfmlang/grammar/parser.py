@@ -111,8 +111,9 @@ def _statement_chunks(text: str) -> list[tuple[int, str]]:
 def _unclosed_bracket(chunk: str, before_line: int | None = None) -> tuple[int, int] | None:
     """1-based (line, col) of the innermost bracket still open at the start of line
     `before_line` (1-based), or at the end of `chunk`."""
-    for index, still_open in _bracket_scan(chunk.split("\n")):
-        if before_line is not None and index + 1 == before_line or index == len(chunk.split("\n")):
+    lines = chunk.split("\n")
+    for index, still_open in _bracket_scan(lines):
+        if before_line is not None and index + 1 == before_line or index == len(lines):
             return (still_open[-1][0] + 1, still_open[-1][1] + 1) if still_open else None
     return None
 
