@@ -12,13 +12,15 @@ import os
 import shutil
 import struct
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from cfmlang.compiler.ir import FLOAT_DTYPES, TensorSpec
-from cfmlang.compiler.weights import DTYPE_CODES, SUPPORT_FILES, TORCH_DTYPES, WeightError
+from cfmlang.compiler.weights import DTYPE_CODES, SUPPORT_FILES, TORCH_DTYPES, Rows, WeightError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 DEFAULT_CHUNK_BYTES = 16 * 1024**2
@@ -114,15 +116,36 @@ def write_shard(path: Path, specs: list[TensorSpec], produce: Produce,
                 on_tensor: Callable[[TensorSpec], None] = lambda spec: None,
                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
     """Write one safetensors file: header first, then each tensor, a block of rows at a
-    time, as it is produced."""
-    with open(path, "wb") as handle:
+    time, as it is produced. The next block is read and computed on a producer thread
+    while this one is written, so disk writes overlap reads and math."""
+    jobs = [(spec, rows) for spec in specs for rows in row_chunks(spec, chunk_bytes)]
+    with open(path, "wb") as handle, contextlib.closing(prefetched(jobs, produce)) as blocks:
         handle.write(_header_bytes(specs, {"format": "pt"}))
-        for spec in specs:
-            for rows in row_chunks(spec, chunk_bytes):
-                block = produce(spec.name, rows)
-                _check_block(spec, rows, block)
-                handle.write(block.contiguous().view(-1).view(torch.uint8).numpy().data)
-            on_tensor(spec)
+        for spec, rows, block in blocks:
+            _check_block(spec, rows, block)
+            handle.write(block.contiguous().view(-1).view(torch.uint8).numpy().data)
+            if rows is None or rows[1] == spec.shape[0]:
+                on_tensor(spec)
+
+
+def prefetched(jobs: list[tuple[TensorSpec, Rows]], produce: Produce,
+               ahead: int = 1) -> Iterator[tuple[TensorSpec, Rows, torch.Tensor]]:
+    """Blocks of `jobs` in order, each produced on one worker thread up to `ahead` blocks
+    before the caller asks for it. One worker keeps producers single-threaded (they
+    cache whole tensors between calls); torch spreads each op over the cores itself."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfm-produce")
+    pending: deque = deque()
+    try:
+        for spec, rows in jobs:
+            pending.append((spec, rows, pool.submit(produce, spec.name, rows)))
+            if len(pending) > ahead:
+                spec_done, rows_done, future = pending.popleft()
+                yield spec_done, rows_done, future.result()
+        while pending:
+            spec_done, rows_done, future = pending.popleft()
+            yield spec_done, rows_done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_block(spec: TensorSpec, rows, block: torch.Tensor) -> None:
