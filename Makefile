@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/cfmc run out/smol --prompt "$(PROMPT)" --max-new-tokens 48
 
 test: install
+	$(BIN)/ruff check cfmlang tests benchmarks examples
 	$(BIN)/python -m pytest
 
 bench: install
