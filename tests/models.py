@@ -24,3 +24,24 @@ def tiny_model(folder: Path, seed: int, arch: str = "llama", dtype=torch.float32
             parameter.add_(torch.randn_like(parameter) * 0.02)
     model.to(dtype).save_pretrained(folder)
     return Path(folder)
+
+
+WORDS = ("the a of to in is was for on with as by at from code math poem story sum add "
+         "function loop print number prove equation rhyme verse love night sky sea").split()
+
+
+def tiny_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
+    """A word-level tokenizer of `vocab_size` entries (specials, then WORDS, then fillers)
+    saved beside a tiny model, so prompt-driven code runs without a hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = specials + list(WORDS)
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
