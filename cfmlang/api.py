@@ -14,15 +14,18 @@ import networkx as nx
 from cfmlang import __version__
 from cfmlang.compiler import ast
 from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
-                                       nbytes, write_adapter, write_manifest, write_sharded)
+                                       held_producer, held_specs, nbytes, write_adapter, write_manifest, write_shard,
+                                       write_sharded)
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.execute import LoraProvider, MergeProvider, execute, input_fingerprint
+from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, graph_summary
-from cfmlang.compiler.ir import CheckedProgram, LoraExtractNode, MergeNode, ModelNode
+from cfmlang.compiler.ir import CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode, RouteNode
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError, default_cache_dir
 from cfmlang.diagnostics import CompileError, Diagnostic, error
+from cfmlang.modules.routed_model import ROUTING_FILE
 from cfmlang.stdlib.lora import peft_config
 
 LANGUAGE_VERSION = "0"
@@ -83,6 +86,11 @@ def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = D
     if program.output is None:
         raise CompileError([error("E070", "nothing to compile: the file sets no `output:`",
                                   None, "add a line `output: NAME` naming the node to build")])
+    if program.node(program.output).node_type == "experts":
+        raise CompileError([error("E182", f"`{program.output}` is an experts brick, which is not a model "
+                                  "to compile", program.node(program.output).span,
+                                  f"route it and compile the route: `route r: {{method: topk, experts: "
+                                  f"{program.output}, k: ...}}`, `output: r`")])
     graph, dropped = build_graph(program)
     keep = None
     if output_dir is None:
@@ -112,21 +120,27 @@ def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
     run = execute(program, graph, cache, log)
     if isinstance(run.output, LoraProvider):
         return _write_adapter(program, graph, run, output_dir, progress, log)
+    if isinstance(run.output, RouteProvider):
+        return _write_routed(program, graph, run, output_dir, sizes, progress, log)
     specs = run.output.specs
     total = sum(nbytes(s) for s in specs)
+    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
+        files = write_sharded(tmp, specs, run.output.get, sizes[0], _on_tensor(total, progress), sizes[1])
+        copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
+        manifest = build_manifest(program, graph, run, files, total)
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _on_tensor(total: int, progress):
+    """A write_sharded callback reporting bytes written so far to `progress`."""
     done = [0]
 
     def on_tensor(spec):
         done[0] += nbytes(spec)
         if progress:
             progress(done[0], total)
-
-    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
-        files = write_sharded(tmp, specs, run.output.get, sizes[0], on_tensor, sizes[1])
-        copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
-        manifest = build_manifest(program, graph, run, files, total)
-        write_manifest(tmp, manifest)
-    return manifest
+    return on_tensor
 
 
 def _write_adapter(program, graph, run, output_dir, progress, log) -> dict:
@@ -154,13 +168,42 @@ def _write_adapter(program, graph, run, output_dir, progress, log) -> dict:
     return manifest
 
 
+def _write_routed(program, graph, run, output_dir, sizes, progress, log) -> dict:
+    """The dense model with routed FFN neurons in expert order (HF-loadable as it is),
+    routing.safetensors (neuron orders and routers), and the routing in cfm.json."""
+    node, experts = program.node(program.output), run.output.experts
+    specs = run.output.specs
+    total = sum(nbytes(s) for s in specs)
+    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
+        files = write_sharded(tmp, specs, run.output.get, sizes[0], _on_tensor(total, progress), sizes[1])
+        routers = run.output.routers()
+        tensors = {f"layers.{layer}.order": experts.order(layer) for layer in experts.node.layers}
+        tensors.update({f"layers.{layer}.router.{name}": tensor.contiguous()
+                        for layer, built in routers.items() for name, tensor in built.tensors.items()})
+        write_shard(tmp / ROUTING_FILE, held_specs(tensors), held_producer(tensors))
+        copy_support_files(run.output.support_dir, tmp, None)
+        manifest = build_manifest(program, graph, run, files + [ROUTING_FILE], total)
+        manifest["standard"] = False
+        manifest["kind"] = "routed-topk"
+        manifest["routing"] = {"method": node.method, "router": node.router, "k": node.k,
+                               "count": experts.node.count, "split": experts.node.split,
+                               "layers": list(experts.node.layers),
+                               "captured_mass": {str(layer): built.captured for layer, built in routers.items()}}
+        write_manifest(tmp, manifest)
+    quality = [b.captured for b in routers.values() if b.captured is not None]
+    if quality:
+        log(f"router `{node.router}` captures {sum(quality) / len(quality):.3f} of the top-{node.k} "
+            "activation mass on held-out calibration tokens (mean over layers)")
+    return manifest
+
+
 @contextlib.contextmanager
 def _diagnosed_faults():
     """Weight and disk faults while writing become diagnostics (nothing is written)."""
     try:
         yield
     except WeightError as exc:
-        raise CompileError([error("E080", str(exc), exc.span,
+        raise CompileError([error(getattr(exc, "code", "E080"), str(exc), exc.span,
                                   exc.help or "the input weights are damaged or the merge is "
                                   "numerically unstable", "nothing was written")]) from None
     except OSError as exc:
@@ -182,6 +225,14 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total
         elif isinstance(node, LoraExtractNode):
             nodes[name] = {"op": "lora_extract", "from": node.tuned, "base": node.base,
                            "rank": node.rank, "threshold": node.threshold, "targets": list(node.targets)}
+        elif isinstance(node, ExpertsNode):
+            nodes[name] = {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
+                           "count": node.count, "seed": run.providers[name].seed,
+                           "calibration": calibration_record(node.calibration)}
+        elif isinstance(node, RouteNode):
+            nodes[name] = {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
+                           "k": node.k, "epochs": node.epochs, "seed": run.providers[name].seed,
+                           "calibration": calibration_record(node.calibration)}
         else:
             assert isinstance(node, MergeNode)
             nodes[name] = {"op": "merge", "method": node.method, "base": node.base,
@@ -201,8 +252,15 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total
     }
 
 
+def calibration_record(calibration) -> dict:
+    return {"file": Path(calibration.path).name if calibration.path else "shipped corpus",
+            "tokens": calibration.tokens}
+
+
 def load(directory, **kwargs):
-    """The compiled model as a torch module (transformers, for standard architectures)."""
+    """The compiled model as a torch module: transformers' for standard architectures, a
+    PeftModel for adapters, and for routed artifacts the HF model with its routed FFNs
+    replaced by `cfmlang.modules.routed_mlp.RoutedMLP`."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -214,4 +272,10 @@ def load(directory, **kwargs):
 
         base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), directory)
-    return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    manifest = json.loads((directory / "cfm.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if manifest.get("kind") == "routed-topk":
+        from cfmlang.modules.routed_model import route_model
+
+        return route_model(model, directory, manifest["routing"])
+    return model

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError, create_model
 from cfmlang.compiler import ast
 from cfmlang.compiler.ir import (FLOAT_DTYPES, ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
                                  ModelNode, Node)
+from cfmlang.compiler.check_experts import check_experts, check_route
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
@@ -95,7 +96,7 @@ class _Checker:
     def references(self, decl: ast.Decl, body: ast.MapValue) -> list[str]:
         """Names of other declarations this one depends on (only in reference positions)."""
         refs: list[str] = []
-        for key in ("base", "from", "experts", "router"):
+        for key in ("base", "from", "experts"):
             entry = body.get(key)
             if entry and isinstance(entry.value, ast.Ref):
                 refs.append(entry.value.name)
@@ -141,10 +142,18 @@ class _Checker:
                 f"it is planned in {entry.planned_in}; implemented {decl.keyword} methods: "
                 f"{', '.join(n for n in names_for(decl.keyword) if lookup(decl.keyword, n).implemented) or 'none yet'}"))
             return
-        if decl.keyword == "brick":
+        if decl.keyword == "brick" and method == "lora":
             self.check_lora(decl, body, entry)
+        elif decl.keyword == "brick":
+            self.add(check_experts(self, declared, body, entry))
+        elif decl.keyword == "route":
+            self.add(check_route(self, declared, body, entry))
         else:
             self.check_merge(decl, body, entry)
+
+    def add(self, node: Node | None) -> None:
+        if node is not None:
+            self.nodes[node.name] = node
 
     def check_lora(self, decl: ast.Decl, body: ast.MapValue, kind) -> None:
         self.unknown_keys(body, LORA_KEYS, f"brick `{decl.name}` (kind lora)")

@@ -10,9 +10,10 @@ from typing import Any, Protocol
 import networkx as nx
 import torch
 
+from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec,
-                                 layer_index)
+from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode,
+                                 RouteNode, TensorSpec, layer_index)
 from cfmlang.compiler.weights import TORCH_DTYPES, Rows, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.lora import extract_low_rank, is_target
@@ -182,15 +183,22 @@ def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=pri
             providers[name] = SourceProvider(reader, folder)
         elif isinstance(node, LoraExtractNode):
             providers[name] = LoraProvider(node, providers[node.tuned], providers[node.base])
+        elif isinstance(node, ExpertsNode):
+            providers[name] = ExpertsProvider(node, providers[node.model], _seed(program, node), NodeStats())
+        elif isinstance(node, RouteNode):
+            providers[name] = RouteProvider(node, providers[node.experts], _seed(program, node), NodeStats())
         else:
             dtype = node.dtype or program.dtype
             providers[name] = MergeProvider(
                 node, [providers[i.model] for i in node.inputs],
                 providers[node.base] if node.base else None,
                 None if dtype is None else FLOAT_DTYPES[dtype],
-                program.seed if node.seed is None else node.seed)
+                _seed(program, node))
     return Execution(providers[program.output], providers, tuple(order))
 
+
+def _seed(program: CheckedProgram, node) -> int:
+    return program.seed if node.seed is None else node.seed
 
 
 def input_fingerprint(provider: Provider) -> str:

@@ -5,7 +5,7 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import CheckedProgram, LoraExtractNode, MergeNode, ModelNode
+from cfmlang.compiler.ir import CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode, RouteNode
 from cfmlang.diagnostics import Diagnostic, warning
 
 
@@ -37,6 +37,12 @@ def node_attributes(node) -> dict:
         return {"op": "model", "source": f'{node.source.tag} "{node.source.given}"'}
     if isinstance(node, LoraExtractNode):
         return {"op": "lora_extract", "from": node.tuned, "base": node.base, "rank": node.rank}
+    if isinstance(node, ExpertsNode):
+        return {"op": "experts", "from": node.model, "split": node.split, "count": node.count,
+                "layers": len(node.layers)}
+    if isinstance(node, RouteNode):
+        return {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
+                "k": node.k}
     assert isinstance(node, MergeNode)
     return {"op": "merge", "method": node.method, "base": node.base or "",
             "inputs": [i.model for i in node.inputs], "dtype": node.dtype or ""}
@@ -53,6 +59,10 @@ def label(graph: nx.DiGraph, name: str) -> str:
         return f"{name}\\n{data['source']}"
     if data["op"] == "lora_extract":
         return f"{name}\\nlora rank {data['rank']}"
+    if data["op"] == "experts":
+        return f"{name}\\nexperts {data['split']} x{data['count']}"
+    if data["op"] == "route":
+        return f"{name}\\nroute {data['method']} k={data['k']} ({data['router']})"
     return f"{name}\\nmerge {data['method']}"
 
 

@@ -116,7 +116,58 @@ class LoraExtractNode:
         return (self.base, self.tuned)
 
 
-Node = Union[ModelNode, MergeNode, LoraExtractNode]
+@dataclass(frozen=True)
+class Calibration:
+    """Text run through a model to measure activations: a file, or the shipped corpus
+    (path None), cut to at most `tokens` tokens."""
+
+    path: str | None
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ExpertsNode:
+    """Emergent expert bricks: the FFN neurons of `layers` of `model` split into `count`
+    equal groups."""
+
+    name: str
+    span: Span
+    model: str
+    layers: tuple[int, ...]
+    split: str
+    count: int
+    seed: int | None                 # None: the file-level seed
+    calibration: Calibration
+    arch: ArchInfo
+    node_type: str = "experts"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+@dataclass(frozen=True)
+class RouteNode:
+    """A model whose expert-split FFNs run only the top-`k` experts per token."""
+
+    name: str
+    span: Span
+    method: str
+    experts: str
+    router: str
+    k: int
+    epochs: int
+    seed: int | None                 # None: the file-level seed
+    calibration: Calibration
+    arch: ArchInfo
+    node_type: str = "routed model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.experts,)
+
+
+Node = Union[ModelNode, MergeNode, LoraExtractNode, ExpertsNode, RouteNode]
 
 
 @dataclass(frozen=True)

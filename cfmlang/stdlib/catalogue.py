@@ -3,6 +3,8 @@ registry itself so the reference can never drift from the code (docs/methods.md 
 output; a test keeps it so)."""
 from __future__ import annotations
 
+from typing import Annotated, Literal, get_args, get_origin
+
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
@@ -24,6 +26,13 @@ def parameter_rows(model: type[BaseModel] | None) -> list[str]:
 
 
 def _type_name(annotation) -> str:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return "one of " + " ".join(map(str, get_args(annotation)))
+    if type(None) in get_args(annotation) and len(args) == 1:
+        return _type_name(args[0]) + " or null"
+    if get_origin(annotation) is Annotated:
+        return _type_name(args[0])
     text = str(annotation).replace("typing.", "")
     if "dict[str" in text and "list[float]" in text:
         return "number, gradient or filter map"

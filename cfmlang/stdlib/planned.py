@@ -1,7 +1,6 @@
 """Methods and brick kinds that later work implements: they parse and resolve today."""
 from cfmlang.stdlib.registry import planned
 
-planned("brick", "experts", "the emergent bricks issue")
-planned("route", "topk retrieve gate", "the routing issues")
+planned("route", "retrieve gate", "the routing issues")
 planned("grow", "block_expand stack widen upcycle moe", "the grow issue")
 planned("update", "rome memit finetune", "the update issue")

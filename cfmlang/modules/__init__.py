@@ -1,0 +1,1 @@
+"""Torch modules that compiled artifacts need beyond what transformers provides."""

@@ -1,0 +1,1 @@
+"""Building routed experts: FFN neuron partitions, routers, calibration."""

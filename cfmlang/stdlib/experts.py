@@ -1,0 +1,44 @@
+"""Expert bricks (FFN neuron partitions) and top-k routing over them."""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from cfmlang.stdlib.registry import Method, Params, register
+
+SPLITS = ("kmeans", "cooccurrence", "functional", "random")
+CALIBRATED_SPLITS = ("cooccurrence", "functional")
+PLANNED_SPLITS = ("functional",)
+
+
+class CalibrationOptions(Params):
+    calibration: str | None = None
+    """A UTF-8 text file (relative to the .brick file); default: the shipped corpus."""
+    calibration_tokens: Annotated[int, Field(ge=64)] = 4096
+    seed: Annotated[int, Field(ge=0)] | None = None
+
+
+@register
+class ExpertsBrick(Method):
+    keyword = "brick"
+    name = "experts"
+    summary = ("FFN neurons of `from: m.layers[*].mlp` split into `count` equal experts "
+               "(`split`: kmeans, cooccurrence on calibration text, functional, random)")
+
+    class Options(CalibrationOptions):
+        split: Literal[SPLITS]
+        count: Annotated[int, Field(ge=2)]
+
+
+@register
+class TopkRoute(Method):
+    keyword = "route"
+    name = "topk"
+    summary = ("run only the `k` experts of `experts:` its `router` (similarity, mlp, oracle) "
+               "picks per token")
+
+    class Options(CalibrationOptions):
+        k: Annotated[int, Field(ge=1)]
+        router: Literal["similarity", "mlp", "oracle"] = "mlp"
+        epochs: Annotated[int, Field(ge=1)] = 30

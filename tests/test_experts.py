@@ -1,0 +1,320 @@
+"""Expert bricks (FFN neuron partitions), routers, and top-k routed models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import cfmlang
+from cfmlang.diagnostics import CompileError
+from cfmlang.modules.routed_mlp import RoutedMLP, SimilarityRouter, expert_mass
+from cfmlang.moe.partition import balanced_assign, cooccurrence_split, kmeans_split, order_of, random_split
+from cfmlang.moe.routers import captured_mass
+from models import tiny_model
+
+CORPUS = Path(cfmlang.__file__).parent / "moe" / "data" / "calibration.txt"
+
+
+def save_char_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A small BPE tokenizer trained on the shipped corpus, saved beside a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  limit_alphabet=vocab_size // 2)
+    tokenizer.train([str(CORPUS)], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny Llama (4 layers, 64 FFN neurons) with a tokenizer, so calibration runs."""
+    folder = tiny_model(tmp_path_factory.mktemp("experts") / "tiny", seed=7)
+    save_char_tokenizer(folder)
+    return folder
+
+
+def program(model: Path, split: str, count: int, k: int, router: str, extra: str = "",
+            layers: str = "*") -> str:
+    return (f'model m:\n  source: hf "{model}"\n'
+            f"brick e:\n  kind: experts\n  from: m.layers[{layers}].mlp\n  split: {split}\n  count: {count}\n"
+            f"  calibration_tokens: 512\n"
+            f"route r:\n  method: topk\n  experts: e\n  router: {router}\n  k: {k}\n  epochs: 5\n"
+            f"{extra or '  calibration_tokens: 512' + chr(10)}"
+            "output: r\n")
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ------------------------------------------------------------------ partitions
+
+def test_balanced_assign_fills_every_group_exactly():
+    scores = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
+    scores[:, 2] += 5     # every neuron prefers group 2; it can take only 8
+    labels = balanced_assign(scores, 8)
+    assert torch.bincount(labels, minlength=6).tolist() == [8] * 6
+    top_for_2 = scores[:, 2].argsort(descending=True)[:8]
+    assert set(top_for_2.tolist()) == set((labels == 2).nonzero().squeeze(1).tolist())
+
+
+def planted_groups(neurons: int, count: int, seed: int) -> torch.Tensor:
+    """A random assignment of neurons to `count` planted groups of equal size."""
+    return random_split(neurons, count, seed)
+
+
+def same_partition(found: torch.Tensor, planted: torch.Tensor) -> bool:
+    """Equal up to renaming the groups."""
+    pairs = set(zip(found.tolist(), planted.tolist()))
+    return len(pairs) == len(set(planted.tolist())) == len(set(found.tolist()))
+
+
+def test_kmeans_split_finds_planted_directions():
+    generator = torch.Generator().manual_seed(1)
+    planted = planted_groups(64, 4, seed=2)
+    directions = torch.randn(4, 32, generator=generator) * 3
+    gate = directions[planted] + 0.3 * torch.randn(64, 32, generator=generator)
+    up = -directions[planted] * 2 + 0.3 * torch.randn(64, 32, generator=generator)
+    labels = kmeans_split(gate, up, 4, seed=0)
+    assert torch.bincount(labels).tolist() == [16] * 4
+    assert same_partition(labels, planted)
+    assert torch.equal(labels, kmeans_split(gate, up, 4, seed=0))   # seeded
+
+
+def test_cooccurrence_split_finds_neurons_that_fire_together():
+    generator = torch.Generator().manual_seed(3)
+    planted = planted_groups(48, 4, seed=4)
+    tokens = torch.randint(0, 4, (600,), generator=generator)       # each token excites one group
+    activations = 0.05 * torch.randn(600, 48, generator=generator)
+    activations += (planted[None, :] == tokens[:, None]) * (1 + torch.rand(600, 48, generator=generator))
+    labels = cooccurrence_split(activations, 4, seed=0)
+    assert torch.bincount(labels).tolist() == [12] * 4
+    assert same_partition(labels, planted)
+
+
+def test_random_split_is_balanced_seeded_and_order_groups_experts():
+    labels = random_split(64, 8, seed=5)
+    assert torch.bincount(labels).tolist() == [8] * 8
+    assert torch.equal(labels, random_split(64, 8, seed=5))
+    assert not torch.equal(labels, random_split(64, 8, seed=6))
+    order = order_of(labels)
+    assert torch.equal(labels[order], torch.arange(8).repeat_interleave(8))
+
+
+# ------------------------------------------------------------------ the routed FFN
+
+@pytest.fixture(scope="module")
+def dense_mlp():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    return LlamaMLP(LlamaConfig(hidden_size=32, intermediate_size=64)).eval()
+
+
+def routed(dense_mlp, k: int, formulation: str, count: int = 8) -> RoutedMLP:
+    centres = torch.randn(count, 32, generator=torch.Generator().manual_seed(9))
+    module = RoutedMLP.from_dense(dense_mlp, count, SimilarityRouter(centres), k)
+    module.formulation = formulation
+    return module
+
+
+@pytest.mark.parametrize("formulation", ["gather", "masked", "auto"])
+def test_all_experts_is_the_dense_ffn(dense_mlp, formulation):
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        assert (routed(dense_mlp, 8, formulation)(x) - dense_mlp(x)).abs().max() < 1e-5
+
+
+def test_gather_and_masked_agree_and_drop_exactly_the_unchosen_experts(dense_mlp):
+    x = torch.randn(2, 7, 32)
+    gather, masked = routed(dense_mlp, 3, "gather"), routed(dense_mlp, 3, "masked")
+    with torch.no_grad():
+        out = gather(x)
+        assert (out - masked(x)).abs().max() < 1e-5
+        flat = x.reshape(-1, 32)
+        chosen = gather.router(flat).topk(3, dim=-1).indices
+        expected = torch.zeros_like(flat)
+        gate, up, down = dense_mlp.gate_proj.weight, dense_mlp.up_proj.weight, dense_mlp.down_proj.weight
+        for t in range(len(flat)):
+            for e in chosen[t].tolist():
+                rows = slice(8 * e, 8 * e + 8)
+                expected[t] += down[:, rows] @ (F.silu(gate[rows] @ flat[t]) * (up[rows] @ flat[t]))
+        assert (out.reshape(-1, 32) - expected).abs().max() < 1e-5
+        assert (out - dense_mlp(x)).abs().max() > 1e-3      # dropping experts changes the output
+
+
+def test_formulation_is_chosen_by_shape(dense_mlp):
+    module = routed(dense_mlp, 2, "auto")
+    assert module.uses_gather(1) and module.uses_gather(3)
+    assert not module.uses_gather(4) and not module.uses_gather(64)
+
+
+def test_oracle_routes_to_the_largest_activation_mass(dense_mlp):
+    module = RoutedMLP.from_dense(dense_mlp, 8, None, 2)
+    x = torch.randn(10, 32)
+    mass = expert_mass(x, module.gate_up, module.act)
+    assert torch.equal(module.scores(x), mass)
+    assert captured_mass(module.scores(x), mass, 2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("formulation,tokens", [("gather", 1), ("masked", 16)])
+def test_both_formulations_export_and_match_eager(dense_mlp, formulation, tokens):
+    module = routed(dense_mlp, 3, formulation)
+    x = torch.randn(1, tokens, 32)
+    exported = torch.export.export(module, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    data_dependent = ("aten.nonzero", "aten.item", "aten._local_scalar_dense", "aten.masked_select")
+    assert not any(op.startswith(data_dependent) for op in ops)
+    assert any(("index_select" if formulation == "gather" else "scatter") in op for op in ops)
+    other = torch.randn(1, tokens, 32)
+    with torch.no_grad():
+        assert (exported.module()(other) - module(other)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------ compiling routed models
+
+@pytest.mark.parametrize("split,router", [("kmeans", "similarity"), ("random", "oracle"),
+                                          ("cooccurrence", "mlp")])
+def test_k_equal_count_reproduces_the_dense_model(tiny, tmp_path, split, router):
+    out = tmp_path / "routed"
+    result = cfmlang.compile(program(tiny, split, 8, 8, router), out)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense = AutoModelForCausalLM.from_pretrained(tiny)
+    model = cfmlang.load(out)
+    assert all(isinstance(layer.mlp, RoutedMLP) for layer in model.model.layers)
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-4
+    for layer in model.model.layers:                         # the decode formulation too
+        layer.mlp.formulation = "gather"
+    assert (logits(model, ids) - logits(dense, ids)).abs().max() <= 1e-4
+    # the artifact's weights are the dense model with FFN neurons reordered: same function
+    as_hf = AutoModelForCausalLM.from_pretrained(out)
+    assert (logits(as_hf, ids) - logits(dense, ids)).abs().max() <= 1e-4
+    assert result.manifest["kind"] == "routed-topk" and result.manifest["routing"]["split"] == split
+
+
+def test_routing_file_holds_orders_and_routers(tiny, tmp_path):
+    out = tmp_path / "routed"
+    cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp", layers="1:3"), out)
+    tensors = load_file(out / "routing.safetensors")
+    assert sorted(tensors) == ["layers.1.order", "layers.1.router.w1", "layers.1.router.w2",
+                               "layers.2.order", "layers.2.router.w1", "layers.2.router.w2"]
+    original = load_file(tiny / "model.safetensors")
+    ours = load_file(out / "model.safetensors")
+    order = tensors["layers.1.order"]
+    assert sorted(order.tolist()) == list(range(64))
+    name = "model.layers.1.mlp.gate_proj.weight"
+    assert torch.equal(ours[name], original[name][order])
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(ours[name], original[name][:, order])
+    assert torch.equal(ours["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+    model = cfmlang.load(out)
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["LlamaMLP", "RoutedMLP", "RoutedMLP", "LlamaMLP"]
+    manifest = json.loads((out / "cfm.json").read_text())
+    assert manifest["nodes"]["e"]["layers"] == [1, 2]
+    assert manifest["nodes"]["r"]["calibration"] == {"file": "shipped corpus", "tokens": 512}
+
+
+def test_compiles_are_deterministic(tiny, tmp_path):
+    text = program(tiny, "cooccurrence", 8, 2, "mlp", extra="  seed: 11\n")
+    for name in ("a", "b"):
+        cfmlang.compile(text, tmp_path / name)
+    for file in ("routing.safetensors", "model.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_mlp_router_beats_chance_and_sparse_routing_changes_the_model(tiny, tmp_path):
+    out = tmp_path / "routed"
+    result = cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp"), out)
+    captured = result.manifest["routing"]["captured_mass"]
+    # a router picking 2 of 8 experts at random captures about a quarter of what the oracle does
+    assert min(captured.values()) > 0.5
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    dense = AutoModelForCausalLM.from_pretrained(tiny)
+    assert (logits(cfmlang.load(out), ids) - logits(dense, ids)).abs().max() > 1e-3
+
+
+def test_user_calibration_text_is_used(tiny, tmp_path):
+    text_file = tmp_path / "mine.txt"
+    text_file.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    extra = f'  calibration: "{text_file}"\n  calibration_tokens: 300\n'
+    out = tmp_path / "routed"
+    result = cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp", extra=extra), out)
+    assert result.manifest["nodes"]["r"]["calibration"] == {"file": "mine.txt", "tokens": 300}
+    default = cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp"), tmp_path / "default")
+    assert result.manifest["routing"]["captured_mass"] != default.manifest["routing"]["captured_mass"]
+
+
+def test_generation_runs_through_the_runtime(tiny, tmp_path):
+    from cfmlang.runtime import generate
+
+    routed_dir, dense_dir = tmp_path / "routed", tmp_path / "dense"
+    cfmlang.compile(program(tiny, "kmeans", 8, 8, "similarity"), routed_dir)
+    cfmlang.compile(f'model m:\n  source: hf "{tiny}"\noutput: m\n', dense_dir)
+    routed_text = generate(routed_dir, "the river", max_new_tokens=12, chat=False)
+    assert routed_text and routed_text == generate(dense_dir, "the river", max_new_tokens=12, chat=False)
+    sparse_dir = tmp_path / "sparse"
+    cfmlang.compile(program(tiny, "kmeans", 8, 1, "similarity"), sparse_dir)
+    assert generate(sparse_dir, "the river", max_new_tokens=12, chat=False)
+
+
+def test_whole_routed_model_exports(tiny, tmp_path):
+    out = tmp_path / "routed"
+    cfmlang.compile(program(tiny, "kmeans", 8, 2, "similarity"), out)
+    model = cfmlang.load(out).eval()
+    model.config.use_cache = False
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    exported = torch.export.export(model, (ids,))
+    other = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (exported.module()(other).logits - model(other).logits).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------ diagnostics at compile time
+
+def codes(exc: pytest.ExceptionInfo) -> list[str]:
+    return [d.code for d in exc.value.diagnostics]
+
+
+def test_calibration_without_a_tokenizer_is_E180(tmp_path):
+    model = tiny_model(tmp_path / "bare", seed=1)
+    with pytest.raises(CompileError) as exc:
+        cfmlang.compile(program(model, "cooccurrence", 8, 2, "similarity"), tmp_path / "out")
+    assert codes(exc) == ["E180"] and "tokenizer" in exc.value.diagnostics[0].message
+    assert not (tmp_path / "out").exists()
+    cfmlang.compile(program(model, "kmeans", 8, 2, "similarity"), tmp_path / "ok")   # needs no text
+
+
+def test_too_short_calibration_text_is_E181(tiny, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(CompileError) as exc:
+        cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp", extra=f'  calibration: "{short}"\n'),
+                        tmp_path / "out")
+    assert codes(exc) == ["E181"]
+
+
+def test_compiling_an_experts_brick_is_E182(tiny):
+    text = program(tiny, "kmeans", 8, 2, "mlp").replace("output: r", "output: e")
+    with pytest.raises(CompileError) as exc:
+        cfmlang.compile(text)
+    assert codes(exc) == ["E182"]
+
+
+def test_biased_ffn_is_E165(tmp_path):
+    model = tiny_model(tmp_path / "biased", seed=1, mlp_bias=True)
+    with pytest.raises(CompileError) as exc:
+        cfmlang.check(program(model, "kmeans", 8, 2, "similarity"))
+    assert codes(exc) == ["E165"] and "bias" in exc.value.diagnostics[0].message
+
