@@ -1,1 +1,2 @@
-"""Building routed experts: FFN neuron partitions, routers, calibration."""
+"""Building mixtures of experts: FFN neuron partitions, routers, calibration, and router
+initialisation from prompts for MoE made of dense fine-tunes."""
