@@ -1,10 +1,13 @@
-"""Public API: parse, check, compile, load."""
+"""Public API: parse, check, plan, compile, load."""
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -17,13 +20,16 @@ from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES,
                                        held_producer, held_specs, nbytes, write_adapter, write_manifest, write_shard,
                                        write_sharded)
 from cfmlang.compiler.check import check as check_stage
-from cfmlang.compiler.execute import LoraProvider, MergeProvider, execute, input_fingerprint
+from cfmlang.compiler.cache import Cache, link_entry, touch
+from cfmlang.compiler.execute import LoraProvider, MergeProvider, execute, make_provider, node_seed, stored_provider
 from cfmlang.compiler.execute_experts import RouteProvider
-from cfmlang.compiler.graph import build_graph, graph_summary
+from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
+from cfmlang.compiler.keys import node_keys
+from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
 from cfmlang.compiler.ir import CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode, RouteNode
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
-from cfmlang.compiler.weights import WeightError, default_cache_dir
+from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.modules.routed_model import ROUTING_FILE
 from cfmlang.stdlib.lora import peft_config
@@ -68,6 +74,10 @@ class CompileResult:
     graph: nx.DiGraph
     manifest: dict
     warnings: tuple[Diagnostic, ...]
+    plan: Plan
+    stats: dict[str, int]
+    """Tensors each node computed or read in this compile (NodeStats), for the nodes that
+    ran and the sources they read; cached and skipped nodes do not appear."""
     _keep: Any = field(default=None, repr=False)
 
     @cached_property
@@ -75,14 +85,71 @@ class CompileResult:
         return load(self.output_dir)
 
 
-def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
-    """Check, build the graph, and stream the output node into `output_dir` atomically.
+@dataclass(frozen=True)
+class Output:
+    """What writing a node's output produced: its files, tensor count and bytes, and
+    manifest fields of its kind (an adapter's ranks and errors ...)."""
 
-    Without `output_dir` the artifact goes to a temporary directory that lives as long as
-    the result. Tensors are computed and written `chunk_bytes` of rows at a time where the
-    method allows it."""
+    files: list[str]
+    tensors: int
+    bytes: int
+    extras: dict
+
+
+def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, force: bool = False,
+            max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+            progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
+    """Check, plan, and build the output node into `output_dir` atomically.
+
+    With the cache (the default), every node's output is kept under `cache_dir` by its
+    content key: nodes whose key is cached are not run again, and a cached output is
+    hard-linked into place. Without it, the graph is streamed straight into the output.
+    A plan whose estimated peak memory exceeds the available memory (or `max_memory`
+    bytes, when smaller) is refused (E130) unless `force`. Without `output_dir` the artifact goes to a temporary directory that
+    lives as long as the result. Tensors are computed and written `chunk_bytes` of rows
+    at a time where the method allows it."""
     program = check(source)
+    graph, dropped = build_graph(program)
+    keep = None
+    if output_dir is None:
+        keep = tempfile.TemporaryDirectory(prefix="cfm-out-")
+        output_dir = Path(keep.name) / "model"
+    output_dir = Path(output_dir)
+    refuse_foreign_output(output_dir)
+    cache = Cache(cache_dir)
+    keys, build_plan = _plan(program, graph, cache, use_cache, (max_shard_bytes, chunk_bytes),
+                             _budget(force, max_memory))
+    sizes = (max_shard_bytes, chunk_bytes)
+    with _diagnosed_faults():
+        if use_cache:
+            manifest, stats = _build_cached(program, graph, keys, build_plan, cache, output_dir, sizes, progress, log)
+        else:
+            manifest, stats = _build_streamed(program, graph, keys, cache, output_dir, sizes, progress, log)
+    return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), build_plan, stats, keep)
+
+
+def plan(source, *, cache_dir=None, use_cache: bool = True, force: bool = False, max_memory: int | None = None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Plan:
+    """What `compile` would do: which nodes run and which are cached, with estimates.
+    Raises E130 when the estimated peak memory exceeds the available memory (or
+    `max_memory` bytes, when smaller), unless `force`."""
+    program = check(source)
+    graph, _ = build_graph(program)
+    return _plan(program, graph, Cache(cache_dir), use_cache, (max_shard_bytes, chunk_bytes),
+                 _budget(force, max_memory))[1]
+
+
+def _budget(force: bool, max_memory: int | None) -> int | None:
+    """The memory a plan may use: None (no limit) when forced."""
+    if force:
+        return None
+    available = available_memory()
+    if max_memory is None or available is None:
+        return available if max_memory is None else max_memory
+    return min(available, max_memory)
+
+
+def _plan(program, graph, cache: Cache, use_cache: bool, sizes: tuple[int, int], budget: int | None):
     if program.output is None:
         raise CompileError([error("E070", "nothing to compile: the file sets no `output:`",
                                   None, "add a line `output: NAME` naming the node to build")])
@@ -91,16 +158,12 @@ def compile(source, output_dir=None, *, cache_dir=None, max_shard_bytes: int = D
                                   "to compile", program.node(program.output).span,
                                   f"route it and compile the route: `route r: {{method: topk, experts: "
                                   f"{program.output}, k: ...}}`, `output: r`")])
-    graph, dropped = build_graph(program)
-    keep = None
-    if output_dir is None:
-        keep = tempfile.TemporaryDirectory(prefix="cfm-out-")
-        output_dir = Path(keep.name) / "model"
-    output_dir = Path(output_dir)
-    refuse_foreign_output(output_dir)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = _stream(program, graph, output_dir, cache, (max_shard_bytes, chunk_bytes), progress, log)
-    return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), keep)
+    keys = node_keys(program, graph, cache.file_hash)
+    build_plan = make_plan(program, graph, keys, cache, use_cache, sizes[1], sizes[0])
+    refusal = memory_refusal(build_plan, program, budget)
+    if refusal is not None:
+        raise CompileError([refusal])
+    return keys, build_plan
 
 
 def refuse_foreign_output(output_dir: Path) -> None:
@@ -116,20 +179,101 @@ def refuse_foreign_output(output_dir: Path) -> None:
                                   "choose a new output path; cfmc only replaces its own artifacts")])
 
 
-def _stream(program, graph, output_dir, cache, sizes, progress, log) -> dict:
-    run = execute(program, graph, cache, log)
-    if isinstance(run.output, LoraProvider):
-        return _write_adapter(program, graph, run, output_dir, progress, log)
-    if isinstance(run.output, RouteProvider):
-        return _write_routed(program, graph, run, output_dir, sizes, progress, log)
-    specs = run.output.specs
-    total = sum(nbytes(s) for s in specs)
-    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
-        files = write_sharded(tmp, specs, run.output.get, sizes[0], _on_tensor(total, progress), sizes[1])
-        copy_support_files(run.output.support_dir, tmp, _output_dtype(run.output))
-        manifest = build_manifest(program, graph, run, files, total)
+def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log):
+    """No cache: every node's provider is wired at once and the output pulled through."""
+    run = execute(program, graph, cache.root, log)
+    with atomic_directory(output_dir) as tmp:
+        output = write_output(program.node(program.output), run.output, tmp, sizes, progress, log)
+        manifest = build_manifest(program, graph, keys, output)
+        write_manifest(tmp, manifest)
+    return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
+
+
+def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_dir, sizes, progress, log):
+    """Run the plan: each node that runs is written into the cache before its consumers
+    read it back; cached nodes are read from their entries; the output entry is linked
+    into the artifact."""
+    providers, stats, used = {}, {}, set()
+    for name in execution_order(graph):
+        status = build_plan.node(name).status
+        if status == SKIP:
+            continue
+        if status == CACHED:
+            entry = build_plan.entries[name]
+            log(f"`{name}`: cached")
+            touch(entry.path)
+            used.add(entry.path)
+            if _holds_model(entry):
+                providers[name] = stored_provider(entry.path)
+            continue
+        node = program.node(name)
+        provider = make_provider(program, node, providers, cache.root, log)
+        if hasattr(provider, "stats"):
+            stats[name] = provider.stats
+        providers[name] = provider
+        if status == RUN and keys[name] is not None and (name == program.output or _is_model(node)):
+            log(f"`{name}`: running")
+            entry = _store(program, node, provider, keys[name], cache, sizes,
+                           progress if name == program.output else None, log)
+            used.add(entry.path)
+            build_plan.entries[name] = entry
+            if name != program.output:
+                providers[name] = stored_provider(entry.path)
+    manifest = _place_output(program, graph, keys, build_plan, providers.get(program.output), output_dir, sizes, progress, log)
+    cache.evict(keep=used)
+    return manifest, {name: s.tensors for name, s in stats.items()}
+
+
+def _is_model(node) -> bool:
+    return getattr(node, "node_type", None) == "model"
+
+
+def _holds_model(entry) -> bool:
+    return entry.record.get("node_type") == "model"
+
+
+def _store(program, node, provider, key: str, cache: Cache, sizes, progress, log):
+    def write(folder: Path) -> dict:
+        output = write_output(node, provider, folder, sizes, progress, log)
+        return {"node": node.name, "op": " ".join(_op_words(node)), "file": Path(program.root).name,
+                "max_shard_bytes": sizes[0], "node_type": getattr(node, "node_type", None),
+                "output": {"files": output.files, "tensors": output.tensors, "bytes": output.bytes,
+                           "extras": output.extras}}
+    return cache.store(key, write)
+
+
+def _op_words(node) -> list[str]:
+    return [node_attributes(node)["op"]] + ([node.method] if isinstance(node, MergeNode) else [])
+
+
+def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, sizes, progress, log) -> dict:
+    """The artifact: the output's cache entry linked into place when its shard layout is
+    the one asked for; otherwise (uncacheable output, other shard size) written anew."""
+    entry = build_plan.entries.get(program.output)
+    with atomic_directory(output_dir) as tmp:
+        if entry is not None and entry.record["max_shard_bytes"] == sizes[0]:
+            link_entry(entry, tmp)
+            recorded = entry.record["output"]
+            output = Output(recorded["files"], recorded["tensors"], recorded["bytes"], recorded["extras"])
+        else:
+            output = write_output(program.node(program.output), provider, tmp, sizes, progress, log)
+        manifest = build_manifest(program, graph, keys, output)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def write_output(node, provider, folder: Path, sizes, progress, log) -> Output:
+    """Write a node's output into `folder`: a model's safetensors shards and support
+    files, or a PEFT adapter."""
+    if isinstance(provider, LoraProvider):
+        return _write_adapter(node, provider, folder, progress, log)
+    if isinstance(provider, RouteProvider):
+        return _write_routed(node, provider, folder, sizes, progress, log)
+    specs = provider.specs
+    total = sum(nbytes(s) for s in specs)
+    files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
+    copy_support_files(provider.support_dir, folder, _output_dtype(provider))
+    return Output(files, len(specs), total, {})
 
 
 def _on_tensor(total: int, progress):
@@ -143,58 +287,47 @@ def _on_tensor(total: int, progress):
     return on_tensor
 
 
-def _write_adapter(program, graph, run, output_dir, progress, log) -> dict:
-    node = program.node(program.output)
-    with _diagnosed_faults():
-        adapter = run.output.extract(progress or (lambda done, total: None))
-        with atomic_directory(output_dir) as tmp:
-            config = peft_config(adapter.ranks, list(node.targets), node.rank,
-                                 str(run.output.support_dir.resolve()))
-            files = write_adapter(tmp, adapter.tensors, config)
-            copy_support_files(run.output.support_dir, tmp, None)
-            manifest = build_manifest(program, graph, run, files,
-                                      sum(t.numel() * t.element_size() for t in adapter.tensors.values()))
-            manifest["standard"] = False
-            manifest["kind"] = "peft-lora"
-            manifest["adapter"] = {"relative_error": adapter.errors, "ranks": adapter.ranks,
-                                   "not_captured": list(adapter.not_captured)}
-            write_manifest(tmp, manifest)
+def _write_routed(node, provider, folder: Path, sizes, progress, log) -> Output:
+    """The dense model with routed FFN neurons in expert order (HF-loadable as it is),
+    routing.safetensors (neuron orders and routers), and the routing in cfm.json."""
+    experts = provider.experts
+    specs = provider.specs
+    total = sum(nbytes(s) for s in specs)
+    files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
+    routers = provider.routers()
+    tensors = {f"layers.{layer}.order": experts.order(layer) for layer in experts.node.layers}
+    tensors.update({f"layers.{layer}.router.{name}": tensor.contiguous()
+                    for layer, built in routers.items() for name, tensor in built.tensors.items()})
+    write_shard(folder / ROUTING_FILE, held_specs(tensors), held_producer(tensors))
+    copy_support_files(provider.support_dir, folder, None)
+    quality = [b.captured for b in routers.values() if b.captured is not None]
+    if quality:
+        log(f"router `{node.router}` captures {sum(quality) / len(quality):.3f} of the top-{node.k} "
+            "activation mass on held-out calibration tokens (mean over layers)")
+    extras = {"standard": False, "kind": "routed-topk",
+              "routing": {"method": node.method, "router": node.router, "k": node.k,
+                          "count": experts.node.count, "split": experts.node.split,
+                          "layers": list(experts.node.layers),
+                          "captured_mass": {str(layer): built.captured for layer, built in routers.items()}}}
+    return Output(files + [ROUTING_FILE], len(specs), total, extras)
+
+
+def _write_adapter(node, provider, folder: Path, progress, log) -> Output:
+    adapter = provider.extract(progress or (lambda done, total: None))
+    config = peft_config(adapter.ranks, list(node.targets), node.rank, str(provider.support_dir.resolve()))
+    files = write_adapter(folder, adapter.tensors, config)
+    copy_support_files(provider.support_dir, folder, None)
     worst = max(adapter.errors.values(), default=0.0)
     log(f"extracted {len(adapter.ranks)} LoRA modules; relative reconstruction error "
         f"max {worst:.3g}, mean {sum(adapter.errors.values()) / max(len(adapter.errors), 1):.3g}")
     if adapter.not_captured:
         log(f"warning: {len(adapter.not_captured)} weights differ outside the target modules and are "
             f"not in the adapter (first: {adapter.not_captured[0]})")
-    return manifest
-
-
-def _write_routed(program, graph, run, output_dir, sizes, progress, log) -> dict:
-    """The dense model with routed FFN neurons in expert order (HF-loadable as it is),
-    routing.safetensors (neuron orders and routers), and the routing in cfm.json."""
-    node, experts = program.node(program.output), run.output.experts
-    specs = run.output.specs
-    total = sum(nbytes(s) for s in specs)
-    with _diagnosed_faults(), atomic_directory(output_dir) as tmp:
-        files = write_sharded(tmp, specs, run.output.get, sizes[0], _on_tensor(total, progress), sizes[1])
-        routers = run.output.routers()
-        tensors = {f"layers.{layer}.order": experts.order(layer) for layer in experts.node.layers}
-        tensors.update({f"layers.{layer}.router.{name}": tensor.contiguous()
-                        for layer, built in routers.items() for name, tensor in built.tensors.items()})
-        write_shard(tmp / ROUTING_FILE, held_specs(tensors), held_producer(tensors))
-        copy_support_files(run.output.support_dir, tmp, None)
-        manifest = build_manifest(program, graph, run, files + [ROUTING_FILE], total)
-        manifest["standard"] = False
-        manifest["kind"] = "routed-topk"
-        manifest["routing"] = {"method": node.method, "router": node.router, "k": node.k,
-                               "count": experts.node.count, "split": experts.node.split,
-                               "layers": list(experts.node.layers),
-                               "captured_mass": {str(layer): built.captured for layer, built in routers.items()}}
-        write_manifest(tmp, manifest)
-    quality = [b.captured for b in routers.values() if b.captured is not None]
-    if quality:
-        log(f"router `{node.router}` captures {sum(quality) / len(quality):.3f} of the top-{node.k} "
-            "activation mass on held-out calibration tokens (mean over layers)")
-    return manifest
+    extras = {"standard": False, "kind": "peft-lora",
+              "adapter": {"relative_error": adapter.errors, "ranks": adapter.ranks,
+                          "not_captured": list(adapter.not_captured)}}
+    return Output(files, len(provider.specs), sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
+                  extras)
 
 
 @contextlib.contextmanager
@@ -215,41 +348,50 @@ def _output_dtype(provider) -> str | None:
     return provider.dtype if isinstance(provider, MergeProvider) else None
 
 
-def build_manifest(program: CheckedProgram, graph: nx.DiGraph, run, files, total) -> dict:
+def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, output: Output) -> dict:
+    """The artifact's manifest: a function of the program and its inputs' contents only
+    (byte-identical for the same inputs), except `created`."""
     nodes = {}
-    for name in run.order:
+    for name in execution_order(graph):
         node = program.node(name)
         if isinstance(node, ModelNode):
-            nodes[name] = {"op": "model", "source": {"tag": node.source.tag, "given": node.source.given},
-                           "fingerprint": input_fingerprint(run.providers[name])}
+            nodes[name] = {"op": "model", "source": {"tag": node.source.tag, "given": node.source.given}}
         elif isinstance(node, LoraExtractNode):
             nodes[name] = {"op": "lora_extract", "from": node.tuned, "base": node.base,
                            "rank": node.rank, "threshold": node.threshold, "targets": list(node.targets)}
-        elif isinstance(node, ExpertsNode):
-            nodes[name] = {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
-                           "count": node.count, "seed": run.providers[name].seed,
-                           "calibration": calibration_record(node.calibration)}
-        elif isinstance(node, RouteNode):
-            nodes[name] = {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
-                           "k": node.k, "epochs": node.epochs, "seed": run.providers[name].seed,
-                           "calibration": calibration_record(node.calibration)}
-        else:
-            assert isinstance(node, MergeNode)
+        elif isinstance(node, MergeNode):
             nodes[name] = {"op": "merge", "method": node.method, "base": node.base,
                            "dtype": node.dtype or program.dtype,
                            "seed": program.seed if node.seed is None else node.seed,
                            "options": dict(node.options),
                            "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
-        nodes[name]["tensors_produced"] = run.providers[name].stats.tensors
+        elif isinstance(node, ExpertsNode):
+            nodes[name] = {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
+                           "count": node.count, "seed": node_seed(program, node),
+                           "calibration": calibration_record(node.calibration)}
+        elif isinstance(node, RouteNode):
+            nodes[name] = {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
+                           "k": node.k, "epochs": node.epochs, "seed": node_seed(program, node),
+                           "calibration": calibration_record(node.calibration)}
+        nodes[name]["key"] = keys[name]
     return {
         "format": "cfm-artifact", "language_version": LANGUAGE_VERSION,
-        "cfmlang_version": __version__,
+        "cfmlang_version": __version__, "created": created_timestamp(),
         "source": {"file": Path(program.root).name,
                    "files": [{"file": Path(f).name, "sha256": h} for f, h in program.files]},
         "seed": program.seed, "output": program.output, "standard": True,
         "graph": graph_summary(graph), "nodes": nodes,
-        "artifact": {"files": files, "tensors": len(run.output.specs), "bytes": total},
+        "artifact": {"files": output.files, "tensors": output.tensors, "bytes": output.bytes},
+        **output.extras,
     }
+
+
+def created_timestamp() -> str:
+    """The manifest's one time-dependent field: now, or SOURCE_DATE_EPOCH when set (for
+    fully reproducible artifacts)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = float(epoch) if epoch and epoch.isdigit() else time.time()
+    return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def calibration_record(calibration) -> dict:

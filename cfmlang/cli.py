@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -60,9 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("file", type=Path)
     sub.add_argument("-o", "--output", type=Path, required=True, help="artifact directory (replaced atomically)")
     sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
-    sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
+    cache_options(sub)
+    memory_options(sub, "compile even when the estimated peak memory exceeds the limit")
     sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("text", "json"), default="text")
+    cache_options(sub)
+    memory_options(sub, "show the plan even when its estimated peak memory exceeds the limit")
+
+    sub = command("cache", cmd_cache, "list or clear the build cache")
+    sub.add_argument("action", choices=("ls", "clear"))
+    sub.add_argument("--cache-dir", type=Path, help="the cache (default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text")
 
     sub = command("graph", cmd_graph, "print the dependency graph of a .brick file")
     sub.add_argument("file", type=Path)
@@ -87,6 +100,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--force", action="store_true", help="replace an existing output file")
     sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
     return parser
+
+
+def memory_options(sub: argparse.ArgumentParser, forced: str) -> None:
+    sub.add_argument("--max-memory", type=size_argument, metavar="SIZE", help="refuse a plan whose "
+                     "estimated peak memory exceeds SIZE (500M, 8G ...; default: the available memory)")
+    sub.add_argument("--force", action="store_true", help=forced)
+
+
+def size_argument(text: str) -> int:
+    from cfmlang.compiler.cache import parse_size
+
+    size = parse_size(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (500M, 8G, 1T ...)")
+    return size
+
+
+def cache_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--cache-dir", type=Path, help="the build cache: node outputs and converted GGUF "
+                     "files (default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--no-cache", action="store_true", help="neither reuse nor store node outputs: "
+                     "stream the whole graph into the output")
 
 
 def cmd_check(args) -> int:
@@ -118,18 +153,60 @@ def cmd_compile(args) -> int:
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with ProgressBar(enabled=not args.quiet and args.format == "text") as bar:
-        result = compile(args.file, args.output, cache_dir=args.cache_dir,
-                         max_shard_bytes=int(args.shard_size * 1024**3), progress=bar.update, log=log)
+        result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
+                         progress=bar.update, log=log)
     artifact = result.manifest["artifact"]
+    ran = [n.name for n in result.plan.nodes if n.status == "run"]
+    cached = [n.name for n in result.plan.nodes if n.status == "cached"]
     if args.format == "json":
         import json
-        print(json.dumps({"output": str(args.output), **artifact,
+        print(json.dumps({"output": str(args.output), **artifact, "ran": ran, "cached": cached,
                           "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
         return EXIT_OK
     report(result.warnings, args)
     if not args.quiet:
         print(f"wrote {args.output}: {artifact['tensors']} tensors, "
-              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s)", file=sys.stderr)
+              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s); "
+              f"ran {len(ran)} node(s), {len(cached)} from the cache", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from cfmlang.api import plan
+    from cfmlang.compiler.plan import plan_json, plan_table
+
+    build_plan = plan(args.file, cache_dir=args.cache_dir, use_cache=not args.no_cache, force=args.force,
+                      max_memory=args.max_memory)
+    if args.format == "json":
+        import json
+        print(json.dumps(plan_json(build_plan), indent=2))
+    else:
+        sys.stdout.write(plan_table(build_plan))
+    return EXIT_OK
+
+
+def cmd_cache(args) -> int:
+    from cfmlang.compiler.cache import Cache
+    from cfmlang.compiler.plan import human
+
+    cache = Cache(args.cache_dir)
+    if args.action == "clear":
+        freed = cache.clear()
+        print(f"cleared {cache.root} ({human(freed)} freed)", file=sys.stderr)
+        return EXIT_OK
+    entries = cache.entries()
+    if args.format == "json":
+        import json
+        print(json.dumps({"root": str(cache.root), "limit": cache.limit, "entries": [
+            {"category": e.category, "name": e.name, "bytes": e.bytes, "last_used": e.last_used,
+             "what": e.what} for e in entries]}, indent=2))
+        return EXIT_OK
+    for e in sorted(entries, key=lambda e: -e.last_used):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.category}/{e.name[:16]}  {human(e.bytes):>10}  {used}  {e.what}")
+    total = sum(e.bytes for e in entries)
+    print(f"{len(entries)} entries, {human(total)} of {human(cache.limit)} in {cache.root}")
     return EXIT_OK
 
 

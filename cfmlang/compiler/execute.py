@@ -2,7 +2,6 @@
 tensors are pulled one at a time into the artifact, so nothing is held whole."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,7 +13,8 @@ from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode,
                                  RouteNode, TensorSpec, layer_index)
-from cfmlang.compiler.weights import TORCH_DTYPES, Rows, WeightError, open_source
+from cfmlang.compiler.sources import weight_files
+from cfmlang.compiler.weights import TORCH_DTYPES, Rows, SafetensorsReader, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext, MergeError
@@ -177,35 +177,34 @@ def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=pri
     providers: dict[str, Provider] = {}
     order = execution_order(graph)
     for name in order:
-        node = program.node(name)
-        if isinstance(node, ModelNode):
-            reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
-            providers[name] = SourceProvider(reader, folder)
-        elif isinstance(node, LoraExtractNode):
-            providers[name] = LoraProvider(node, providers[node.tuned], providers[node.base])
-        elif isinstance(node, ExpertsNode):
-            providers[name] = ExpertsProvider(node, providers[node.model], _seed(program, node), NodeStats())
-        elif isinstance(node, RouteNode):
-            providers[name] = RouteProvider(node, providers[node.experts], _seed(program, node), NodeStats())
-        else:
-            dtype = node.dtype or program.dtype
-            providers[name] = MergeProvider(
-                node, [providers[i.model] for i in node.inputs],
-                providers[node.base] if node.base else None,
-                None if dtype is None else FLOAT_DTYPES[dtype],
-                _seed(program, node))
+        providers[name] = make_provider(program, program.node(name), providers, cache_dir, log)
     return Execution(providers[program.output], providers, tuple(order))
 
 
-def _seed(program: CheckedProgram, node) -> int:
+def make_provider(program: CheckedProgram, node, providers: dict[str, Provider], cache_dir: Path,
+                  log=print) -> Provider:
+    """The lazy provider of one node, reading from the providers of its inputs."""
+    if isinstance(node, ModelNode):
+        reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
+        return SourceProvider(reader, folder)
+    if isinstance(node, LoraExtractNode):
+        return LoraProvider(node, providers[node.tuned], providers[node.base])
+    if isinstance(node, ExpertsNode):
+        return ExpertsProvider(node, providers[node.model], node_seed(program, node), NodeStats())
+    if isinstance(node, RouteNode):
+        return RouteProvider(node, providers[node.experts], node_seed(program, node), NodeStats())
+    dtype = node.dtype or program.dtype
+    return MergeProvider(
+        node, [providers[i.model] for i in node.inputs],
+        providers[node.base] if node.base else None,
+        None if dtype is None else FLOAT_DTYPES[dtype],
+        node_seed(program, node))
+
+
+def node_seed(program: CheckedProgram, node) -> int:
     return program.seed if node.seed is None else node.seed
 
 
-def input_fingerprint(provider: Provider) -> str:
-    """A cheap identity of a source's weights: names, shapes and dtypes of every tensor.
-
-    (Content hashing of weights belongs to the incremental cache.)"""
-    digest = hashlib.sha256()
-    for spec in provider.specs:
-        digest.update(f"{spec.name}|{spec.shape}|{spec.dtype};".encode())
-    return digest.hexdigest()
+def stored_provider(folder: Path) -> SourceProvider:
+    """A provider serving the tensors of an artifact-like folder (a cache entry)."""
+    return SourceProvider(SafetensorsReader(weight_files(folder, False)), folder)

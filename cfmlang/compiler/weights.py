@@ -7,6 +7,7 @@ content hash.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,6 +144,8 @@ def converted_gguf(path: Path, cache_dir: Path, log=print) -> Path:
     """The cached HF directory converted from a GGUF file (converted on first use)."""
     target = cache_dir / "gguf" / file_sha256(path, cache_dir)
     if (target / "config.json").is_file():
+        with contextlib.suppress(OSError):   # last used: the cache evicts the least recently used
+            os.utime(target)
         return target
     log(f"converting {path.name} to safetensors once (cached in {target}) ...")
     from cfmlang.compiler.artifact import atomic_directory, write_state_dict

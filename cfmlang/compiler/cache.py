@@ -1,0 +1,221 @@
+"""The build cache: one root directory (`CFM_CACHE_DIR`, default ~/.cache/cfmlang) holding
+
+    nodes/KEY/    a node's output, the files of an artifact directory, + cfm-entry.json
+    gguf/SHA256/  GGUF files converted to safetensors
+    hashes.json   content hashes of input files, remembered by (path, size, mtime)
+
+Entries are written in a temporary sibling and renamed into place, so a compile killed
+at any point leaves a complete entry or none. Their files are made read-only and the
+entry records each file's size and mtime: an entry whose files changed is dropped, never
+used. The cache is bounded (`CFM_CACHE_SIZE`, default 50G): after a compile the least
+recently used entries are removed until it fits. A category folder (`nodes`, `gguf`)
+that is a symbolic link is shared with other caches and left alone by eviction and clear.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cfmlang.compiler.artifact import atomic_directory
+from cfmlang.compiler.weights import default_cache_dir, file_sha256
+from cfmlang.diagnostics import CompileError, error
+
+ENTRY_FILE = "cfm-entry.json"
+CATEGORIES = ("nodes", "gguf")
+DEFAULT_LIMIT = "50G"
+STALE_TEMPORARY_SECONDS = 24 * 3600
+UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A complete node entry: its folder and its record (what wrote it, its files)."""
+
+    path: Path
+    record: dict
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self.record["files"])
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One entry as `cfmc cache ls` shows it."""
+
+    category: str
+    name: str
+    path: Path
+    bytes: int
+    last_used: float
+    what: str
+
+
+class Cache:
+    def __init__(self, root: Path | None = None, limit: int | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+        self.limit = cache_limit() if limit is None else limit
+
+    def file_hash(self, path: Path) -> str:
+        return file_sha256(path, self.root)
+
+    def node_path(self, key: str) -> Path:
+        return self.root / "nodes" / key
+
+    def lookup(self, key: str) -> Entry | None:
+        """The complete, unchanged entry for `key`, or None (a damaged one is removed)."""
+        path = self.node_path(key)
+        try:
+            record = json.loads((path / ENTRY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not _unchanged(path, record):
+            _remove(path)
+            return None
+        return Entry(path, record)
+
+    def store(self, key: str, write: Callable[[Path], dict]) -> Entry:
+        """Write an entry atomically: `write(folder)` fills the folder and returns what to
+        record about it; the files are then made read-only and their stats recorded."""
+        with atomic_directory(self.node_path(key)) as tmp:
+            record = write(tmp)
+            for path in tmp.iterdir():
+                path.chmod(0o444)
+            record = {**record, "key": key, "files": {p.name: _stat_of(p) for p in sorted(tmp.iterdir())}}
+            (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            (tmp / ENTRY_FILE).chmod(0o444)
+        return Entry(self.node_path(key), record)
+
+    def entries(self) -> list[EntryInfo]:
+        found = []
+        for category in CATEGORIES:
+            folder = self.root / category
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.is_dir() and not path.name.startswith("."):
+                    found.append(EntryInfo(category, path.name, path, _folder_bytes(path),
+                                           path.stat().st_mtime, _describe(category, path)))
+        return found
+
+    def clear(self) -> int:
+        """Remove every entry, leftover temporaries and remembered hashes; bytes freed."""
+        freed = 0
+        for category in CATEGORIES:
+            folder = self.root / category
+            if folder.is_dir() and not folder.is_symlink():
+                for path in folder.iterdir():
+                    freed += _folder_bytes(path) if path.is_dir() else 0
+                    _remove(path)
+        (self.root / "hashes.json").unlink(missing_ok=True)
+        return freed
+
+    def evict(self, keep: set[Path] = frozenset()) -> list[EntryInfo]:
+        """Remove least recently used entries (never those in `keep`) until the cache fits
+        its limit, and temporaries that interrupted compiles left over a day ago."""
+        self._remove_stale_temporaries()
+        entries = sorted(self.entries(), key=lambda e: e.last_used)
+        total = sum(e.bytes for e in entries)
+        removed = []
+        for entry in entries:
+            if total <= self.limit:
+                break
+            if entry.path in keep:
+                continue
+            _remove(entry.path)
+            total -= entry.bytes
+            removed.append(entry)
+        return removed
+
+    def _remove_stale_temporaries(self) -> None:
+        now = time.time()
+        for category in CATEGORIES:
+            folder = self.root / category
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in folder.glob(".*"):
+                if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def touch(path: Path) -> None:
+    """Mark an entry as just used (its folder's mtime orders the LRU eviction)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def link_entry(entry: Entry, folder: Path) -> None:
+    """Put the entry's files into `folder`: hard links where the file system allows,
+    copies elsewhere."""
+    for name in entry.files:
+        source = entry.path / name
+        try:
+            os.link(source, folder / name)
+        except OSError:
+            shutil.copyfile(source, folder / name)
+
+
+def cache_limit() -> int:
+    text = os.environ.get("CFM_CACHE_SIZE", DEFAULT_LIMIT)
+    size = parse_size(text)
+    if size is None:
+        raise CompileError([error("E131", f"CFM_CACHE_SIZE={text!r} is not a size", None,
+                                  "write a number of bytes with an optional unit: 500M, 50G, 1T")])
+    return size
+
+
+def parse_size(text: str) -> int | None:
+    """`500M`, `50G`, `1.5T`, `1000` (bytes) -> bytes; None when not a size."""
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = text[-1:] if text[-1:] in UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        return None
+    return int(number * UNITS[unit]) if number >= 0 else None
+
+
+def _unchanged(path: Path, record) -> bool:
+    """Whether every file the entry recorded is there with the size and mtime recorded."""
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not isinstance(record.get("output"), dict):
+        return False
+    return all(isinstance(stat, list) and _stat_of(path / name) == tuple(stat) for name, stat in files.items())
+
+
+def _stat_of(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _describe(category: str, path: Path) -> str:
+    if category == "gguf":
+        return "converted GGUF"
+    try:
+        record = json.loads((path / ENTRY_FILE).read_text())
+    except (OSError, ValueError):
+        return "incomplete"
+    return f"{record.get('node', '?')}: {record.get('op', '?')} (from {record.get('file', '?')})"
+
+
+def _remove(path: Path) -> None:
+    """Rename away first (atomic), then delete: no reader ever sees half an entry."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""The build plan: which nodes run and which come from the cache, with estimates of bytes
+read and written, peak memory and time. Computed from the checked program and the cache
+alone (no weight is read); `compile` follows the same plan it would print.
+
+Estimates (documented in docs/cli.md):
+- bytes read by a running node: the outputs of the nodes it reads, whole;
+  bytes written: its own output when it is the output or (with the cache) a model others
+  read; a source writes only when a GGUF file is converted;
+- peak memory: a process baseline plus the largest working set of a running node (with
+  the cache every node is written before its consumers read it; without it the graph is
+  pulled through at once and the working sets add up). A merge's working set is
+  (2 * inputs + 3) blocks of float32: a block of `chunk_bytes` for elementwise methods,
+  the largest tensor for the others (plus the held result);
+- time: bytes read over a rate measured per method (benchmarks/plan_rates.py); None for
+  methods without a measured rate.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+from cfmlang.compiler.cache import Cache, Entry
+from cfmlang.compiler.graph import execution_order
+from cfmlang.compiler.ir import FLOAT_DTYPES, CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec
+from cfmlang.diagnostics import Diagnostic, error
+from cfmlang.stdlib import lookup
+
+RUN, CACHED, READ, SKIP = "run", "cached", "read", "skip"
+BASELINE_BYTES = 400 * 1024**2
+"""Resident memory of the compiler process before any weight (python, torch, transformers)."""
+ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+BYTES_PER_SECOND = {
+    # bytes of input merged per second on the 2-core reference machine: each method's
+    # speed relative to linear, measured by benchmarks/plan_rates.py (on a loaded machine:
+    # ratios are good to perhaps +-30%), times linear's rate in benchmarks/README.md
+    "linear": 760e6, "slerp": 840e6, "nuslerp": 460e6, "multislerp": 280e6, "karcher": 78e6,
+    "task_arithmetic": 230e6, "ties": 66e6, "dare_ties": 130e6, "dare_linear": 120e6,
+    "breadcrumbs": 120e6, "breadcrumbs_ties": 94e6, "della": 64e6, "della_linear": 110e6,
+    "model_stock": 620e6, "sce": 180e6, "nearswap": 230e6, "arcee_fusion": 98e6, "ram": 260e6,
+    "ramplus_tl": 260e6, "passthrough": 740e6,
+}
+GGUF_BYTES_PER_SECOND = 27e6
+"""Converted (float32) bytes written per second when a GGUF file is converted (SmolLM2:
+540 MB in about 20 s)."""
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    op: str
+    key: str | None
+    status: str
+    bytes_read: int
+    bytes_written: int
+    peak_bytes: int
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    output: str
+    nodes: tuple[NodePlan, ...]
+    streamed: bool
+    """True without the cache: the whole graph is pulled through at once."""
+    entries: dict[str, Entry] = field(default_factory=dict)
+    """The cache entries the plan reuses, by node."""
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+    @property
+    def working(self) -> tuple[NodePlan, ...]:
+        return tuple(n for n in self.nodes if n.status in (RUN, READ))
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(n.bytes_read for n in self.working)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(n.bytes_written for n in self.working)
+
+    @property
+    def peak_bytes(self) -> int:
+        peaks = [n.peak_bytes for n in self.working] or [0]
+        return BASELINE_BYTES + (sum(peaks) if self.streamed else max(peaks))
+
+    @property
+    def seconds(self) -> float | None:
+        times = [n.seconds for n in self.working]
+        return None if None in times else sum(times)
+
+
+def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | None],
+              cache: Cache, use_cache: bool, chunk_bytes: int, shard_bytes: int) -> Plan:
+    entries = _reusable(program, graph, keys, cache, shard_bytes) if use_cache else {}
+    needed = _needed(program, program.output, entries)
+    nodes = []
+    for name in execution_order(graph):
+        node = program.node(name)
+        status = (SKIP if name not in needed else CACHED if name in entries
+                  else READ if isinstance(node, ModelNode) else RUN)
+        nodes.append(_estimate(program, graph, node, keys[name], status, cache, chunk_bytes, use_cache))
+    return Plan(program.output, tuple(nodes), not use_cache,
+                {name: entry for name, entry in entries.items() if name in needed})
+
+
+def _reusable(program, graph, keys, cache: Cache, shard_bytes: int) -> dict[str, Entry]:
+    """Cached entries: for a node others read, a model's tensors (any shard layout); for
+    the output, a model's tensors (resharded if need be) or any other kind of output in
+    the shard layout asked for."""
+    found = {}
+    for name in graph.nodes:
+        if keys[name] is None or isinstance(program.node(name), ModelNode):
+            continue
+        entry = cache.lookup(keys[name])
+        if entry is None:
+            continue
+        if entry.record.get("node_type") == "model" or (
+                name == program.output and entry.record.get("max_shard_bytes") == shard_bytes):
+            found[name] = entry
+    return found
+
+
+def _needed(program: CheckedProgram, output: str, entries: dict) -> set[str]:
+    """Nodes whose output this compile reads: from the output down to cached nodes."""
+    needed, todo = set(), [output]
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name not in entries:
+            todo.extend(program.node(name).deps)
+    return needed
+
+
+def _estimate(program, graph, node, key, status, cache: Cache, chunk_bytes: int, use_cache: bool) -> NodePlan:
+    op = " ".join(str(v) for k, v in graph.nodes[node.name].items() if k in ("op", "method"))
+    if status not in (RUN, READ):
+        return NodePlan(node.name, op, key, status, 0, 0, 0, 0.0)
+    if isinstance(node, ModelNode):
+        return _source_estimate(node, op, key, cache)
+    read = sum(_bytes(output_specs(program, program.node(d))) for d in node.deps)
+    stored = node.name == program.output or (use_cache and getattr(node, "node_type", None) == "model")
+    written = _bytes(output_specs(program, node)) if stored else 0
+    peak = _working_set(program, node, chunk_bytes)
+    rate = BYTES_PER_SECOND.get(node.method) if isinstance(node, MergeNode) else None
+    return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)
+
+
+def _source_estimate(node: ModelNode, op: str, key, cache: Cache) -> NodePlan:
+    """A source is read by its consumers; a GGUF file not yet converted is converted once
+    (the whole model in float32, about twice over, while it is converted)."""
+    size = _bytes(node.arch.tensors)
+    if node.source.kind != "gguf" or _converted(node, cache):
+        return NodePlan(node.name, op, key, READ, 0, 0, 0, 0.0)
+    return NodePlan(node.name, f"{op}, converted once", key, READ, Path(node.source.path).stat().st_size,
+                    size, 2 * size, size / GGUF_BYTES_PER_SECOND)
+
+
+def _converted(node: ModelNode, cache: Cache) -> bool:
+    return (cache.root / "gguf" / cache.file_hash(Path(node.source.path)) / "config.json").is_file()
+
+
+def output_specs(program: CheckedProgram, node) -> tuple[TensorSpec, ...]:
+    """The tensors a node produces (as far as the checker knows them)."""
+    if isinstance(node, MergeNode):
+        dtype = node.dtype or program.dtype
+        code = FLOAT_DTYPES[dtype] if dtype else None
+        return tuple(TensorSpec(s.name, s.shape, code or s.dtype) for s in node.arch.tensors)
+    if isinstance(node, LoraExtractNode):
+        return _adapter_specs(node)
+    arch = getattr(node, "arch", None)
+    return arch.tensors if arch is not None else ()
+
+
+def _adapter_specs(node: LoraExtractNode) -> tuple[TensorSpec, ...]:
+    from cfmlang.stdlib.lora import is_target
+
+    return tuple(TensorSpec(s.name, (node.rank * (s.shape[0] + s.shape[1]),), s.dtype)
+                 for s in node.arch.tensors if len(s.shape) == 2 and is_target(s.name, list(node.targets)))
+
+
+def _working_set(program: CheckedProgram, node, chunk_bytes: int) -> int:
+    largest = max((_numel(s) for s in node.arch.tensors), default=0) * 4 if hasattr(node, "arch") else 0
+    if isinstance(node, LoraExtractNode):
+        # tuned and base in float32, the delta, its SVD factors and residual in float64,
+        # and the adapter held whole until it is written
+        return 2 * largest + 4 * 2 * largest + _bytes(_adapter_specs(node))
+    inputs = len(node.deps)
+    method = lookup("merge", node.method) if isinstance(node, MergeNode) else None
+    if method is not None and method.elementwise:
+        return (2 * inputs + 3) * min(chunk_bytes, largest)
+    return (2 * inputs + 4) * largest
+
+
+def _numel(spec: TensorSpec) -> int:
+    count = 1
+    for dim in spec.shape:
+        count *= dim
+    return count
+
+
+def _bytes(specs) -> int:
+    return sum(_numel(s) * ITEMSIZE.get(s.dtype, 4) for s in specs)
+
+
+def available_memory() -> int | None:
+    """Memory a new allocation can get now: MemAvailable, capped by a cgroup limit."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return _cgroup_cap(available)
+
+
+def _cgroup_cap(available: int | None) -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return available
+    if limit == "max":
+        return available
+    room = max(int(limit) - used, 0)
+    return room if available is None else min(available, room)
+
+
+def memory_refusal(plan: Plan, program: CheckedProgram, available: int | None) -> Diagnostic | None:
+    """E130 when the plan's estimated peak memory exceeds `available` bytes."""
+    if available is None or plan.peak_bytes <= available:
+        return None
+    worst = max(plan.working, key=lambda n: n.peak_bytes)
+    return error("E130", f"this compile needs an estimated {human(plan.peak_bytes)} of memory at its "
+                 f"peak (node `{worst.name}`: {human(worst.peak_bytes)}), but only {human(available)} "
+                 "is available", program.node(worst.name).span,
+                 "free memory, raise --max-memory, or pass --force to run anyway (the estimate is "
+                 "conservative)")
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+def plan_table(plan: Plan, available: int | None = None) -> str:
+    """The plan as a text table, one line per node, then the totals."""
+    available = available_memory() if available is None else available
+    rows = [("node", "op", "status", "read", "written", "peak memory", "time")]
+    for n in plan.nodes:
+        working = n.status in (RUN, READ)
+        rows.append((n.name, n.op, n.status, human(n.bytes_read) if working else "-",
+                     human(n.bytes_written) if working else "-",
+                     human(n.peak_bytes) if working and n.peak_bytes else "-",
+                     _seconds(n.seconds) if working else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    counts = {s: sum(1 for n in plan.nodes if n.status == s) for s in (RUN, CACHED)}
+    lines.append(f"{counts[RUN]} to run, {counts[CACHED]} cached; reads {human(plan.bytes_read)}, "
+                 f"writes {human(plan.bytes_written)}")
+    room = f" of {human(available)} available" if available is not None else ""
+    lines.append(f"peak memory ~{human(plan.peak_bytes)}{room}; time ~{_seconds(plan.seconds)}")
+    return "\n".join(lines) + "\n"
+
+
+def plan_json(plan: Plan) -> dict:
+    return {"output": plan.output, "streamed": plan.streamed,
+            "nodes": [{"name": n.name, "op": n.op, "key": n.key, "status": n.status,
+                       "bytes_read": n.bytes_read, "bytes_written": n.bytes_written,
+                       "peak_bytes": n.peak_bytes, "seconds": n.seconds} for n in plan.nodes],
+            "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written,
+            "peak_bytes": plan.peak_bytes, "available_bytes": available_memory(), "seconds": plan.seconds}
+
+
+def _seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
