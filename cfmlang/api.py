@@ -21,17 +21,20 @@ from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES,
                                        write_sharded)
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.cache import Cache, link_entry, touch
-from cfmlang.compiler.execute import LoraProvider, MergeProvider, execute, make_provider, node_seed, stored_provider
+from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, LoraProvider, MergeProvider, execute,
+                                      make_provider, node_seed, stored_provider)
 from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
-from cfmlang.compiler.ir import CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode, RouteNode
+from cfmlang.compiler.ir import (CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode, MergeNode,
+                                 ModelNode, RouteNode)
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.modules.routed_model import ROUTING_FILE
+from cfmlang.stdlib.edit_report import render as render_report
 from cfmlang.stdlib.lora import peft_config
 
 LANGUAGE_VERSION = "0"
@@ -273,7 +276,20 @@ def write_output(node, provider, folder: Path, sizes, progress, log) -> Output:
     total = sum(nbytes(s) for s in specs)
     files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
     copy_support_files(provider.support_dir, folder, _output_dtype(provider))
-    return Output(files, len(specs), total, {})
+    return Output(files, len(specs), total, _update_record(node, provider, log))
+
+
+def _update_record(node, provider, log) -> dict:
+    """What an update computed (an edit's report, a fine-tune's losses), for cfm.json;
+    the edit report is also printed."""
+    if isinstance(provider, EditProvider):
+        log(f"edit report of `{node.name}`:\n{render_report(provider.report)}")
+        return {"update": {"edited": sorted(provider.changed), "report": provider.report}}
+    if isinstance(provider, FinetuneProvider):
+        training = provider.training
+        return {"update": {"trained": sorted(training.weights), "loss_before": training.loss_before,
+                           "loss_after": training.loss_after, "loss_curve": training.loss_curve}}
+    return {}
 
 
 def _on_tensor(total: int, progress):
@@ -373,6 +389,14 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
             nodes[name] = {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
                            "k": node.k, "epochs": node.epochs, "seed": node_seed(program, node),
                            "calibration": calibration_record(node.calibration)}
+        elif isinstance(node, EditNode):
+            nodes[name] = {"op": "update", "method": node.method, "from": node.model,
+                           "seed": node_seed(program, node), "options": dict(node.options),
+                           "facts": len(node.facts), "neighbourhood": len(node.neighbourhood)}
+        elif isinstance(node, FinetuneNode):
+            nodes[name] = {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train),
+                           "data": Path(node.data).name, "seed": node_seed(program, node),
+                           "options": dict(node.options)}
         nodes[name]["key"] = keys[name]
     return {
         "format": "cfm-artifact", "language_version": LANGUAGE_VERSION,

@@ -14,6 +14,7 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
+from cfmlang.compiler.check_update import edit_node, finetune_node
 from cfmlang.compiler.ir import (FLOAT_DTYPES, ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
                                  ModelNode, Node)
 from cfmlang.compiler.check_experts import check_experts, check_route
@@ -148,6 +149,9 @@ class _Checker:
             self.add(check_experts(self, declared, body, entry))
         elif decl.keyword == "route":
             self.add(check_route(self, declared, body, entry))
+        elif decl.keyword == "update":
+            check_node = finetune_node if method == "finetune" else edit_node
+            self.add(check_node(self, decl, body, entry, declared.base_dir))
         else:
             self.check_merge(decl, body, entry)
 

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import networkx as nx
 import torch
 
 from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode,
-                                 RouteNode, TensorSpec, layer_index)
+from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
+                                 MergeNode, ModelNode, RouteNode, TensorSpec, layer_index)
+from cfmlang.compiler.materialise import materialise
 from cfmlang.compiler.sources import weight_files
 from cfmlang.compiler.weights import TORCH_DTYPES, Rows, SafetensorsReader, WeightError, open_source
 from cfmlang.stdlib import lookup
+from cfmlang.stdlib.edit_report import measured
+from cfmlang.stdlib.editing import EditError, Request
+from cfmlang.stdlib.finetune import DataError, Training, finetune, read_texts
 from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext, MergeError
 from cfmlang.stdlib.registry import evaluate
@@ -165,6 +169,79 @@ class LoraProvider:
                      and not torch.equal(self.tuned.get(s.name), self.base.get(s.name)))
 
 
+@dataclass
+class EditProvider:
+    """A knowledge edit: on first use the input model is materialised, edited and
+    measured; the changed weights are then served from memory, every other tensor
+    straight from the input."""
+
+    node: EditNode
+    source: Provider
+    seed: int
+    log: Callable[[str], None]
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        self.specs, self.support_dir = self.source.specs, self.source.support_dir
+        self.changed: dict[str, torch.Tensor] | None = None
+        self.report: dict | None = None
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        if self.changed is None:
+            self.changed = self.run()
+        if name not in self.changed:
+            return self.source.get(name, rows)
+        self.stats.count(name)
+        tensor = self.changed[name]
+        return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+    def run(self) -> dict[str, torch.Tensor]:
+        method, options = lookup("update", self.node.method), dict(self.node.options)
+        self.log(f"update `{self.node.name}`: {self.node.method} with {len(self.node.facts)} fact(s)")
+        model, tokenizer = materialise(self.source, self.node.span)
+        requests = [Request(f.prompt, f.subject, f.target) for f in self.node.facts]
+        try:
+            outcome, self.report = measured(
+                model, tokenizer, self.node.facts, self.node.neighbourhood, options["report_tokens"],
+                lambda: method.edit(model, tokenizer, requests, options, self.seed, self.log), self.log)
+        except EditError as exc:
+            raise WeightError(f"update `{self.node.name}` ({self.node.method}): {exc}", self.node.span,
+                              exc.help) from None
+        dtypes = {s.name: TORCH_DTYPES[s.dtype] for s in self.specs}
+        return {name: weight.to(dtypes[name]) for name, weight in outcome.weights.items()}
+
+
+@dataclass
+class FinetuneProvider:
+    """Fine-tuning of selected bricks: on first use the input model is materialised and
+    trained; the trained tensors are served from memory, every other tensor straight from
+    the input (so frozen weights are bit-identical)."""
+
+    node: FinetuneNode
+    source: Provider
+    seed: int
+    log: Callable[[str], None]
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        self.specs, self.support_dir = self.source.specs, self.source.support_dir
+        self.changed: dict[str, torch.Tensor] | None = None
+        self.training: Training | None = None
+
+    get = EditProvider.get
+
+    def run(self) -> dict[str, torch.Tensor]:
+        self.log(f"update `{self.node.name}`: finetune {', '.join(self.node.train)} on {Path(self.node.data).name}")
+        model, tokenizer = materialise(self.source, self.node.span)
+        try:
+            self.training = finetune(model, tokenizer, self.node.train, read_texts(Path(self.node.data)),
+                                     dict(self.node.options), self.seed, self.log)
+        except DataError as exc:
+            raise WeightError(f"update `{self.node.name}` (finetune): {exc}", self.node.span) from None
+        dtypes = {s.name: TORCH_DTYPES[s.dtype] for s in self.specs}
+        return {name: weight.to(dtypes[name]) for name, weight in self.training.weights.items()}
+
+
 @dataclass(frozen=True)
 class Execution:
     output: Provider
@@ -173,7 +250,7 @@ class Execution:
 
 
 def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=print) -> Execution:
-    """Open every source and wire merge providers in dependency order (no math yet)."""
+    """Open every source and wire the providers in dependency order (no math yet)."""
     providers: dict[str, Provider] = {}
     order = execution_order(graph)
     for name in order:
@@ -193,6 +270,10 @@ def make_provider(program: CheckedProgram, node, providers: dict[str, Provider],
         return ExpertsProvider(node, providers[node.model], node_seed(program, node), NodeStats())
     if isinstance(node, RouteNode):
         return RouteProvider(node, providers[node.experts], node_seed(program, node), NodeStats())
+    if isinstance(node, EditNode):
+        return EditProvider(node, providers[node.model], node_seed(program, node), log)
+    if isinstance(node, FinetuneNode):
+        return FinetuneProvider(node, providers[node.model], node_seed(program, node), log)
     dtype = node.dtype or program.dtype
     return MergeProvider(
         node, [providers[i.model] for i in node.inputs],

@@ -5,7 +5,8 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import CheckedProgram, ExpertsNode, LoraExtractNode, MergeNode, ModelNode, RouteNode
+from cfmlang.compiler.ir import (CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode, MergeNode,
+                                 ModelNode, RouteNode)
 from cfmlang.diagnostics import Diagnostic, warning
 
 
@@ -43,6 +44,10 @@ def node_attributes(node) -> dict:
     if isinstance(node, RouteNode):
         return {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
                 "k": node.k}
+    if isinstance(node, EditNode):
+        return {"op": "update", "method": node.method, "from": node.model, "facts": len(node.facts)}
+    if isinstance(node, FinetuneNode):
+        return {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train)}
     assert isinstance(node, MergeNode)
     return {"op": "merge", "method": node.method, "base": node.base or "",
             "inputs": [i.model for i in node.inputs], "dtype": node.dtype or ""}
@@ -63,6 +68,10 @@ def label(graph: nx.DiGraph, name: str) -> str:
         return f"{name}\\nexperts {data['split']} x{data['count']}"
     if data["op"] == "route":
         return f"{name}\\nroute {data['method']} k={data['k']} ({data['router']})"
+    if data["op"] == "update" and data["method"] == "finetune":
+        return f"{name}\\nfinetune {len(data['train'])} bricks"
+    if data["op"] == "update":
+        return f"{name}\\nupdate {data['method']} ({data['facts']} facts)"
     return f"{name}\\nmerge {data['method']}"
 
 

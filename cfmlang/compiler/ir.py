@@ -147,6 +147,37 @@ class ExpertsNode:
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A fact to write into a model: `prompt` (containing `subject`) should be completed
+    by `target`; `paraphrases` are other prompts for the same fact (report only)."""
+
+    prompt: str
+    subject: str
+    target: str
+    paraphrases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EditNode:
+    """A knowledge edit (`update` with method rome or memit) of `model`."""
+
+    name: str
+    span: Span
+    method: str
+    model: str
+    facts: tuple[Fact, ...]
+    neighbourhood: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...]
+    seed: int | None
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+@dataclass(frozen=True)
 class RouteNode:
     """A model whose expert-split FFNs run only the top-`k` experts per token."""
 
@@ -167,7 +198,27 @@ class RouteNode:
         return (self.experts,)
 
 
-Node = Union[ModelNode, MergeNode, LoraExtractNode, ExpertsNode, RouteNode]
+@dataclass(frozen=True)
+class FinetuneNode:
+    """`update` with method finetune: train the tensors under `train` (name prefixes such
+    as `model.layers.4.`) of `model` on the texts of `data`; everything else is frozen."""
+
+    name: str
+    span: Span
+    model: str
+    train: tuple[str, ...]
+    data: str
+    options: tuple[tuple[str, Any], ...]
+    seed: int | None
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+Node = Union[ModelNode, MergeNode, LoraExtractNode, ExpertsNode, RouteNode, EditNode, FinetuneNode]
 
 
 @dataclass(frozen=True)

@@ -3,4 +3,3 @@ from cfmlang.stdlib.registry import planned
 
 planned("route", "retrieve gate", "the routing issues")
 planned("grow", "block_expand stack widen upcycle moe", "the grow issue")
-planned("update", "rome memit finetune", "the update issue")
