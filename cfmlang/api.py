@@ -21,21 +21,21 @@ from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES,
                                        write_sharded)
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.cache import Cache, link_entry, touch
-from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, LoraProvider, MergeProvider, execute,
+from cfmlang.compiler.adapters import AdapterProvider, OnTrainStep
+from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, MergeProvider, execute,
                                       make_provider, node_seed, stored_provider)
 from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
-from cfmlang.compiler.ir import (CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode, MergeNode,
-                                 ModelNode, RouteNode)
+from cfmlang.compiler.ir import (AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
+                                 LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.modules.routed_model import ROUTING_FILE
 from cfmlang.stdlib.edit_report import render as render_report
-from cfmlang.stdlib.lora import peft_config
 
 LANGUAGE_VERSION = "0"
 
@@ -101,7 +101,8 @@ class Output:
 
 def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, force: bool = False,
             max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-            progress: Callable[[int, int], None] | None = None, log=lambda msg: None) -> CompileResult:
+            progress: Callable[[int, int], None] | None = None, log=lambda msg: None,
+            on_train_step: OnTrainStep | None = None) -> CompileResult:
     """Check, plan, and build the output node into `output_dir` atomically.
 
     With the cache (the default), every node's output is kept under `cache_dir` by its
@@ -110,7 +111,8 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     A plan whose estimated peak memory exceeds the available memory (or `max_memory`
     bytes, when smaller) is refused (E130) unless `force`. Without `output_dir` the artifact goes to a temporary directory that
     lives as long as the result. Tensors are computed and written `chunk_bytes` of rows
-    at a time where the method allows it."""
+    at a time where the method allows it. `on_train_step(brick, step, steps, loss)`
+    follows training bricks."""
     program = check(source)
     graph, dropped = build_graph(program)
     keep = None
@@ -123,11 +125,14 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     keys, build_plan = _plan(program, graph, cache, use_cache, (max_shard_bytes, chunk_bytes),
                              _budget(force, max_memory))
     sizes = (max_shard_bytes, chunk_bytes)
+    on_train_step = on_train_step or (lambda name, step, steps, loss: None)
     with _diagnosed_faults():
         if use_cache:
-            manifest, stats = _build_cached(program, graph, keys, build_plan, cache, output_dir, sizes, progress, log)
+            manifest, stats = _build_cached(program, graph, keys, build_plan, cache, output_dir, sizes, progress, log,
+                                            on_train_step)
         else:
-            manifest, stats = _build_streamed(program, graph, keys, cache, output_dir, sizes, progress, log)
+            manifest, stats = _build_streamed(program, graph, keys, cache, output_dir, sizes, progress, log,
+                                              on_train_step)
     return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), build_plan, stats, keep)
 
 
@@ -182,9 +187,9 @@ def refuse_foreign_output(output_dir: Path) -> None:
                                   "choose a new output path; cfmc only replaces its own artifacts")])
 
 
-def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log):
+def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log, on_train_step):
     """No cache: every node's provider is wired at once and the output pulled through."""
-    run = execute(program, graph, cache.root, log)
+    run = execute(program, graph, cache.root, log, on_train_step)
     with atomic_directory(output_dir) as tmp:
         output = write_output(program.node(program.output), run.output, tmp, sizes, progress, log)
         manifest = build_manifest(program, graph, keys, output)
@@ -192,7 +197,8 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progr
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
 
-def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_dir, sizes, progress, log):
+def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_dir, sizes, progress, log,
+                  on_train_step):
     """Run the plan: each node that runs is written into the cache before its consumers
     read it back; cached nodes are read from their entries; the output entry is linked
     into the artifact."""
@@ -210,7 +216,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
                 providers[name] = stored_provider(entry.path)
             continue
         node = program.node(name)
-        provider = make_provider(program, node, providers, cache.root, log)
+        provider = make_provider(program, node, providers, cache.root, log, on_train_step)
         if hasattr(provider, "stats"):
             stats[name] = provider.stats
         providers[name] = provider
@@ -268,8 +274,8 @@ def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, 
 def write_output(node, provider, folder: Path, sizes, progress, log) -> Output:
     """Write a node's output into `folder`: a model's safetensors shards and support
     files, or a PEFT adapter."""
-    if isinstance(provider, LoraProvider):
-        return _write_adapter(node, provider, folder, progress, log)
+    if isinstance(provider, AdapterProvider):
+        return _write_adapter(provider, folder, progress, log)
     if isinstance(provider, RouteProvider):
         return _write_routed(node, provider, folder, sizes, progress, log)
     specs = provider.specs
@@ -328,22 +334,40 @@ def _write_routed(node, provider, folder: Path, sizes, progress, log) -> Output:
     return Output(files + [ROUTING_FILE], len(specs), total, extras)
 
 
-def _write_adapter(node, provider, folder: Path, progress, log) -> Output:
-    adapter = provider.extract(progress or (lambda done, total: None))
-    config = peft_config(adapter.ranks, list(node.targets), node.rank, str(provider.support_dir.resolve()))
-    files = write_adapter(folder, adapter.tensors, config)
+def _write_adapter(provider: AdapterProvider, folder: Path, progress, log) -> Output:
+    """A PEFT adapter directory (with the base's support files): other programs read it
+    with `source: peft "DIR"`."""
+    adapter = provider.adapter(progress)
+    tensors = adapter.peft_tensors()
+    files = _write_peft_dir(folder, provider)
     copy_support_files(provider.support_dir, folder, None)
-    worst = max(adapter.errors.values(), default=0.0)
-    log(f"extracted {len(adapter.ranks)} LoRA modules; relative reconstruction error "
-        f"max {worst:.3g}, mean {sum(adapter.errors.values()) / max(len(adapter.errors), 1):.3g}")
-    if adapter.not_captured:
-        log(f"warning: {len(adapter.not_captured)} weights differ outside the target modules and are "
-            f"not in the adapter (first: {adapter.not_captured[0]})")
-    extras = {"standard": False, "kind": "peft-lora",
-              "adapter": {"relative_error": adapter.errors, "ranks": adapter.ranks,
-                          "not_captured": list(adapter.not_captured)}}
-    return Output(files, len(provider.specs), sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
-                  extras)
+    _log_adapter(provider.report, log)
+    extras = {"standard": False, "kind": "peft-lora", "adapter": provider.report}
+    return Output(files, len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()), extras)
+
+
+def _write_peft_dir(folder: Path, provider: AdapterProvider) -> list[str]:
+    """A PEFT adapter directory whose base is the output's support directory (the base
+    model's config and tokenizer), with the training loss curve when it was trained."""
+    config = {**provider.adapter().config, "base_model_name_or_path": str(provider.support_dir.resolve())}
+    files = write_adapter(folder, provider.adapter().peft_tensors(), config)
+    if "loss" in provider.report:
+        lines = ["step,loss"] + [f"{step},{loss:.6f}" for step, loss in enumerate(provider.report["loss"], 1)]
+        (folder / "loss.csv").write_text("\n".join(lines) + "\n")
+        files.append("loss.csv")
+    return files
+
+
+def _log_adapter(report: dict, log) -> None:
+    if "relative_error" in report:
+        errors = report["relative_error"]
+        log(f"extracted {len(report['ranks'])} LoRA modules; relative reconstruction error "
+            f"max {max(errors.values(), default=0.0):.3g}, mean {sum(errors.values()) / max(len(errors), 1):.3g}")
+        if report["not_captured"]:
+            log(f"warning: {len(report['not_captured'])} weights differ outside the target modules and are "
+                f"not in the adapter (first: {report['not_captured'][0]})")
+    if "loss" in report:
+        log(f"trained {len(report['loss'])} steps; loss {report['loss'][0]:.4f} -> {report['loss'][-1]:.4f}")
 
 
 @contextlib.contextmanager
@@ -381,6 +405,8 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
                            "seed": program.seed if node.seed is None else node.seed,
                            "options": dict(node.options),
                            "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        elif isinstance(node, (LoraSourceNode, LoraTrainNode, LoraMergeNode, AttachNode)):
+            nodes[name] = adapter_manifest_entry(program, node)
         elif isinstance(node, ExpertsNode):
             nodes[name] = {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
                            "count": node.count, "seed": node_seed(program, node),
@@ -416,6 +442,20 @@ def created_timestamp() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     moment = float(epoch) if epoch and epoch.isdigit() else time.time()
     return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def adapter_manifest_entry(program: CheckedProgram, node) -> dict:
+    if isinstance(node, LoraSourceNode):
+        return {"op": "lora_source", "source": {"tag": "peft", "given": node.source.given},
+                "base": node.base, "modules": len(node.modules)}
+    if isinstance(node, LoraTrainNode):
+        return {"op": "lora_train", "base": node.base, **dict(node.options), "data": Path(node.data.path).name,
+                "data_sha256": node.data.sha256, "samples": node.data.samples}
+    if isinstance(node, LoraMergeNode):
+        return {"op": "lora_merge", "method": node.combination, "options": dict(node.options),
+                "seed": node_seed(program, node),
+                "inputs": [{"adapter": i.model, "params": dict(i.params)} for i in node.inputs]}
+    return {"op": "attach", "from": node.model, "attach": list(node.adapters)}
 
 
 def calibration_record(calibration) -> dict:

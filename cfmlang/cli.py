@@ -152,10 +152,11 @@ def cmd_compile(args) -> int:
     from cfmlang.api import compile
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    with ProgressBar(enabled=not args.quiet and args.format == "text") as bar:
+    with ProgressBar(enabled=not args.quiet and args.format == "text") as bar, \
+            TrainingBar(enabled=not args.quiet and args.format == "text", log=log) as training:
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
-                         progress=bar.update, log=log)
+                         progress=bar.update, log=log, on_train_step=training.step)
     artifact = result.manifest["artifact"]
     ran = [n.name for n in result.plan.nodes if n.status == "run"]
     cached = [n.name for n in result.plan.nodes if n.status == "cached"]
@@ -231,6 +232,42 @@ class ProgressBar:
     def update(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+
+class TrainingBar:
+    """A bar per training brick with its loss on a terminal; otherwise a log line every
+    tenth of the steps."""
+
+    def __init__(self, enabled: bool, log):
+        self.live = enabled and sys.stderr.isatty()
+        self.log = log
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]training {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                                     TimeRemainingColumn(), console=Console(stderr=True))
+            self.progress.__enter__()
+        return self
+
+    def step(self, name: str, step: int, steps: int, loss: float) -> None:
+        if self.progress is None:
+            if step == steps or step % max(1, steps // 10) == 0:
+                self.log(f"training {name}: step {step}/{steps}, loss {loss:.4f}")
+            return
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=steps, loss=loss)
+        self.progress.update(self.tasks[name], completed=step, loss=loss)
 
     def __exit__(self, *exc):
         if self.progress is not None:

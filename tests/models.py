@@ -45,3 +45,21 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
                                         unk_token="<unk>", pad_token="<pad>")
     tokenizer.save_pretrained(folder)
     return Path(folder)
+
+
+def peft_adapter(folder: Path, base: Path, seed: int, r: int = 4, targets=("q_proj", "v_proj"),
+                 **config) -> Path:
+    """Save a PEFT LoRA adapter for the model in `base`, made by peft itself, with random
+    non-zero factors (a fresh adapter's B is zero, which would hide every bug)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                           LoraConfig(r=r, target_modules=list(targets), lora_alpha=config.pop("lora_alpha", 2 * r),
+                                      **config))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(folder)
+    return Path(folder)

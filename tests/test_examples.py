@@ -56,3 +56,12 @@ def test_method_reference_is_generated_from_the_registry():
 
     docs = (EXAMPLES.parent / "docs" / "methods.md").read_text()
     assert docs == methods_markdown() + "\n", "run: cfmc methods > docs/methods.md"
+
+
+@pytest.mark.parametrize("name", ["smol_french.brick", "smol_pirate.brick"])
+def test_smol_lora_examples_check(name):
+    """The SmolLM2 training examples check (data validated, GGUF metadata read; training
+    SmolLM2 is left to `cfmc compile`)."""
+    program = cfmlang.check(EXAMPLES / name)
+    node = program.node(program.output)
+    assert node.data.samples == 24 and len(node.modules) == 2 * 30

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 import cfmlang
 from cfmlang.cli import main
 from cfmlang.diagnostics import CompileError
-from models import tiny_model
+from models import peft_adapter, tiny_model
 
 GOLDEN = Path(__file__).parent / "golden"
 ERRORS = sorted((GOLDEN / "errors").glob("*.brick"))
@@ -88,6 +88,9 @@ def build_models(models: Path) -> Path:
     (folder("lostshard") / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: "model-00001-of-00002.safetensors" for k in tensors}}))
     (models / "fake.gguf").write_text("this is not a GGUF file")
+    # LoRA bricks: a PEFT adapter of llama_a, and training data
+    peft_adapter(models / "adapter_ok", a, seed=1)
+    (models / "pirate.jsonl").write_text('{"prompt": "hi", "response": "arr"}\n')
     return models
 
 

@@ -102,4 +102,4 @@ def test_lora_brick_diagnostics(base_and_tuned):
     no_extract = "brick d:\n  kind: lora\n"
     with pytest.raises(CompileError) as info:
         cfmlang.check(no_extract)
-    assert [d.code for d in info.value.diagnostics] == ["E031"]
+    assert [d.code for d in info.value.diagnostics] == ["E157"]

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
 from cfmlang.compiler.check_update import edit_node, finetune_node
-from cfmlang.compiler.ir import (FLOAT_DTYPES, ArchInfo, CheckedProgram, LoraExtractNode, MergeInput, MergeNode,
-                                 ModelNode, Node)
+from cfmlang.compiler.check_lora import LoraChecks
+from cfmlang.compiler.ir import FLOAT_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode, ModelNode, Node
 from cfmlang.compiler.check_experts import check_experts, check_route
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
@@ -28,7 +28,6 @@ from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 DTYPES = FLOAT_DTYPES
 MODEL_KEYS = ("source", "allow_pickle", "description")
 MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
-LORA_KEYS = ("kind", "extract", "source", "base", "train", "description")  # source/base/train: planned
 METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
               "merge": "method"}
 
@@ -45,7 +44,7 @@ def check(resolved: Resolved) -> CheckedProgram:
                           tuple(d for d in checker.problems if not d.is_error))
 
 
-class _Checker:
+class _Checker(LoraChecks):
     def __init__(self, table: dict[str, Declared]):
         self.table = table
         self.problems: list[Diagnostic] = []
@@ -132,6 +131,9 @@ class _Checker:
         if decl.keyword == "model":
             self.check_model(decl, body, declared.base_dir)
             return
+        if decl.keyword == "merge" and self.merges_adapters(body):
+            self.check_adapter_merge(decl, body)
+            return
         method = self.method_name(decl, body)
         if method is None:
             return
@@ -144,7 +146,7 @@ class _Checker:
                 f"{', '.join(n for n in names_for(decl.keyword) if lookup(decl.keyword, n).implemented) or 'none yet'}"))
             return
         if decl.keyword == "brick" and method == "lora":
-            self.check_lora(decl, body, entry)
+            self.check_lora(decl, body, entry, declared.base_dir)
         elif decl.keyword == "brick":
             self.add(check_experts(self, declared, body, entry))
         elif decl.keyword == "route":
@@ -158,38 +160,6 @@ class _Checker:
     def add(self, node: Node | None) -> None:
         if node is not None:
             self.nodes[node.name] = node
-
-    def check_lora(self, decl: ast.Decl, body: ast.MapValue, kind) -> None:
-        self.unknown_keys(body, LORA_KEYS, f"brick `{decl.name}` (kind lora)")
-        extract = body.get("extract")
-        if extract is None:
-            self.problems.append(error(
-                "E031", "LoRA bricks from `source:` or `train:` are not implemented yet",
-                body.get("kind").value.span, "extract one from a fine-tune: `extract: {from: tuned, base: base, rank: 16}`"))
-            return
-        if not isinstance(extract.value, ast.MapValue):
-            self.problems.append(error("E033", f"`extract` must be a map, not {ast.describe(extract.value)}",
-                                       extract.value.span, "e.g. `extract: {from: tuned, base: base, rank: 16}`"))
-            return
-        spec = extract.value
-        refs = {}
-        for role in ("from", "base"):
-            entry = spec.get(role)
-            if entry is None:
-                self.problems.append(error("E014", f"`extract` needs `{role}:`", spec.span,
-                                           "name the fine-tuned model (`from`) and the model it was tuned from (`base`)"))
-            else:
-                refs[role] = self.model_ref(entry, f"`{role}` model")
-        numbers = ast.MapValue(tuple(e for e in spec.entries if e.key not in ("from", "base")), spec.span)
-        options = self.validate(kind.Options, numbers, spec.span)
-        if options is None or None in refs.values() or len(refs) < 2:
-            return
-        arch = self.compatible(decl, [refs["base"], refs["from"]])
-        if arch is None:
-            return
-        self.nodes[decl.name] = LoraExtractNode(decl.name, decl.span, refs["from"], refs["base"],
-                                                options["rank"], options["threshold"],
-                                                tuple(options["targets"]), arch)
 
     def method_name(self, decl: ast.Decl, body: ast.MapValue) -> str | None:
         key = METHOD_KEY[decl.keyword]
@@ -220,10 +190,7 @@ class _Checker:
 
     def check_model(self, decl: ast.Decl, body: ast.MapValue, base_dir: Path):
         if body.get("from") or body.get("attach"):
-            where = body.get("from") or body.get("attach")
-            self.problems.append(error(
-                "E031", "deriving a model with `from:`/`attach:` is not implemented yet",
-                where.key_span, "it is planned in the customized bricks issue; use `source:`"))
+            self.check_attach(decl, body)
             return
         self.unknown_keys(body, MODEL_KEYS, f"model `{decl.name}`")
         entry = body.get("source")

@@ -9,18 +9,20 @@ from typing import Any, Callable, Protocol
 import networkx as nx
 import torch
 
+from cfmlang.compiler.adapters import (AttachProvider, ExtractProvider, MergedAdapterProvider, OnTrainStep,
+                                      PeftSourceProvider, TrainProvider)
 from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (FLOAT_DTYPES, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
-                                 MergeNode, ModelNode, RouteNode, TensorSpec, layer_index)
+from cfmlang.compiler.ir import (FLOAT_DTYPES, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode,
+                                 LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
+                                 RouteNode, TensorSpec, layer_index)
 from cfmlang.compiler.materialise import materialise
 from cfmlang.compiler.sources import weight_files
-from cfmlang.compiler.weights import TORCH_DTYPES, Rows, SafetensorsReader, WeightError, open_source
+from cfmlang.compiler.weights import TORCH_DTYPES, NodeStats, Rows, SafetensorsReader, WeightError, open_source
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.edit_report import measured
 from cfmlang.stdlib.editing import EditError, Request
 from cfmlang.stdlib.finetune import DataError, Training, finetune, read_texts
-from cfmlang.stdlib.lora import extract_low_rank, is_target
 from cfmlang.stdlib.merge_base import MergeContext, MergeError
 from cfmlang.stdlib.registry import evaluate
 
@@ -30,19 +32,6 @@ class Provider(Protocol):
     support_dir: Path
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
-
-
-@dataclass
-class NodeStats:
-    """Tensors a node produced (each counted once, however many row blocks it took)."""
-
-    tensors: int = 0
-    last: str = ""
-
-    def count(self, name: str) -> None:
-        if name != self.last:
-            self.tensors += 1
-            self.last = name
 
 
 @dataclass
@@ -127,48 +116,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """An extracted LoRA adapter, small enough to hold: PEFT-named tensors, the rank
-    kept per module, the relative reconstruction error per weight, and the weights that
-    changed outside the target modules (which an adapter cannot carry)."""
-
-    tensors: dict[str, torch.Tensor]
-    ranks: dict[str, int]
-    errors: dict[str, float]
-    not_captured: tuple[str, ...]
-
-
-@dataclass
-class LoraProvider:
-    node: LoraExtractNode
-    tuned: Provider
-    base: Provider
-    stats: NodeStats = field(default_factory=NodeStats)
-
-    def __post_init__(self):
-        self.support_dir = self.base.support_dir
-        self.specs = [s for s in self.base.specs if is_target(s.name, list(self.node.targets))]
-
-    def extract(self, on_weight=lambda done, total: None) -> Adapter:
-        tensors, ranks, errors = {}, {}, {}
-        for done, spec in enumerate(self.specs, start=1):
-            tuned, base = self.tuned.get(spec.name), self.base.get(spec.name)
-            low = extract_low_rank(tuned.float(), base.float(), self.node.rank, self.node.threshold)
-            module = spec.name[: -len(".weight")]
-            tensors[f"base_model.model.{module}.lora_A.weight"] = low.down
-            tensors[f"base_model.model.{module}.lora_B.weight"] = low.up
-            ranks[module], errors[spec.name] = low.down.shape[0], low.relative_error
-            self.stats.count(spec.name)
-            on_weight(done, len(self.specs))
-        return Adapter(tensors, ranks, errors, self.changed_elsewhere())
-
-    def changed_elsewhere(self) -> tuple[str, ...]:
-        targets = {s.name for s in self.specs}
-        return tuple(s.name for s in self.base.specs if s.name not in targets
-                     and not torch.equal(self.tuned.get(s.name), self.base.get(s.name)))
-
-
 @dataclass
 class EditProvider:
     """A knowledge edit: on first use the input model is materialised, edited and
@@ -249,23 +196,32 @@ class Execution:
     order: tuple[str, ...]
 
 
-def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=print) -> Execution:
+def execute(program: CheckedProgram, graph: nx.DiGraph, cache_dir: Path, log=print,
+            on_train_step: OnTrainStep = lambda name, step, steps, loss: None) -> Execution:
     """Open every source and wire the providers in dependency order (no math yet)."""
     providers: dict[str, Provider] = {}
     order = execution_order(graph)
     for name in order:
-        providers[name] = make_provider(program, program.node(name), providers, cache_dir, log)
+        providers[name] = make_provider(program, program.node(name), providers, cache_dir, log, on_train_step)
     return Execution(providers[program.output], providers, tuple(order))
 
 
 def make_provider(program: CheckedProgram, node, providers: dict[str, Provider], cache_dir: Path,
-                  log=print) -> Provider:
+                  log=print, on_train_step: OnTrainStep = lambda name, step, steps, loss: None) -> Provider:
     """The lazy provider of one node, reading from the providers of its inputs."""
     if isinstance(node, ModelNode):
         reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
         return SourceProvider(reader, folder)
     if isinstance(node, LoraExtractNode):
-        return LoraProvider(node, providers[node.tuned], providers[node.base])
+        return ExtractProvider(node, providers[node.tuned], providers[node.base])
+    if isinstance(node, LoraSourceNode):
+        return PeftSourceProvider(node, providers[node.base])
+    if isinstance(node, LoraTrainNode):
+        return TrainProvider(node, providers[node.base], on_train_step)
+    if isinstance(node, LoraMergeNode):
+        return MergedAdapterProvider(node, [providers[i.model] for i in node.inputs], node_seed(program, node))
+    if isinstance(node, AttachNode):
+        return AttachProvider(node, providers[node.model], [providers[a] for a in node.adapters])
     if isinstance(node, ExpertsNode):
         return ExpertsProvider(node, providers[node.model], node_seed(program, node), NodeStats())
     if isinstance(node, RouteNode):

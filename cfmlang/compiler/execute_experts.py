@@ -36,7 +36,7 @@ class ExpertsProvider:
     node: ExpertsNode
     model: object               # the Provider of the model whose FFNs are split
     seed: int
-    stats: object               # execute.NodeStats: counts the layers partitioned
+    stats: object               # weights.NodeStats: counts the layers partitioned
     _orders: dict[int, torch.Tensor] = field(default_factory=dict)
     _inputs: dict[Calibration, dict[int, torch.Tensor]] = field(default_factory=dict)
 
@@ -79,7 +79,7 @@ class RouteProvider:
     node: RouteNode
     experts: ExpertsProvider
     seed: int
-    stats: object               # execute.NodeStats: counts the tensors served
+    stats: object               # weights.NodeStats: counts the tensors served
 
     def __post_init__(self):
         self.specs = self.experts.specs

@@ -5,8 +5,8 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import (CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode, MergeNode,
-                                 ModelNode, RouteNode)
+from cfmlang.compiler.ir import (AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
+                                 LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
 from cfmlang.diagnostics import Diagnostic, warning
 
 
@@ -44,6 +44,15 @@ def node_attributes(node) -> dict:
     if isinstance(node, RouteNode):
         return {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
                 "k": node.k}
+    if isinstance(node, LoraSourceNode):
+        return {"op": "lora_source", "source": f'peft "{node.source.given}"', "base": node.base}
+    if isinstance(node, LoraTrainNode):
+        return {"op": "lora_train", "base": node.base, "rank": dict(node.options)["rank"],
+                "steps": dict(node.options)["steps"]}
+    if isinstance(node, LoraMergeNode):
+        return {"op": "lora_merge", "method": node.combination, "inputs": [i.model for i in node.inputs]}
+    if isinstance(node, AttachNode):
+        return {"op": "attach", "from": node.model, "attach": list(node.adapters)}
     if isinstance(node, EditNode):
         return {"op": "update", "method": node.method, "from": node.model, "facts": len(node.facts)}
     if isinstance(node, FinetuneNode):
@@ -68,6 +77,14 @@ def label(graph: nx.DiGraph, name: str) -> str:
         return f"{name}\\nexperts {data['split']} x{data['count']}"
     if data["op"] == "route":
         return f"{name}\\nroute {data['method']} k={data['k']} ({data['router']})"
+    if data["op"] == "lora_source":
+        return f"{name}\\nlora {data['source']}"
+    if data["op"] == "lora_train":
+        return f"{name}\\nlora trained, rank {data['rank']}"
+    if data["op"] == "lora_merge":
+        return f"{name}\\nlora merge {data['method']}"
+    if data["op"] == "attach":
+        return f"{name}\\nfused {', '.join(data['attach'])}"
     if data["op"] == "update" and data["method"] == "finetune":
         return f"{name}\\nfinetune {len(data['train'])} bricks"
     if data["op"] == "update":

@@ -109,6 +109,7 @@ class LoraExtractNode:
     threshold: float
     targets: tuple[str, ...]
     arch: ArchInfo
+    modules: tuple[LoraModuleSpec, ...] = ()
     node_type: str = "adapter"
 
     @property
@@ -218,7 +219,102 @@ class FinetuneNode:
         return (self.model,)
 
 
-Node = Union[ModelNode, MergeNode, LoraExtractNode, ExpertsNode, RouteNode, EditNode, FinetuneNode]
+@dataclass(frozen=True)
+class LoraModuleSpec:
+    """One adapted linear layer as the checker knows it: the module path in the base
+    (`model.layers.0.self_attn.q_proj`), its rank, and the shape of the base weight."""
+
+    module: str
+    rank: int
+    out_features: int
+    in_features: int
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass(frozen=True)
+class LoraSourceNode:
+    """A PEFT adapter directory, checked against its base from headers only."""
+
+    name: str
+    span: Span
+    source: Source
+    base: str
+    config: dict              # adapter_config.json as read
+    modules: tuple[LoraModuleSpec, ...]
+    arch: ArchInfo
+    node_type: str = "adapter"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.base,)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    path: str
+    samples: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LoraTrainNode:
+    """A new adapter fine-tuned on `data` from `base`."""
+
+    name: str
+    span: Span
+    base: str
+    data: TrainData
+    options: tuple[tuple[str, Any], ...]      # steps, rank, alpha, lr, seed, targets ...
+    modules: tuple[LoraModuleSpec, ...]
+    arch: ArchInfo
+    node_type: str = "adapter"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.base,)
+
+
+@dataclass(frozen=True)
+class LoraMergeNode:
+    """A merge over LoRA bricks with PEFT `add_weighted_adapter` semantics."""
+
+    name: str
+    span: Span
+    combination: str
+    inputs: tuple[MergeInput, ...]
+    options: tuple[tuple[str, Any], ...]      # density, majority_sign_method, svd_rank, svd_clamp
+    seed: int | None
+    base: str
+    modules: tuple[LoraModuleSpec, ...]
+    arch: ArchInfo
+    node_type: str = "adapter"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(i.model for i in self.inputs)
+
+
+@dataclass(frozen=True)
+class AttachNode:
+    """A model with static adapters fused into its weights: W + scale * B @ A."""
+
+    name: str
+    span: Span
+    model: str
+    adapters: tuple[str, ...]
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.model,) + self.adapters
+
+
+Node = Union[ModelNode, MergeNode, AttachNode, LoraExtractNode, LoraSourceNode, LoraTrainNode, LoraMergeNode,
+             ExpertsNode, RouteNode, EditNode, FinetuneNode]
 
 
 @dataclass(frozen=True)

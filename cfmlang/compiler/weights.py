@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,19 @@ SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 
 Rows = "tuple[int, int] | None"
 """A range [start, stop) of a tensor's first dimension, or None for the whole tensor."""
+
+
+@dataclass
+class NodeStats:
+    """Tensors a node produced (each counted once, however many row blocks it took)."""
+
+    tensors: int = 0
+    last: str = ""
+
+    def count(self, name: str) -> None:
+        if name != self.last:
+            self.tensors += 1
+            self.last = name
 
 
 class WeightError(Exception):

@@ -12,25 +12,16 @@ input, and `torch.export` captures it whole.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from cfmlang.stdlib.lora import LoraFactors
+
 MIXES = ("softmax", "uniform")
 
-
-@dataclass(frozen=True)
-class LoraFactors:
-    """One adapter's factors for one linear module: delta W = scale * up @ down."""
-
-    down: torch.Tensor      # lora_A: [rank, in]
-    up: torch.Tensor        # lora_B: [out, rank]
-    scale: float
-
-
 Adapter = dict[str, LoraFactors]
-"""Factors by module path (e.g. `model.layers.0.self_attn.q_proj`)."""
+"""Factors by module path (e.g. `model.layers.0.self_attn.q_proj`): the `modules` of a
+compiled lora brick (`cfmlang.stdlib.lora.LoraAdapter`)."""
 
 
 class Coefficients:

@@ -10,7 +10,8 @@ from pydantic_core import PydanticUndefined
 
 from cfmlang.stdlib.registry import REGISTRY, Method
 
-KEYWORD_ORDER = ("merge", "brick", "grow", "route", "update")
+KEYWORD_ORDER = ("merge", "adapter_merge", "brick", "grow", "route", "update")
+HEADINGS = {"adapter_merge": "merge over lora bricks (PEFT `add_weighted_adapter`)"}
 
 
 def parameter_rows(model: type[BaseModel] | None) -> list[str]:
@@ -63,7 +64,7 @@ def methods_markdown() -> str:
         entries = sorted((c for (k, _), c in REGISTRY.items() if k == keyword), key=lambda c: c.name)
         done = [c for c in entries if c.implemented]
         planned = [c.name for c in entries if not c.implemented]
-        lines += [f"## {keyword}", ""]
+        lines += [f"## {HEADINGS.get(keyword, keyword)}", ""]
         if done:
             lines += ["| method | what it does | base | node options | per-input parameters |",
                       "| --- | --- | --- | --- | --- |"]
