@@ -24,16 +24,18 @@ from cfmlang.compiler.cache import Cache, link_entry, touch
 from cfmlang.compiler.adapters import AdapterProvider, OnTrainStep
 from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, MergeProvider, execute,
                                       make_provider, node_seed, stored_provider)
+from cfmlang.compiler.adapter_route import AdapterRouteProvider
 from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
-from cfmlang.compiler.ir import (AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
+from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
                                  LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
 from cfmlang.compiler.resolve import resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
+from cfmlang.modules.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
 from cfmlang.modules.routed_model import ROUTING_FILE
 from cfmlang.stdlib.edit_report import render as render_report
 
@@ -278,6 +280,8 @@ def write_output(node, provider, folder: Path, sizes, progress, log) -> Output:
         return _write_adapter(provider, folder, progress, log)
     if isinstance(provider, RouteProvider):
         return _write_routed(node, provider, folder, sizes, progress, log)
+    if isinstance(provider, AdapterRouteProvider):
+        return _write_adapter_route(node, provider, folder, sizes, progress, log)
     specs = provider.specs
     total = sum(nbytes(s) for s in specs)
     files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
@@ -332,6 +336,30 @@ def _write_routed(node, provider, folder: Path, sizes, progress, log) -> Output:
                           "layers": list(experts.node.layers),
                           "captured_mass": {str(layer): built.captured for layer, built in routers.items()}}}
     return Output(files + [ROUTING_FILE], len(specs), total, extras)
+
+
+def _write_adapter_route(node, provider, folder: Path, sizes, progress, log) -> Output:
+    """The base model (HF-loadable as it is), adapters.safetensors (every adapter's
+    factors), router.safetensors (retrieval keys or gates) and the routing in cfm.json."""
+    specs = provider.specs
+    total = sum(nbytes(s) for s in specs)
+    files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
+    adapters = adapter_tensors(provider.adapter_modules())
+    router = provider.router()
+    write_shard(folder / ADAPTERS_FILE, held_specs(adapters), held_producer(adapters))
+    write_shard(folder / ROUTER_FILE, held_specs(router.tensors), held_producer(router.tensors))
+    copy_support_files(provider.support_dir, folder, None)
+    options = dict(node.options)
+    routing = {"method": node.method, "adapters": list(node.adapters), "top_k": options["top_k"],
+               "temperature": options["temperature"]}
+    if node.method == "retrieve":
+        routing["mix"] = options["mix"]
+    if router.losses:
+        routing["gate_training"] = {"loss_before": router.losses[0], "loss_after": router.losses[-1],
+                                    "loss_curve": list(router.losses)}
+        log(f"gates of `{node.name}` trained: loss {router.losses[0]:.4f} -> {router.losses[-1]:.4f}")
+    extras = {"standard": False, "kind": "adapter-routed", "routing": routing}
+    return Output(files + [ADAPTERS_FILE, ROUTER_FILE], len(specs), total, extras)
 
 
 def _write_adapter(provider: AdapterProvider, folder: Path, progress, log) -> Output:
@@ -419,6 +447,9 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
             nodes[name] = {"op": "update", "method": node.method, "from": node.model,
                            "seed": node_seed(program, node), "options": dict(node.options),
                            "facts": len(node.facts), "neighbourhood": len(node.neighbourhood)}
+        elif isinstance(node, AdapterRouteNode):
+            nodes[name] = {"op": "route", "method": node.method, "base": node.base, "adapters": list(node.adapters),
+                           "options": dict(node.options), "data": Path(node.data).name if node.data else None}
         elif isinstance(node, FinetuneNode):
             nodes[name] = {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train),
                            "data": Path(node.data).name, "seed": node_seed(program, node),
@@ -465,8 +496,9 @@ def calibration_record(calibration) -> dict:
 
 def load(directory, **kwargs):
     """The compiled model as a torch module: transformers' for standard architectures, a
-    PeftModel for adapters, and for routed artifacts the HF model with its routed FFNs
-    replaced by `cfmlang.modules.routed_mlp.RoutedMLP`."""
+    PeftModel for adapters, for routed artifacts the HF model with its routed FFNs
+    replaced by `cfmlang.modules.routed_mlp.RoutedMLP`, and for routes over lora bricks an
+    `cfmlang.modules.adapter_mixture.AdapterMixture` around the base model."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
@@ -480,6 +512,10 @@ def load(directory, **kwargs):
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), directory)
     manifest = json.loads((directory / "cfm.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if manifest.get("kind") == "adapter-routed":
+        from cfmlang.modules.adapter_mixture import load_mixture
+
+        return load_mixture(model, directory, manifest["routing"])
     if manifest.get("kind") == "routed-topk":
         from cfmlang.modules.routed_model import route_model
 

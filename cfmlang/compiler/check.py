@@ -14,6 +14,7 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
+from cfmlang.compiler.check_adapter_route import check_adapter_route
 from cfmlang.compiler.check_update import edit_node, finetune_node
 from cfmlang.compiler.check_lora import LoraChecks
 from cfmlang.compiler.ir import FLOAT_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode, ModelNode, Node
@@ -28,6 +29,7 @@ from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
 DTYPES = FLOAT_DTYPES
 MODEL_KEYS = ("source", "allow_pickle", "description")
 MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
+ADAPTER_ROUTES = ("retrieve", "gate")
 METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
               "merge": "method"}
 
@@ -149,6 +151,8 @@ class _Checker(LoraChecks):
             self.check_lora(decl, body, entry, declared.base_dir)
         elif decl.keyword == "brick":
             self.add(check_experts(self, declared, body, entry))
+        elif decl.keyword == "route" and method in ADAPTER_ROUTES:
+            self.add(check_adapter_route(self, declared, body, entry))
         elif decl.keyword == "route":
             self.add(check_route(self, declared, body, entry))
         elif decl.keyword == "update":

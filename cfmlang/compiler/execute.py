@@ -9,11 +9,12 @@ from typing import Any, Callable, Protocol
 import networkx as nx
 import torch
 
+from cfmlang.compiler.adapter_route import AdapterRouteProvider
 from cfmlang.compiler.adapters import (AttachProvider, ExtractProvider, MergedAdapterProvider, OnTrainStep,
                                       PeftSourceProvider, TrainProvider)
 from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (FLOAT_DTYPES, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode,
+from cfmlang.compiler.ir import (FLOAT_DTYPES, AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode,
                                  LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
                                  RouteNode, TensorSpec, layer_index)
 from cfmlang.compiler.materialise import materialise
@@ -230,6 +231,8 @@ def make_provider(program: CheckedProgram, node, providers: dict[str, Provider],
         return EditProvider(node, providers[node.model], node_seed(program, node), log)
     if isinstance(node, FinetuneNode):
         return FinetuneProvider(node, providers[node.model], node_seed(program, node), log)
+    if isinstance(node, AdapterRouteNode):
+        return AdapterRouteProvider(node, providers[node.base], [providers[a] for a in node.adapters], on_train_step)
     dtype = node.dtype or program.dtype
     return MergeProvider(
         node, [providers[i.model] for i in node.inputs],

@@ -5,7 +5,7 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import (AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
+from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
                                  LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
 from cfmlang.diagnostics import Diagnostic, warning
 
@@ -57,6 +57,8 @@ def node_attributes(node) -> dict:
         return {"op": "update", "method": node.method, "from": node.model, "facts": len(node.facts)}
     if isinstance(node, FinetuneNode):
         return {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train)}
+    if isinstance(node, AdapterRouteNode):
+        return {"op": "route", "method": node.method, "base": node.base, "adapters": list(node.adapters)}
     assert isinstance(node, MergeNode)
     return {"op": "merge", "method": node.method, "base": node.base or "",
             "inputs": [i.model for i in node.inputs], "dtype": node.dtype or ""}

@@ -200,6 +200,27 @@ class RouteNode:
 
 
 @dataclass(frozen=True)
+class AdapterRouteNode:
+    """A model that mixes lora bricks per input: `retrieve` (per sequence, keyed by each
+    adapter's `samples`) or `gate` (per token; trained on `data` when given)."""
+
+    name: str
+    span: Span
+    method: str
+    base: str
+    adapters: tuple[str, ...]
+    samples: tuple[tuple[str, ...], ...]      # per adapter (retrieve); empty for gate
+    options: tuple[tuple[str, Any], ...]      # top_k, temperature, mix / training settings
+    data: str | None                          # resolved path of the gate's training text
+    arch: ArchInfo
+    node_type: str = "routed model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return (self.base,) + self.adapters
+
+
+@dataclass(frozen=True)
 class FinetuneNode:
     """`update` with method finetune: train the tensors under `train` (name prefixes such
     as `model.layers.4.`) of `model` on the texts of `data`; everything else is frozen."""
@@ -314,7 +335,7 @@ class AttachNode:
 
 
 Node = Union[ModelNode, MergeNode, AttachNode, LoraExtractNode, LoraSourceNode, LoraTrainNode, LoraMergeNode,
-             ExpertsNode, RouteNode, EditNode, FinetuneNode]
+             ExpertsNode, RouteNode, EditNode, FinetuneNode, AdapterRouteNode]
 
 
 @dataclass(frozen=True)

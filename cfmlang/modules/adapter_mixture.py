@@ -12,6 +12,8 @@ input, and `torch.export` captures it whole.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -216,3 +218,48 @@ def train_gates(mixture: AdapterMixture, batches: list[torch.Tensor], steps: int
     for parameter in trainable:
         parameter.requires_grad_(False)
     return losses
+
+
+# ---- artifacts: the base model + adapters.safetensors + router.safetensors ---------------
+
+ADAPTERS_FILE = "adapters.safetensors"
+ROUTER_FILE = "router.safetensors"
+
+
+def adapter_tensors(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """`N.MODULE.down|up|scale` for adapter N (in routing order) and each of its modules."""
+    tensors = {}
+    for index, adapter in enumerate(adapters):
+        for module, factors in adapter.items():
+            tensors[f"{index}.{module}.down"] = factors.down.contiguous()
+            tensors[f"{index}.{module}.up"] = factors.up.contiguous()
+            tensors[f"{index}.{module}.scale"] = torch.tensor(float(factors.scale), dtype=torch.float64)
+    return tensors
+
+
+def adapters_from_tensors(tensors: dict[str, torch.Tensor], count: int) -> list[Adapter]:
+    adapters: list[Adapter] = [{} for _ in range(count)]
+    for name in tensors:
+        if name.endswith(".down"):
+            index, module = name[:-len(".down")].split(".", 1)
+            prefix = name[:-len(".down")]
+            adapters[int(index)][module] = LoraFactors(tensors[name], tensors[f"{prefix}.up"],
+                                                       float(tensors[f"{prefix}.scale"]))
+    return adapters
+
+
+def load_mixture(model: nn.Module, directory, routing: dict) -> AdapterMixture:
+    """The mixture an `adapter-routed` artifact describes, around its loaded base `model`."""
+    from safetensors.torch import load_file
+
+    names = routing["adapters"]
+    adapters = adapters_from_tensors(load_file(Path(directory) / ADAPTERS_FILE), len(names))
+    router = load_file(Path(directory) / ROUTER_FILE)
+    options = {"top_k": routing["top_k"], "temperature": routing["temperature"]}
+    if routing["method"] == "retrieve":
+        return AdapterMixture(model, adapters, names, "retrieve", mix=routing["mix"],
+                              embeddings=router["embeddings"], **options).eval()
+    gates = new_gates(model, len(names))
+    for index, gate in enumerate(gates):
+        gate.weight.data = router[f"gates.{index}.weight"].to(gate.weight.dtype)
+    return AdapterMixture(model, adapters, names, "gate", gates=gates, **options).eval()
