@@ -31,7 +31,7 @@ from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
 from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
                                  LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
-from cfmlang.compiler.resolve import resolve
+from cfmlang.compiler.resolve import read_source, resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
@@ -59,7 +59,7 @@ def read_input(source) -> Input:
         if not path.is_file():
             raise CompileError([error("E040", f"cannot read `{path}`: no such file",
                                       None, "check the path")])
-        return Input(path.read_text(), str(path), path.resolve().parent)
+        return Input(read_source(path, str(path)), str(path), path.resolve().parent)
     return Input(str(source), "<input>", Path.cwd())
 
 
@@ -178,7 +178,12 @@ def _plan(program, graph, cache: Cache, use_cache: bool, sizes: tuple[int, int],
 
 def refuse_foreign_output(output_dir: Path) -> None:
     """Only an artifact of ours (or nothing) may be replaced by a compile."""
-    if output_dir.is_symlink() or not output_dir.exists():
+    if output_dir.is_symlink():
+        raise CompileError([error("E142", f"refusing to write {output_dir}: it is a symbolic link "
+                                  f"(to {os.readlink(output_dir)})", None,
+                                  "compile never writes through or replaces a link; give the real "
+                                  "path, or remove the link")])
+    if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise CompileError([error("E082", f"refusing to write {output_dir}: it is a file", None,

@@ -10,6 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
+from cfmlang.compiler.artifact import InterruptedAfterWrite
 from cfmlang.diagnostics import CompileError, render_json, render_plain
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except CompileError as exc:
         report(exc.diagnostics, args)
         return EXIT_USER
+    except InterruptedAfterWrite as exc:
+        print(f"interrupted after {exc.target} was written in full", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -91,6 +91,9 @@ def build_models(models: Path) -> Path:
     # LoRA bricks: a PEFT adapter of llama_a, and training data
     peft_adapter(models / "adapter_ok", a, seed=1)
     (models / "pirate.jsonl").write_text('{"prompt": "hi", "response": "arr"}\n')
+    # E141: an integer tensor in a merged model
+    save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].to(torch.int64)},
+              folder("int_tensor") / "model.safetensors", metadata={"format": "pt"})
     return models
 
 
@@ -175,7 +178,7 @@ def test_golden_corpus_is_complete():
     wanted = {f"E00{i}" for i in range(1, 8)} | {
         "E010", "E011", "E012", "E013", "E014", "E015", "E020", "E021", "E022", "E030",
         "E031", "E032", "E033", "E040", "E041", "E050", "E051", "E052", "E053", "E060",
-        "E061", "E062"}
+        "E061", "E062", "E140", "E141", "E144"}
     assert wanted <= codes, f"no golden file covers {sorted(wanted - codes)}"
     for path in ERRORS:
         assert expectations(path), f"{path.name} has no `# expect:` annotation"

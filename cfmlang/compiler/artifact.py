@@ -7,13 +7,20 @@ memory stays near the largest tensor, not the model size.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
+import re
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,27 +40,128 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; on success it replaces `target` whole.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed
-    and an existing `target` is left untouched.
+    and an existing `target` is left untouched. The replacement is one atomic exchange
+    of the two directories (Linux renameat2), so a process killed at any instant leaves
+    either the old `target` or the new one, never neither; siblings left behind by
+    killed processes are removed by the next write to the same target.
     """
     target = Path(target)
+    if target.is_symlink():
+        raise FileExistsError(errno.EEXIST, "a symbolic link is never replaced or followed", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_siblings(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(target, "tmp"), dir=target.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
         _fsync_tree(tmp)
-        if target.is_symlink():
-            target.unlink()
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with _sigint_deferred() as interrupt:
+            if target.exists():
+                _replace_directory(tmp, target)
+            else:
+                os.replace(tmp, target)
+            _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if interrupt.pending:
+        raise InterruptedAfterWrite(target)
+
+
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Ctrl-C arrived while a finished directory was being moved into place: the move
+    completed first, so `target` holds the complete new contents."""
+
+    def __init__(self, target: Path):
+        super().__init__(str(target))
+        self.target = target
+
+
+@dataclass
+class _Interrupt:
+    pending: bool = False
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[_Interrupt]:
+    """Hold back SIGINT while the block runs (main thread with Python's default handler
+    only); `.pending` says whether one arrived."""
+    interrupt = _Interrupt()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupt
+        return
+    signal.signal(signal.SIGINT, lambda number, frame: setattr(interrupt, "pending", True))
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _sibling_prefix(target: Path, role: str) -> str:
+    return f".{target.name}.{role}-{os.getpid()}-"
+
+
+def remove_stale_siblings(target: Path) -> None:
+    """Remove temporary siblings of `target` whose writing process no longer exists."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-")
+    for sibling in target.parent.iterdir():
+        match = pattern.match(sibling.name)
+        if match and not _process_alive(int(match.group(1))) and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Put `new` at `target` and delete the old `target`, atomically where possible."""
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)   # `new` now holds the previous artifact
+        return
+    old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(target, "old"), dir=target.parent))
+    os.replace(target, old / "previous")
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step with renameat2(RENAME_EXCHANGE); False where the
+    platform or file system has no such call."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -15,10 +15,11 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
 from cfmlang.compiler.check_adapter_route import check_adapter_route
-from cfmlang.compiler.check_update import edit_node, finetune_node
-from cfmlang.compiler.check_lora import LoraChecks
-from cfmlang.compiler.ir import FLOAT_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode, ModelNode, Node
 from cfmlang.compiler.check_experts import check_experts, check_route
+from cfmlang.compiler.check_lora import LoraChecks
+from cfmlang.compiler.check_update import edit_node, finetune_node
+from cfmlang.compiler.ir import (FLOAT_DTYPES, MERGEABLE_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode,
+                                 ModelNode, Node)
 from cfmlang.compiler.resolve import Declared, Resolved
 from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
@@ -256,7 +257,7 @@ class _Checker(LoraChecks):
         shared_values = {k: v for k, v in options.items() if k in shared_names}
         models = [base] * (base is not None) + [i.model for i in inputs]
         arch = self.compatible(decl, [m for m in models if m])
-        if arch is None:
+        if arch is None or not self.float_tensors(decl, [m for m in models if m]):
             return
         if base in [i.model for i in inputs]:
             inputs = tuple(i for i in inputs if i.model != base)
@@ -437,6 +438,20 @@ class _Checker(LoraChecks):
             else:
                 ok = self.same_tensors(decl, first_name, first, name, arch) and ok
         return first if ok else None
+
+    def float_tensors(self, decl: ast.Decl, names: list[str]) -> bool:
+        """Merges compute in floating point: an integer, boolean or 8-bit float tensor in
+        a merged model is a damaged or foreign checkpoint."""
+        for name in dict.fromkeys(names):
+            for spec in self.nodes[name].arch.tensors:
+                if spec.dtype not in MERGEABLE_DTYPES:
+                    self.problems.append(error(
+                        "E141", f"tensor `{spec.name}` of `{name}` has dtype {spec.dtype}; merges "
+                        f"need floating-point tensors ({', '.join(MERGEABLE_DTYPES)})",
+                        decl.name_span, "the checkpoint is damaged or not a model's weights; "
+                        "convert the tensor or use another checkpoint"))
+                    return False
+        return True
 
     def same_tensors(self, decl, first_name, first: ArchInfo, name, arch: ArchInfo) -> bool:
         if not first.tensors or not arch.tensors:

@@ -18,8 +18,9 @@ from cfmlang.compiler.ir import (FLOAT_DTYPES, AdapterRouteNode, AttachNode, Che
                                  LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
                                  RouteNode, TensorSpec, layer_index)
 from cfmlang.compiler.materialise import materialise
-from cfmlang.compiler.sources import weight_files
+from cfmlang.compiler.sources import SourceError, weight_files
 from cfmlang.compiler.weights import TORCH_DTYPES, NodeStats, Rows, SafetensorsReader, WeightError, open_source
+from cfmlang.diagnostics import CompileError
 from cfmlang.stdlib import lookup
 from cfmlang.stdlib.edit_report import measured
 from cfmlang.stdlib.editing import EditError, Request
@@ -76,6 +77,10 @@ class MergeProvider:
 
     def load(self, provider: Provider, name: str, rows: Rows) -> torch.Tensor:
         tensor = provider.get(name, rows)
+        if not tensor.is_floating_point():
+            raise WeightError(f"merge `{self.node.name}`: tensor `{name}` has dtype "
+                              f"{str(tensor.dtype).removeprefix('torch.')}; merges need floating-point tensors",
+                              self.node.span, "the checkpoint is damaged or not a model's weights")
         return tensor.to(TORCH_DTYPES[self.dtype]) if self.dtype else tensor
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
@@ -101,11 +106,23 @@ class MergeProvider:
             raise WeightError(f"merge `{self.node.name}` ({self.node.method}), tensor `{name}`: {exc}",
                               self.node.span, exc.help) from None
         if result.is_floating_point() and not all_finite(result):
-            raise WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
-                              f"tensor `{name}`", self.node.span)
+            raise self.non_finite(name, tensors, base)
         self.stats.count(name)
         want = TORCH_DTYPES[self.dtype] if self.dtype else (tensors[0] if tensors else base).dtype
         return result.to(want)
+
+
+    def non_finite(self, name: str, tensors: list[torch.Tensor], base) -> WeightError:
+        """Name the input that holds NaN/inf, or blame the merge when the inputs are finite."""
+        named = [(i.model, t) for i, t in zip(self.node.inputs, tensors)]
+        named += [(self.node.base, base)] if base is not None else []
+        for model, tensor in named:
+            if not all_finite(tensor):
+                return WeightError(f"merge `{self.node.name}`: input `{model}` holds NaN or infinite "
+                                   f"values in tensor `{name}`", self.node.span,
+                                   f"the weights of `{model}` are damaged; download or convert them again")
+        return WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
+                           f"tensor `{name}`", self.node.span)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -211,7 +228,10 @@ def make_provider(program: CheckedProgram, node, providers: dict[str, Provider],
                   log=print, on_train_step: OnTrainStep = lambda name, step, steps, loss: None) -> Provider:
     """The lazy provider of one node, reading from the providers of its inputs."""
     if isinstance(node, ModelNode):
-        reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
+        try:
+            reader, folder = open_source(node.source, node.allow_pickle, cache_dir, log)
+        except SourceError as exc:
+            raise CompileError([exc.diagnostic(node.span)]) from None
         return SourceProvider(reader, folder)
     if isinstance(node, LoraExtractNode):
         return ExtractProvider(node, providers[node.tuned], providers[node.base])

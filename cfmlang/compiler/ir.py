@@ -13,6 +13,8 @@ from cfmlang.diagnostics import Diagnostic, Span
 
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 """The dtype names a program may use, and their safetensors codes."""
+MERGEABLE_DTYPES = tuple(FLOAT_DTYPES.values())
+"""Safetensors dtypes a merge can read."""
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

