@@ -2,8 +2,8 @@
 signal at a chosen point of its execution, and report what the output looks like after.
 
 A *point* is the k-th function call made by cfmlang's own code or by the file-system
-helpers it uses (shutil, tempfile, os): a profiler counts calls and the child sends
-itself the signal at call k. A dry run counts the calls of a whole compile; the points
+helpers it uses (shutil, tempfile, os), in any thread: a profiler counts calls and the
+child sends itself the signal at call k. A dry run counts the calls of a whole compile; the points
 are then drawn at random from that range (seeded), plus the first call of each step that
 moves the finished directory into place.
 
@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import cfmlang
@@ -49,6 +50,7 @@ def run_child(argv: list[str], stop_at: int, signal_number: int, report: Path) -
             if calls == stop_at:
                 os.kill(os.getpid(), signal_number)
 
+    threading.setprofile(count)   # the producer thread that computes tensors
     sys.setprofile(count)
     code = main(argv)
     sys.setprofile(None)

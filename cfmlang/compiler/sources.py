@@ -243,8 +243,17 @@ def gguf_tensor_name(name: str) -> str | None:
 
 
 def gguf_arch(path: Path) -> ArchInfo:
+    """The architecture in a GGUF file's metadata. Reading it walks every metadata array
+    (a 49k-token vocabulary takes seconds), so it is remembered per file version."""
+    stat = path.stat()
+    return _gguf_arch(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_arch(path_name: str, size: int, mtime_ns: int) -> ArchInfo:
     from gguf import GGUFReader
 
+    path = Path(path_name)
     try:
         reader = GGUFReader(str(path))
         arch = _gguf_field(reader, "general.architecture")

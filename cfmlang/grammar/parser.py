@@ -76,6 +76,10 @@ MAX_NESTING = 64
 and well inside what the recursive stages after the parser can take."""
 
 
+NESTING_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#.*|[\[\]{}]')
+"""Strings and comments (skipped whole) and brackets."""
+
+
 def _nesting_problems(text: str, file: str) -> list[Diagnostic]:
     """One E144 at the first block or bracket nested deeper than MAX_NESTING."""
     levels = [0]
@@ -88,23 +92,21 @@ def _nesting_problems(text: str, file: str) -> list[Diagnostic]:
                 levels.pop()
             if width > levels[-1]:
                 levels.append(width)
-        in_string = escaped = False
-        for col, char in enumerate(line, start=1):
-            if in_string:
-                escaped = char == "\\" and not escaped
-                in_string = escaped or char != '"'
-            elif char == '"':
-                in_string = True
-            elif char == "#":
+        col = 1 if len(levels) - 1 > MAX_NESTING else None
+        for token in NESTING_TOKENS.finditer(line):
+            if col is not None:
                 break
-            elif char in "[{":
+            char = token.group()
+            if char in "[{":
                 depth += 1
             elif char in "]}":
                 depth = max(depth - 1, 0)
             if len(levels) - 1 + depth > MAX_NESTING:
-                return [error("E144", f"nesting deeper than {MAX_NESTING} levels of blocks and brackets",
-                              Span.point(file, number, col), "flatten the value; no method takes "
-                              "anything nested this deep")]
+                col = token.start() + 1
+        if col is not None:
+            return [error("E144", f"nesting deeper than {MAX_NESTING} levels of blocks and brackets",
+                          Span.point(file, number, col), "flatten the value; no method takes "
+                          "anything nested this deep")]
     return []
 
 
