@@ -6,7 +6,7 @@
 Each input is written as the bytes of a .brick file and checked through the real
 command line entry point, rendering its diagnostics as text and as JSON. Any exit other
 than 0 or 1 (an internal error: a traceback) stops the run with the input; libFuzzer
-saves it as crash-*. The corpus starts from the golden files and examples. Real tiny
+saves it as fuzz-artifacts/crash-* (slow inputs as slow-unit-*). The corpus starts from the golden files and examples. Real tiny
 models are built once in a temporary directory, so programs that name `models/a` and
 `models/b` reach the checks past the parser.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["cfmlang", "lark"]):
+with atheris.instrument_imports(include=["cfmlang"]):
     from cfmlang.cli import main
 
 HERE = Path(__file__).parent
@@ -59,6 +59,9 @@ def check(data: bytes) -> None:
 if __name__ == "__main__":
     build_models()
     args = sys.argv
+    if not any(a.startswith("-artifact_prefix=") for a in args):
+        args = args + [f"-artifact_prefix={Path.cwd() / 'fuzz-artifacts'}/"]
+        (Path.cwd() / "fuzz-artifacts").mkdir(exist_ok=True)
     if not any(not a.startswith("-") for a in args[1:]):
         corpus = WORK / "corpus"
         seed_corpus(corpus)
