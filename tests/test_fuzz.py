@@ -159,9 +159,10 @@ KEYS = st.sampled_from(sorted(set(MODEL_KEYS + MERGE_KEYS + ("kind", "from", "at
                        + parameter_names())
 NUMBERS = st.one_of(st.integers(-5, 5).map(str), st.floats(-2, 2, allow_nan=False).map(repr),
                     st.sampled_from(["1e999", "-1e999", ".5", "5.", "-0", "+3", "1e-3", "99999999999999999999",
-                                     "0.0000001", "3e+2"]))
+                                     "0.0000001", "3e+2", "9" * 400, "1e308", "-9223372036854775808"]))
 STRINGS = st.one_of(st.text(alphabet="ab \\\"/.u0é", max_size=6).map(lambda s: '"' + s + '"'),
-                    st.sampled_from(['""', '"\\u00e9"', '"\\q"', '"a\\"b"', '"std/smollm2.brick"']))
+                    st.sampled_from(['""', '"\\u00e9"', '"\\q"', '"a\\"b"', '"std/smollm2.brick"', '"\\u0000"',
+                                     '"\\ud800"', '"\\udfff\\ud800"', '"\\ud83d\\ude00"', '"\\u00"']))
 
 
 @st.composite

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from lark import Token, Tree
 
@@ -33,11 +34,19 @@ class _Builder:
 
     def string(self, token: Token) -> str:
         try:
-            return json.loads(str(token))
+            value = json.loads(str(token))
         except ValueError:
             self.problems.append(error("E006", "invalid escape sequence in string",
                                        self.span(token), 'use JSON escapes such as \\" and \\n'))
             return str(token)[1:-1]
+        unfit = next((c for c in value if c == "\0" or "\ud800" <= c <= "\udfff"), None)
+        if unfit is not None:
+            what, hint = (("a NUL character", "no name, path or text may hold one") if unfit == "\0" else
+                          ("a lone surrogate", "write a character beyond U+FFFF as a pair, e.g. \\ud83d\\ude00"))
+            self.problems.append(error("E006", f"string escapes {what} (\\u{ord(unfit):04x})",
+                                       self.span(token), hint))
+            return str(token)[1:-1]
+        return value
 
     def statement(self, node: Tree) -> ast.Statement:
         if node.data == "decl":
@@ -73,6 +82,10 @@ class _Builder:
         if kind == "number":
             text = str(node.children[0])
             number = float(text) if any(c in text for c in ".eE") else int(text)
+            if isinstance(number, int) and abs(number) >= 2**63 or not math.isfinite(number):
+                self.problems.append(error("E032", f"number `{text}` is out of range",
+                                           span, "numbers are 64-bit: integers below 2**63 in magnitude, "
+                                           "decimals below about 1.8e308"))
             return ast.Number(number, span)
         if kind == "string":
             return ast.String(self.string(node.children[0]), span)
