@@ -8,9 +8,11 @@ are then drawn at random from that range (seeded), plus the first call of each s
 moves the finished directory into place.
 
 Run as `python tests/kill_points.py JOB.json`; JOB holds argv (for `cfmc`), output,
-previous (a directory copied to `output` before each run), seed, count, signal
-(KILL or INT). Prints one JSON object: the calls counted, and per point the exit
-status, the files of `output` with their hashes, and the siblings left beside it.
+previous (a directory copied to `output` before each run), cache and cache_baseline
+(likewise for the build cache), seed, count, signal (KILL or INT). Prints one JSON
+object: the calls counted, and per point the exit status, the files of `output` with
+their hashes, the siblings left beside it, and each cache entry with whether it is
+complete and unchanged.
 Imports happen once here, before any fork; the children only run the compile.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import cfmlang
 from cfmlang.cli import main
+from cfmlang.compiler.cache import Cache
 
 WATCHED = tuple(str(Path(m.__file__).parent if m is cfmlang else Path(m.__file__))
                 for m in (cfmlang, shutil, tempfile, os))
@@ -82,31 +85,40 @@ def siblings(output: Path) -> list[str]:
     return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}."))
 
 
-def reset(output: Path, previous: Path) -> None:
-    """The previous artifact at `output` and nothing beside it, so that every run makes
-    the same calls as the dry run (sweeping debris would add some)."""
+def reset(output: Path, previous: Path, cache: Path, cache_baseline: Path) -> None:
+    """The previous artifact at `output` and nothing beside it, and the cache as it was
+    after the previous compile, so that every run makes the same calls as the dry run."""
     for name in siblings(output):
         shutil.rmtree(output.parent / name)
-    if output.exists():
-        shutil.rmtree(output)
-    shutil.copytree(previous, output)
+    for folder, source in ((output, previous), (cache, cache_baseline)):
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.copytree(source, folder)
+
+
+def cache_entries(cache: Path) -> dict[str, bool]:
+    """Every node entry in the cache, and whether it is complete and unchanged."""
+    nodes = cache / "nodes"
+    names = sorted(p.name for p in nodes.iterdir() if not p.name.startswith(".")) if nodes.is_dir() else []
+    return {name: Cache(cache).lookup(name) is not None for name in names}
 
 
 def main_driver(job: dict) -> dict:
-    output, previous = Path(job["output"]), Path(job["previous"])
+    state = [Path(job[k]) for k in ("output", "previous", "cache", "cache_baseline")]
+    output, cache = state[0], state[2]
     number = getattr(signal, "SIG" + job["signal"])
     report = Path(tempfile.mkdtemp()) / "report.json"
-    reset(output, previous)
+    reset(*state)
     dry = fork_run(job["argv"], 0, number, report)
     measured = json.loads(report.read_text())
     points = random.Random(job["seed"]).sample(range(1, measured["calls"] + 1), job["count"])
     points = sorted(set(points) | set(measured["commit"]))
     results = []
     for point in points:
-        reset(output, previous)
+        reset(*state)
         status = fork_run(job["argv"], point, number, report)
         results.append({"point": point, "status": status, "files": snapshot(output),
-                        "siblings": siblings(output)})
+                        "siblings": siblings(output), "cache": cache_entries(cache)})
     return {"dry_status": dry, "calls": measured["calls"], "commit": measured["commit"],
             "results": results}
 

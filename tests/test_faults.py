@@ -1,9 +1,10 @@
 """Faults during a compile: SIGKILL and SIGINT at random points, a full disk.
 
-Each test starts from a previous artifact at the output path and checks that after the
-fault the output holds either that artifact, byte for byte, or the complete new one
-(equal to a reference compile), and that the next compile cleans up whatever the
-killed process left beside it.
+Each test starts from a previous artifact at the output path (and, for the kills, the
+build cache its compile left) and checks that after the fault the output holds either
+that artifact, byte for byte, or the complete new one (equal to a reference compile),
+that every cache entry is complete with the old ones still there, and that the next
+compile cleans up whatever the killed process left beside the output.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 
 import cfmlang
 from cfmlang.cli import main
+from kill_points import cache_entries
 
 PROGRAM = """model a:
   source: hf "{a}"
@@ -48,23 +50,30 @@ def hashes(folder: Path) -> dict[str, str] | None:
 
 
 @pytest.fixture
-def versions(tiny_zoo, tmp_path):
-    """(program file, previous artifact, reference of the new artifact)."""
+def versions(tiny_zoo, tmp_path, monkeypatch):
+    """(program file, previous artifact, reference of the new artifact); the cache the
+    previous compile left is in tmp_path/cache-old (the new one's in a cache of its own).
+    SOURCE_DATE_EPOCH fixes the manifests' `created` time, here and in child processes."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764000000")
     program = tmp_path / "mix.brick"
     old, new = tmp_path / "old", tmp_path / "new"
     program.write_text(PROGRAM.format(a=tiny_zoo["llama_a"], b=tiny_zoo["llama_b"], wb=0.5))
-    cfmlang.compile(program, old)
+    cfmlang.compile(program, old, cache_dir=tmp_path / "cache-old")
     program.write_text(PROGRAM.format(a=tiny_zoo["llama_a"], b=tiny_zoo["llama_b"], wb=0.25))
-    cfmlang.compile(program, new)
+    cfmlang.compile(program, new, cache_dir=tmp_path / "cache-new")
     assert hashes(old) != hashes(new)
     return program, old, new
 
 
 def run_driver(tmp_path: Path, program: Path, old: Path, signal_name: str, seed: int, count: int) -> dict:
-    out = tmp_path / "runs" / "out"
+    """Kill runs of the new compile over the old artifact and the old compile's cache, in
+    which the models are cached and the changed merges are not."""
+    out, cache = tmp_path / "runs" / "out", tmp_path / "runs" / "cache"
     out.parent.mkdir()
-    job = {"argv": ["compile", str(program), "-o", str(out), "-q"], "output": str(out),
-           "previous": str(old), "seed": seed, "count": count, "signal": signal_name}
+    job = {"argv": ["compile", str(program), "-o", str(out), "-q", "--cache-dir", str(cache)],
+           "output": str(out), "previous": str(old), "cache": str(cache),
+           "cache_baseline": str(tmp_path / "cache-old"),
+           "seed": seed, "count": count, "signal": signal_name}
     (tmp_path / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=300)
@@ -72,12 +81,15 @@ def run_driver(tmp_path: Path, program: Path, old: Path, signal_name: str, seed:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def assert_old_or_complete_new(report: dict, old: Path, new: Path) -> tuple[int, int]:
-    """Every run left the old artifact or the whole new one; returns how many of each."""
+def assert_old_or_complete_new(report: dict, old: Path, new: Path, cached_before: set[str]) -> tuple[int, int]:
+    """Every run left the old artifact or the whole new one, and a cache whose entries
+    are all complete, the old ones among them; returns how many runs kept / replaced."""
     before, after = hashes(old), hashes(new)
     kept = replaced = 0
     for run in report["results"]:
         assert run["files"] in (before, after), f"point {run['point']}: output is {run['files']}"
+        assert all(run["cache"].values()), f"point {run['point']}: damaged cache entries {run['cache']}"
+        assert cached_before <= set(run["cache"]), f"point {run['point']}: lost cache entries"
         kept += run["files"] == before
         replaced += run["files"] == after
         for name in run["siblings"]:   # only debris of the dead child, which the next run removes
@@ -87,23 +99,26 @@ def assert_old_or_complete_new(report: dict, old: Path, new: Path) -> tuple[int,
 
 def test_sigkill_at_20_random_points_keeps_old_artifact_or_writes_new_whole(versions, tmp_path):
     program, old, new = versions
+    cached_before = set(cache_entries(tmp_path / "cache-old"))
     report = run_driver(tmp_path, program, old, "KILL", seed=20261124, count=20)
     assert report["dry_status"] == 0 and report["calls"] > 1000 and report["commit"]
     assert len(report["results"]) >= 20
     assert all(run["status"] == -9 for run in report["results"])
-    kept, replaced = assert_old_or_complete_new(report, old, new)
+    kept, replaced = assert_old_or_complete_new(report, old, new, cached_before)
     assert kept and replaced      # points fell both before and after the atomic exchange
-    # whatever the last killed run left beside the output is swept by the next compile
-    out = tmp_path / "runs" / "out"
-    assert main(["compile", str(program), "-o", str(out), "-q"]) == 0
+    assert any(len(run["cache"]) > len(cached_before) for run in report["results"])  # some stored new entries
+    # whatever the last killed run left is swept by the next compile, which uses the cache
+    out, cache = tmp_path / "runs" / "out", tmp_path / "runs" / "cache"
+    assert main(["compile", str(program), "-o", str(out), "-q", "--cache-dir", str(cache)]) == 0
     assert hashes(out) == hashes(new)
-    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cache", "out"]
+    assert all(cache_entries(cache).values())
 
 
 def test_sigint_at_random_points_exits_130_and_cleans_up(versions, tmp_path):
     program, old, new = versions
     report = run_driver(tmp_path, program, old, "INT", seed=7, count=4)
-    kept, replaced = assert_old_or_complete_new(report, old, new)
+    kept, replaced = assert_old_or_complete_new(report, old, new, set(cache_entries(tmp_path / "cache-old")))
     for run in report["results"]:
         assert run["status"] == 130, run
         assert run["siblings"] == [], run     # an interrupt cleans up after itself
