@@ -68,8 +68,10 @@ class _Checker(LoraChecks):
         self.order = list(nx.lexicographical_topological_sort(acyclic))
         for name in self.order:
             # a declaration whose inputs failed is still checked on its own; references
-            # to failed nodes resolve silently, so nothing is reported twice
-            self.check_decl(self.table[name], bodies[name])
+            # to failed nodes resolve silently, so nothing is reported twice; a referenced
+            # declaration whose body is not a map (E033) is not checked
+            if bodies[name] is not None:
+                self.check_decl(self.table[name], bodies[name])
 
     def body_of(self, decl: ast.Decl) -> ast.MapValue | None:
         if not isinstance(decl.body, ast.MapValue):
