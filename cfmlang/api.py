@@ -29,6 +29,7 @@ from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
+from cfmlang.compiler.lower import LowerOptions, lower_artifact, preflight, validate_target
 from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
                                  LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
 from cfmlang.compiler.resolve import read_source, resolve
@@ -104,7 +105,8 @@ class Output:
 def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, force: bool = False,
             max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             progress: Callable[[int, int], None] | None = None, log=lambda msg: None,
-            on_train_step: OnTrainStep | None = None) -> CompileResult:
+            on_train_step: OnTrainStep | None = None,
+            target: str = "eager", lowering: LowerOptions | None = None) -> CompileResult:
     """Check, plan, and build the output node into `output_dir` atomically.
 
     With the cache (the default), every node's output is kept under `cache_dir` by its
@@ -114,7 +116,10 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     bytes, when smaller) is refused (E130) unless `force`. Without `output_dir` the artifact goes to a temporary directory that
     lives as long as the result. Tensors are computed and written `chunk_bytes` of rows
     at a time where the method allows it. `on_train_step(brick, step, steps, loss)`
-    follows training bricks."""
+    follows training bricks. A `target` other than eager also lowers the model into the
+    artifact (`lowering` gives the target's options)."""
+    lowering = lowering or LowerOptions(target=target)
+    preflight(lowering)
     program = check(source)
     graph, dropped = build_graph(program)
     keep = None
@@ -131,10 +136,10 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     with _diagnosed_faults():
         if use_cache:
             manifest, stats = _build_cached(program, graph, keys, build_plan, cache, output_dir, sizes, progress, log,
-                                            on_train_step)
+                                            on_train_step, lowering)
         else:
             manifest, stats = _build_streamed(program, graph, keys, cache, output_dir, sizes, progress, log,
-                                              on_train_step)
+                                              on_train_step, lowering)
     return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), build_plan, stats, keep)
 
 
@@ -194,18 +199,25 @@ def refuse_foreign_output(output_dir: Path) -> None:
                                   "choose a new output path; cfmc only replaces its own artifacts")])
 
 
-def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log, on_train_step):
+def _lower_into(tmp: Path, manifest: dict, lowering: LowerOptions, log) -> None:
+    lowered = lower_artifact(tmp, manifest, lowering, log)
+    if lowered is not None:
+        manifest["lowered"] = lowered
+
+
+def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log, on_train_step, lowering):
     """No cache: every node's provider is wired at once and the output pulled through."""
     run = execute(program, graph, cache.root, log, on_train_step)
     with atomic_directory(output_dir) as tmp:
         output = write_output(program.node(program.output), run.output, tmp, sizes, progress, log)
         manifest = build_manifest(program, graph, keys, output)
+        _lower_into(tmp, manifest, lowering, log)
         write_manifest(tmp, manifest)
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
 
 def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_dir, sizes, progress, log,
-                  on_train_step):
+                  on_train_step, lowering):
     """Run the plan: each node that runs is written into the cache before its consumers
     read it back; cached nodes are read from their entries; the output entry is linked
     into the artifact."""
@@ -235,7 +247,8 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             build_plan.entries[name] = entry
             if name != program.output:
                 providers[name] = stored_provider(entry.path)
-    manifest = _place_output(program, graph, keys, build_plan, providers.get(program.output), output_dir, sizes, progress, log)
+    manifest = _place_output(program, graph, keys, build_plan, providers.get(program.output), output_dir, sizes,
+                             progress, log, lowering)
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
@@ -262,7 +275,8 @@ def _op_words(node) -> list[str]:
     return [node_attributes(node)["op"]] + ([node.method] if isinstance(node, MergeNode) else [])
 
 
-def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, sizes, progress, log) -> dict:
+def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, sizes, progress, log,
+                  lowering) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
     entry = build_plan.entries.get(program.output)
@@ -274,6 +288,7 @@ def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, 
         else:
             output = write_output(program.node(program.output), provider, tmp, sizes, progress, log)
         manifest = build_manifest(program, graph, keys, output)
+        _lower_into(tmp, manifest, lowering, log)
         write_manifest(tmp, manifest)
     return manifest
 
@@ -499,23 +514,44 @@ def calibration_record(calibration) -> dict:
             "tokens": calibration.tokens}
 
 
-def load(directory, **kwargs):
-    """The compiled model as a torch module: transformers' for standard architectures, a
-    PeftModel for adapters, for routed artifacts the HF model with its routed FFNs
-    replaced by `cfmlang.modules.routed_mlp.RoutedMLP`, and for routes over lora bricks an
-    `cfmlang.modules.adapter_mixture.AdapterMixture` around the base model."""
-    from transformers import AutoModelForCausalLM
-
+def load(directory, target: str | None = None, device: str | None = None, **kwargs):
+    """The compiled model as a torch module: the lowered program when the artifact was
+    compiled with a lowering target (a `LoweredModel` with `generate`), else the
+    transformers model. `target="eager"` always gives the transformers model."""
     directory = Path(directory)
     if not (directory / "cfm.json").is_file():
         raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
                                   None, "compile one with `cfmc compile FILE -o DIR`")])
+    from cfmlang.generation import LoweredModel, lowered_entry
+
+    lowered = lowered_entry(directory)
+    if target is not None:
+        validate_target(target)
+    if target == "eager" or (target is None and lowered is None):
+        model = load_eager(directory, **kwargs)
+        return model.to(device) if device else model
+    if lowered is None or (target is not None and lowered["target"] != target):
+        raise CompileError([error("E175", f"{directory} holds no `{target}` program (lowered: "
+                                  f"{lowered['target'] if lowered else 'none'})", None,
+                                  f"compile it with `cfmc compile FILE -o DIR --target {target}`, "
+                                  "or load it with target=\"eager\"")])
+    return LoweredModel(directory, lowered, device)
+
+
+def load_eager(directory, manifest: dict | None = None, **kwargs):
+    """The transformers model of an artifact directory: a PeftModel for adapters, routed
+    FFNs replaced by `cfmlang.modules.routed_mlp.RoutedMLP` for routed artifacts, an
+    `AdapterMixture` around the base model for routes over lora bricks.
+    `manifest` is the artifact's cfm.json content (read from the directory if not given)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
         return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), directory)
-    manifest = json.loads((directory / "cfm.json").read_text())
+    manifest = manifest or json.loads((directory / "cfm.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if manifest.get("kind") == "adapter-routed":
         from cfmlang.modules.adapter_mixture import load_mixture

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from cfmlang.compiler.artifact import InterruptedAfterWrite
+from cfmlang.compiler.lower import PRECISIONS, TARGETS
 from cfmlang.diagnostics import CompileError, render_json, render_plain
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_options(sub, "compile even when the estimated peak memory exceeds the limit")
     sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_lowering_arguments(sub)
 
     sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")
     sub.add_argument("file", type=Path)
@@ -94,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=0.7)
     sub.add_argument("--top-p", type=float, default=0.9)
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
+                     "(default: the lowered one when there is one, else eager)")
+    sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
+
+    sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager")
+    sub.add_argument("directory", type=Path)
+    sub.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    sub.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    sub.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    sub.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
+    sub.add_argument("--device", help="device (default: the one the program was lowered for)")
+    sub.add_argument("--format", choices=("text", "json"), default="text")
 
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
     sub.add_argument("--format", choices=("md",), default="md")
@@ -128,6 +142,27 @@ def cache_options(sub: argparse.ArgumentParser) -> None:
                      "stream the whole graph into the output")
 
 
+def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--target", choices=TARGETS, default="eager",
+                     help="also lower the model: a torch.export program, an AOTInductor package, "
+                     "or TensorRT engines (default: eager, weights only)")
+    sub.add_argument("--device", default="cpu", help="device the program is lowered for (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS,
+                     help="cast the graph (default: the artifact's dtype; float16 for tensorrt)")
+    sub.add_argument("--batch", type=int, default=1, help="tensorrt: static batch size (default 1)")
+    sub.add_argument("--prompt-length", type=int, default=128, help="tensorrt: static prompt length (default 128)")
+    sub.add_argument("--cache-length", type=int, default=512, help="tensorrt: static KV cache length (default 512)")
+    sub.add_argument("--no-fp32-acc", action="store_true", help="tensorrt: float16 matmuls accumulate in float16")
+
+
+def lowering_options(args):
+    from cfmlang.compiler.lower import LowerOptions
+
+    return LowerOptions(target=args.target, device=args.device, precision=args.precision, batch=args.batch,
+                        prompt_length=args.prompt_length, cache_length=args.cache_length,
+                        use_fp32_acc=not args.no_fp32_acc)
+
+
 def cmd_check(args) -> int:
     from cfmlang.api import check
     from cfmlang.compiler.graph import build_graph
@@ -160,13 +195,14 @@ def cmd_compile(args) -> int:
             TrainingBar(enabled=not args.quiet and args.format == "text", log=log) as training:
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
-                         progress=bar.update, log=log, on_train_step=training.step)
+                         progress=bar.update, log=log, on_train_step=training.step,
+                         lowering=lowering_options(args))
     artifact = result.manifest["artifact"]
     ran = [n.name for n in result.plan.nodes if n.status == "run"]
     cached = [n.name for n in result.plan.nodes if n.status == "cached"]
     if args.format == "json":
         import json
-        print(json.dumps({"output": str(args.output), **artifact, "ran": ran, "cached": cached,
+        print(json.dumps({"output": str(args.output), **artifact, "lowered": result.manifest.get("lowered"), "ran": ran, "cached": cached,
                           "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
         return EXIT_OK
     report(result.warnings, args)
@@ -225,7 +261,12 @@ class ProgressBar:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+            )
 
             self.progress = Progress("[bold]writing", BarColumn(), DownloadColumn(),
                                      TimeRemainingColumn(), console=Console(stderr=True), transient=True)
@@ -284,7 +325,18 @@ def cmd_run(args) -> int:
 
     generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
              sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             stream=sys.stdout)
+             stream=sys.stdout, target=args.target, device=args.device)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from cfmlang.bench import bench, render_table
+
+    result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
+                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device)
+    print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
     return EXIT_OK
 
 

@@ -1,0 +1,65 @@
+"""Lowering: a compiled artifact's model as an exported, Inductor or TensorRT program.
+
+`lower_artifact` runs after the weights are written (inside the artifact's temporary
+directory, so a failed lowering leaves nothing behind) and returns the manifest's
+`lowered` entry. Each target lives in its own module; the passes every program goes
+through before it is saved are in `passes`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cfmlang.diagnostics import CompileError, did_you_mean, error
+
+TARGETS = ("eager", "export", "inductor", "tensorrt")
+PRECISIONS = ("float32", "float16", "bfloat16")
+LOWERED_DIR = "lowered"
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    """`precision` casts the graph (default: the artifact's dtype; tensorrt: float16).
+    `batch`, `prompt_length` and `cache_length` are the static shapes of the tensorrt
+    programs; export and inductor programs take any batch, prompt and cache length."""
+
+    target: str = "eager"
+    device: str = "cpu"
+    precision: str | None = None
+    batch: int = 1
+    prompt_length: int = 128
+    cache_length: int = 512
+    use_fp32_acc: bool = True
+
+
+def validate_target(target: str) -> None:
+    if target not in TARGETS:
+        raise CompileError([error("E170", f"unknown lowering target `{target}`", None,
+                                  did_you_mean(target, TARGETS) or f"targets are {', '.join(TARGETS)}")])
+
+
+def preflight(options: LowerOptions) -> None:
+    """What can be refused before any weight is read: the target, and tensorrt's runtime."""
+    validate_target(options.target)
+    if options.target == "tensorrt":
+        from cfmlang.compiler.lower.tensorrt import require_runtime
+
+        require_runtime(options.device)
+
+
+def lower_artifact(directory: Path, manifest: dict, options: LowerOptions,
+                   log: Callable[[str], None]) -> dict | None:
+    """Lower the model written in `directory` to `options.target`; None for eager."""
+    validate_target(options.target)
+    if options.target == "eager":
+        return None
+    from cfmlang.compiler.lower import export, inductor, tensorrt
+    from cfmlang.compiler.lower.decoder import load_for_lowering
+
+    lower = {"export": export.lower, "inductor": inductor.lower, "tensorrt": tensorrt.lower}[options.target]
+    preflight(options)
+    model = load_for_lowering(directory, manifest, options)
+    (directory / LOWERED_DIR).mkdir()
+    entry = lower(model, directory / LOWERED_DIR, options, log)
+    return {"target": options.target, "device": options.device, **entry}

@@ -1,0 +1,205 @@
+"""Running lowered programs: a static KV cache, greedy and sampled decoding, streaming.
+
+`LoweredModel` is what `cfmlang.load` returns for an artifact compiled with
+`--target export|inductor|tensorrt`. Its `generate` takes the arguments of HF
+`generate` that matter here (input_ids, max_new_tokens, do_sample, temperature, top_k,
+top_p, streamer, eos/pad ids) and returns prompt + new tokens like HF does; greedy
+decoding gives HF's tokens for the same weights.
+
+Each target's program is one `step(ids, positions, cache) -> (logits, cache)`:
+the export program updates the cache in place, the inductor and tensorrt programs
+return it; tensorrt programs have static shapes, so prompts and batches are padded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from cfmlang.compiler.lower.decoder import empty_cache
+from cfmlang.diagnostics import CompileError, error
+
+DEFAULT_NEW_TOKENS = 20
+
+
+def for_length(programs: dict, length: int):
+    """The program for `length` new tokens: `decode` for one token when there is one
+    (routed models), else `prefill`, else the single `program`."""
+    if length == 1 and "decode" in programs:
+        return programs["decode"]
+    return programs.get("prefill", programs.get("program"))
+
+
+class InPlaceProgram:
+    """`torch.export.load(...).module()`: mutates the caches it is given."""
+
+    def __init__(self, paths: dict[str, Path], device: str):
+        self.modules = {name: torch.export.load(path).module().to(device) for name, path in paths.items()}
+
+    def step(self, ids, positions, cache):
+        return for_length(self.modules, ids.shape[1])(ids, positions, *cache), cache
+
+
+class FunctionalProgram:
+    """AOTInductor packages: return the updated caches. Their kernels assume the strides
+    of contiguous inputs (a sliced prompt would be misread), hence `contiguous()`."""
+
+    def __init__(self, paths: dict[str, Path]):
+        self.runs = {name: torch._inductor.aoti_load_package(str(path)) for name, path in paths.items()}
+
+    def step(self, ids, positions, cache):
+        logits, keys, values = for_length(self.runs, ids.shape[1])(ids.contiguous(), positions.contiguous(), *cache)
+        return logits, (keys, values)
+
+
+class StaticProgram:
+    """Prefill and decode programs of fixed batch and prompt length (the TensorRT ones):
+    prompts are right-padded to the prompt length and batches padded with rows of zeros."""
+
+    def __init__(self, prefill, decode, static: dict):
+        self.prefill, self.decode = prefill, decode
+        self.batch, self.prompt_length = static["batch"], static["prompt_length"]
+
+    @staticmethod
+    def load(paths: dict[str, Path], static: dict) -> "StaticProgram":
+        import torch_tensorrt
+
+        return StaticProgram(*(torch_tensorrt.load(str(paths[name])).module() for name in ("prefill", "decode")),
+                             static)
+
+    def step(self, ids, positions, cache):
+        batch, length = ids.shape
+        padded = torch.zeros(self.batch, self.prompt_length if length > 1 else 1, dtype=ids.dtype, device=ids.device)
+        padded[:batch, :length] = ids
+        if length > 1:
+            positions = torch.arange(self.prompt_length, device=ids.device)
+        logits, keys, values = (self.prefill if length > 1 else self.decode)(padded, positions, *cache)
+        return logits[:batch, :length], (keys, values)
+
+
+class LoweredModel:
+    """A lowered artifact with HF-like `generate` and `__call__` (logits of a prompt)."""
+
+    def __init__(self, directory: Path, entry: dict, device: str | None = None, program=None):
+        from transformers import AutoConfig, GenerationConfig
+
+        self.directory, self.entry = Path(directory), entry
+        self.target = entry["target"]
+        self.device = torch.device(device or entry.get("device", "cpu"))
+        self.config = AutoConfig.from_pretrained(directory)
+        self.generation_config = GenerationConfig.from_pretrained(directory) \
+            if (self.directory / "generation_config.json").is_file() else GenerationConfig.from_model_config(self.config)
+        self.dtype = getattr(torch, entry["dtype"])
+        files = {name: self.directory / file for name, file in entry["files"].items()}
+        if program is not None:
+            self.program = program
+        elif self.target == "export":
+            self.program = InPlaceProgram(files, str(self.device))
+        elif self.target == "inductor":
+            self.program = FunctionalProgram(files)
+        else:
+            self.program = StaticProgram.load(files, entry["static"])
+
+    def cache_for(self, batch: int, length: int):
+        static = self.entry.get("static")
+        if static:
+            if batch > static["batch"] or length > static["cache_length"]:
+                raise CompileError([error("E176", f"this tensorrt program was built for batch {static['batch']} "
+                                          f"and {static['cache_length']} positions; asked for batch {batch}, "
+                                          f"{length} positions", None,
+                                          "recompile with larger --batch/--cache-length, or use fewer tokens")])
+            batch, length = static["batch"], static["cache_length"]
+        limit = self.entry.get("max_length") or self.config.max_position_embeddings
+        if length > limit:
+            raise CompileError([error("E176", f"{length} positions exceed the model's {limit}", None,
+                                      "use a shorter prompt or fewer new tokens")])
+        return empty_cache(self.config, batch, length, self.dtype, self.device)
+
+    def prefill(self, input_ids, cache_length: int):
+        cache = self.cache_for(input_ids.shape[0], cache_length)
+        positions = torch.arange(input_ids.shape[1], device=self.device)
+        return self.program.step(input_ids.to(self.device), positions, cache)
+
+    def __call__(self, input_ids, **_unused):
+        with torch.inference_mode():
+            logits, _ = self.prefill(input_ids, input_ids.shape[1] + 1)
+        return SimpleNamespace(logits=logits)
+
+    def decode(self, token_ids, position: int, cache):
+        positions = torch.tensor([position], device=self.device)
+        return self.program.step(token_ids.to(self.device).unsqueeze(1), positions, cache)
+
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, do_sample=False,
+                 temperature=None, top_k=None, top_p=None, streamer=None, eos_token_id=None,
+                 pad_token_id=None, **_unused):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise CompileError([error("E176", "lowered programs generate for prompts of equal length "
+                                      "(this attention_mask has padding)", None,
+                                      "generate each prompt on its own, or use the eager artifact")])
+        config = self.generation_config
+        sampler = Sampler.build(do_sample, config, temperature, top_k, top_p)
+        eos = eos_token_id if eos_token_id is not None else config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
+        new = max_new_tokens or config.max_new_tokens or DEFAULT_NEW_TOKENS
+        with torch.inference_mode():
+            return self._generate(input_ids.to(self.device), new, sampler, eos, pad, streamer)
+
+    def _generate(self, prompt, new_tokens: int, sampler, eos, pad: int, streamer):
+        length = prompt.shape[1]
+        logits, cache = self.prefill(prompt, length + new_tokens)
+        tokens, finished = [prompt], torch.zeros(prompt.shape[0], dtype=torch.bool, device=self.device)
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        for step in range(new_tokens):
+            chosen = sampler(logits[:, -1, :]).masked_fill(finished, pad)
+            tokens.append(chosen.unsqueeze(1))
+            if streamer is not None:
+                streamer.put(chosen.cpu())
+            finished |= torch.isin(chosen, eos)
+            if bool(finished.all()) or step == new_tokens - 1:
+                break
+            logits, cache = self.decode(chosen, length + step, cache)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(tokens, dim=1)
+
+
+class Sampler:
+    """Greedy (argmax), or sampling with temperature, then top-k, then top-p (nucleus)."""
+
+    def __init__(self, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None):
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    @staticmethod
+    def build(do_sample: bool, config, temperature, top_k, top_p):
+        if not do_sample:
+            return Sampler()
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        return Sampler(pick(temperature, config.temperature) or 1.0, pick(top_k, config.top_k),
+                       pick(top_p, config.top_p))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature is None:
+            return logits.argmax(dim=-1)
+        return torch.multinomial(torch.softmax(self.filtered(logits), dim=-1), 1).squeeze(-1)
+
+    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores with every token outside the top-k and the top-p nucleus at -inf."""
+        scores = logits.float() / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            ascending, order = scores.sort(dim=-1)
+            tail = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            tail[..., -1] = False                        # the most likely token always stays
+            scores = scores.scatter(-1, order, ascending.masked_fill(tail, float("-inf")))
+        return scores
+
+
+def lowered_entry(directory: Path) -> dict | None:
+    manifest = json.loads((Path(directory) / "cfm.json").read_text())
+    return manifest.get("lowered")
