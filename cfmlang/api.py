@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -30,10 +30,12 @@ from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, 
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
 from cfmlang.compiler.lower import LowerOptions, lower_artifact, preflight, validate_target
-from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
-                                 LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
+from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, GrowNode,
+                                 LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
+                                 RouteNode)
 from cfmlang.compiler.resolve import read_source, resolve
 from cfmlang.compiler.to_ast import parse as parse_text
+from cfmlang.compiler.verify import verify_node, verify_provider
 from cfmlang.compiler.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.modules.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
@@ -208,9 +210,11 @@ def _lower_into(tmp: Path, manifest: dict, lowering: LowerOptions, log) -> None:
 def _build_streamed(program, graph, keys, cache: Cache, output_dir, sizes, progress, log, on_train_step, lowering):
     """No cache: every node's provider is wired at once and the output pulled through."""
     run = execute(program, graph, cache.root, log, on_train_step)
+    verified = {name: _verified(node, verify_provider(node, run.providers[name]), log)
+                for name, node in _verified_nodes(program, graph) if name != program.output}
     with atomic_directory(output_dir) as tmp:
         output = write_output(program.node(program.output), run.output, tmp, sizes, progress, log)
-        manifest = build_manifest(program, graph, keys, output)
+        manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, lowering, log)
         write_manifest(tmp, manifest)
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
@@ -221,7 +225,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
     """Run the plan: each node that runs is written into the cache before its consumers
     read it back; cached nodes are read from their entries; the output entry is linked
     into the artifact."""
-    providers, stats, used = {}, {}, set()
+    providers, stats, used, verified = {}, {}, set(), {}
     for name in execution_order(graph):
         status = build_plan.node(name).status
         if status == SKIP:
@@ -231,6 +235,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             log(f"`{name}`: cached")
             touch(entry.path)
             used.add(entry.path)
+            verified.update(_recorded_verification(entry))
             if _holds_model(entry):
                 providers[name] = stored_provider(entry.path)
             continue
@@ -239,16 +244,20 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
         if hasattr(provider, "stats"):
             stats[name] = provider.stats
         providers[name] = provider
+        upstream = {n: v for n, v in verified.items() if n in nx.ancestors(graph, name)}
         if status == RUN and keys[name] is not None and (name == program.output or _is_model(node)):
             log(f"`{name}`: running")
             entry = _store(program, node, provider, keys[name], cache, sizes,
-                           progress if name == program.output else None, log)
+                           progress if name == program.output else None, log, upstream)
             used.add(entry.path)
             build_plan.entries[name] = entry
+            verified.update(_recorded_verification(entry))
             if name != program.output:
                 providers[name] = stored_provider(entry.path)
+        elif isinstance(node, GrowNode) and node.tolerance is not None and name != program.output:
+            verified[name] = _verified(node, verify_provider(node, provider), log)
     manifest = _place_output(program, graph, keys, build_plan, providers.get(program.output), output_dir, sizes,
-                             progress, log, lowering)
+                             progress, log, lowering, verified)
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
@@ -261,9 +270,14 @@ def _holds_model(entry) -> bool:
     return entry.record.get("node_type") == "model"
 
 
-def _store(program, node, provider, key: str, cache: Cache, sizes, progress, log):
+def _store(program, node, provider, key: str, cache: Cache, sizes, progress, log, upstream: dict):
+    """Write a node into the cache; the entry also records the verification of the grow
+    nodes upstream (`upstream`), so that a cached output carries its whole history."""
     def write(folder: Path) -> dict:
         output = write_output(node, provider, folder, sizes, progress, log)
+        if upstream:
+            output = replace(output, extras={**output.extras,
+                                             "verified": {**upstream, **output.extras.get("verified", {})}})
         return {"node": node.name, "op": " ".join(_op_words(node)), "file": Path(program.root).name,
                 "max_shard_bytes": sizes[0], "node_type": getattr(node, "node_type", None),
                 "output": {"files": output.files, "tensors": output.tensors, "bytes": output.bytes,
@@ -275,8 +289,25 @@ def _op_words(node) -> list[str]:
     return [node_attributes(node)["op"]] + ([node.method] if isinstance(node, MergeNode) else [])
 
 
+def _verified_nodes(program, graph) -> list[tuple[str, GrowNode]]:
+    """The grow nodes of the graph that ask for identity verification."""
+    nodes = [(name, program.node(name)) for name in execution_order(graph)]
+    return [(name, node) for name, node in nodes if isinstance(node, GrowNode) and node.tolerance is not None]
+
+
+def _verified(node: GrowNode, result, log) -> dict:
+    log(f"verified `{node.name}`: max |Δlogit| {result.max_abs_logit_diff:.3g} against "
+        f"`{result.reference}` (tolerance {result.tolerance:g})")
+    return result.to_json()
+
+
+def _recorded_verification(entry) -> dict[str, dict]:
+    """The verification results a cache entry holds: its node's and its ancestors'."""
+    return entry.record["output"]["extras"].get("verified", {})
+
+
 def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, sizes, progress, log,
-                  lowering) -> dict:
+                  lowering, verified: dict) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
     entry = build_plan.entries.get(program.output)
@@ -287,7 +318,7 @@ def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, 
             output = Output(recorded["files"], recorded["tensors"], recorded["bytes"], recorded["extras"])
         else:
             output = write_output(program.node(program.output), provider, tmp, sizes, progress, log)
-        manifest = build_manifest(program, graph, keys, output)
+        manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, lowering, log)
         write_manifest(tmp, manifest)
     return manifest
@@ -305,8 +336,11 @@ def write_output(node, provider, folder: Path, sizes, progress, log) -> Output:
     specs = provider.specs
     total = sum(nbytes(s) for s in specs)
     files = write_sharded(folder, specs, provider.get, sizes[0], _on_tensor(total, progress), sizes[1])
-    copy_support_files(provider.support_dir, folder, _output_dtype(provider))
-    return Output(files, len(specs), total, _update_record(node, provider, log))
+    copy_support_files(provider.support_dir, folder, _output_dtype(provider), provider.config)
+    extras = _update_record(node, provider, log)
+    if isinstance(node, GrowNode) and node.tolerance is not None:
+        extras["verified"] = {node.name: _verified(node, verify_node(node, provider.reference, folder), log)}
+    return Output(files, len(specs), total, extras)
 
 
 def _update_record(node, provider, log) -> dict:
@@ -345,7 +379,7 @@ def _write_routed(node, provider, folder: Path, sizes, progress, log) -> Output:
     tensors.update({f"layers.{layer}.router.{name}": tensor.contiguous()
                     for layer, built in routers.items() for name, tensor in built.tensors.items()})
     write_shard(folder / ROUTING_FILE, held_specs(tensors), held_producer(tensors))
-    copy_support_files(provider.support_dir, folder, None)
+    copy_support_files(provider.support_dir, folder, None, provider.config)
     quality = [b.captured for b in routers.values() if b.captured is not None]
     if quality:
         log(f"router `{node.router}` captures {sum(quality) / len(quality):.3f} of the top-{node.k} "
@@ -368,7 +402,7 @@ def _write_adapter_route(node, provider, folder: Path, sizes, progress, log) -> 
     router = provider.router()
     write_shard(folder / ADAPTERS_FILE, held_specs(adapters), held_producer(adapters))
     write_shard(folder / ROUTER_FILE, held_specs(router.tensors), held_producer(router.tensors))
-    copy_support_files(provider.support_dir, folder, None)
+    copy_support_files(provider.support_dir, folder, None, provider.config)
     options = dict(node.options)
     routing = {"method": node.method, "adapters": list(node.adapters), "top_k": options["top_k"],
                "temperature": options["temperature"]}
@@ -388,7 +422,7 @@ def _write_adapter(provider: AdapterProvider, folder: Path, progress, log) -> Ou
     adapter = provider.adapter(progress)
     tensors = adapter.peft_tensors()
     files = _write_peft_dir(folder, provider)
-    copy_support_files(provider.support_dir, folder, None)
+    copy_support_files(provider.support_dir, folder, None, provider.config)
     _log_adapter(provider.report, log)
     extras = {"standard": False, "kind": "peft-lora", "adapter": provider.report}
     return Output(files, len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()), extras)
@@ -436,9 +470,13 @@ def _output_dtype(provider) -> str | None:
     return provider.dtype if isinstance(provider, MergeProvider) else None
 
 
-def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, output: Output) -> dict:
+def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, output: Output,
+                   verified: dict | None = None) -> dict:
     """The artifact's manifest: a function of the program and its inputs' contents only
-    (byte-identical for the same inputs), except `created`."""
+    (byte-identical for the same inputs), except `created`. `verified`: identity
+    verification of grow nodes other than the output (the output's is in its extras)."""
+    extras = dict(output.extras)
+    verified = {**(verified or {}), **extras.pop("verified", {})}
     nodes = {}
     for name in execution_order(graph):
         node = program.node(name)
@@ -474,6 +512,8 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
             nodes[name] = {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train),
                            "data": Path(node.data).name, "seed": node_seed(program, node),
                            "options": dict(node.options)}
+        elif isinstance(node, GrowNode):
+            nodes[name] = grow_manifest(node, verified.get(name))
         nodes[name]["key"] = keys[name]
     return {
         "format": "cfm-artifact", "language_version": LANGUAGE_VERSION,
@@ -481,6 +521,7 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
         "source": {"file": Path(program.root).name,
                    "files": [{"file": Path(f).name, "sha256": h} for f, h in program.files]},
         "seed": program.seed, "output": program.output, "standard": True,
+        "new_layers": list(program.node(program.output).arch.new_layers),
         "graph": graph_summary(graph), "nodes": nodes,
         "artifact": {"files": output.files, "tensors": output.tensors, "bytes": output.bytes},
         **output.extras,
@@ -512,6 +553,15 @@ def adapter_manifest_entry(program: CheckedProgram, node) -> dict:
 def calibration_record(calibration) -> dict:
     return {"file": Path(calibration.path).name if calibration.path else "shipped corpus",
             "tokens": calibration.tokens}
+
+
+def grow_manifest(node: GrowNode, verified: dict | None) -> dict:
+    entry = {"op": "grow", "method": node.method, "inputs": list(node.inputs),
+             "options": dict(node.options), "num_layers": node.arch.num_layers,
+             "new_layers": list(node.arch.new_layers), "verify": verified or {"check": "none"}}
+    if node.layers:
+        entry["layers"] = [{"model": s.model, "layer": s.layer, "new": s.new} for s in node.layers]
+    return entry
 
 
 def load(directory, target: str | None = None, device: str | None = None, **kwargs):

@@ -63,8 +63,9 @@ UNSUPPORTED = {
     "chat_template": ("`chat_template:`",
                       "cfmlang copies the base model's tokenizer and chat template as they are"),
 }
-STACK_HELP = ("stacking layer ranges of models is the job of the planned `grow` method `stack`; "
-              "until it exists, this config cannot be translated")
+STACK_HELP = ("stacking layer ranges of models is the job of the `grow` method `stack`, which the "
+              "importer does not write yet: `grow NAME: {method: stack, slices: [a.layers[0:24], "
+              "{from: b.layers[8:32], scale: 0.5}]}` (docs/language.md)")
 
 
 def translate(text: str, file: str = "<input>", *, out_dir: str | Path | None = None,

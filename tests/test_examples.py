@@ -20,7 +20,7 @@ def example_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("examples")
     make = runpy.run_path(str(EXAMPLES / "make_tiny_models.py"))["make"]
     make(folder / "models")
-    for name in TINY_EXAMPLES:
+    for name in TINY_EXAMPLES + ["grow.brick"]:
         shutil.copy(EXAMPLES / name, folder / name)
     return folder
 
@@ -48,6 +48,23 @@ def test_smol_example_and_std_import_check():
     assert program.output == "smol" and program.node("smol").arch.num_layers == 30
     via_std = cfmlang.check('import "std/smollm2.brick"\noutput: smollm2\n')
     assert via_std.node("smollm2").arch.hidden_size == 576
+
+
+def test_grow_example_records_each_verified_step(example_dir, tmp_path):
+    result = cfmlang.compile(example_dir / "grow.brick", tmp_path / "out")
+    nodes = result.manifest["nodes"]
+    assert [nodes[n]["verify"]["reference"] for n in ("pro", "wide", "moe")] == ["base", "pro", "wide"]
+    assert all(nodes[n]["verify"]["max_abs_logit_diff"] <= 1e-4 for n in ("pro", "wide", "moe"))
+    model = result.module
+    assert model.config.num_hidden_layers == 8 and model.config.num_local_experts == 4
+    logits = model.float()(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, 256) and torch.isfinite(logits).all()
+
+
+def test_smol_grow_example_checks():
+    program = cfmlang.check(EXAMPLES / "smol_grow.brick")
+    assert program.node("pro").arch.num_layers == 35
+    assert program.node("pro").arch.new_layers == (6, 13, 20, 27, 34)
 
 
 def test_method_reference_is_generated_from_the_registry():

@@ -54,6 +54,7 @@ def build_models(models: Path) -> Path:
     tiny_model(models / "mistral_a", seed=3, arch="mistral")
     tiny_model(models / "wide", seed=4, hidden_size=64)             # E060: hidden_size
     tiny_model(models / "shallow", seed=5, num_hidden_layers=2)     # E060: num_layers
+    tiny_model(models / "biased", seed=6, attention_bias=True)      # E113: upcycle needs no biases
     config, weights = a / "config.json", a / "model.safetensors"
     tensors = load_file(weights)
 
@@ -178,7 +179,7 @@ def test_golden_corpus_is_complete():
     wanted = {f"E00{i}" for i in range(1, 8)} | {
         "E010", "E011", "E012", "E013", "E014", "E015", "E020", "E021", "E022", "E030",
         "E031", "E032", "E033", "E040", "E041", "E050", "E051", "E052", "E053", "E060",
-        "E061", "E062", "E140", "E141", "E144"}
+        "E061", "E062", "E111", "E112", "E113", "E114", "E115", "E116", "E140", "E141", "E144"}
     assert wanted <= codes, f"no golden file covers {sorted(wanted - codes)}"
     for path in ERRORS:
         assert expectations(path), f"{path.name} has no `# expect:` annotation"

@@ -35,7 +35,7 @@ class AdapterRouteProvider:
     _router: BuiltRouter | None = None
 
     def __post_init__(self):
-        self.specs, self.support_dir = self.base.specs, self.base.support_dir
+        self.specs, self.support_dir, self.config = self.base.specs, self.base.support_dir, self.base.config
         self.options = dict(self.node.options)
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:

@@ -31,8 +31,8 @@ class AdapterProvider:
 
     node_type = "adapter"
 
-    def __init__(self, support_dir: Path):
-        self.support_dir = support_dir
+    def __init__(self, base):
+        self.support_dir, self.config = base.support_dir, base.config   # the base model's
         self.stats = NodeStats()
         self.report: dict = {}
         self._adapter: LoraAdapter | None = None
@@ -54,7 +54,7 @@ class AdapterProvider:
 
 class PeftSourceProvider(AdapterProvider):
     def __init__(self, node: LoraSourceNode, base):
-        super().__init__(base.support_dir)
+        super().__init__(base)
         self.node = node
 
     def build(self, progress: Progress) -> LoraAdapter:
@@ -67,7 +67,7 @@ class TrainProvider(AdapterProvider):
     and trains a new adapter on it."""
 
     def __init__(self, node: LoraTrainNode, base, on_step: OnTrainStep):
-        super().__init__(base.support_dir)
+        super().__init__(base)
         self.node, self.base, self.on_step = node, base, on_step
 
     def build(self, progress: Progress) -> LoraAdapter:
@@ -88,7 +88,7 @@ class TrainProvider(AdapterProvider):
 
 class MergedAdapterProvider(AdapterProvider):
     def __init__(self, node: LoraMergeNode, inputs: list[AdapterProvider], seed: int):
-        super().__init__(inputs[0].support_dir)
+        super().__init__(inputs[0])
         self.node, self.inputs, self.seed = node, inputs, seed
 
     def build(self, progress: Progress) -> LoraAdapter:
@@ -105,7 +105,7 @@ class ExtractProvider(AdapterProvider):
     """The truncated SVD of (tuned - base) per target weight."""
 
     def __init__(self, node: LoraExtractNode, tuned, base):
-        super().__init__(base.support_dir)
+        super().__init__(base)
         self.node, self.tuned, self.base = node, tuned, base
 
     def build(self, progress: Progress) -> LoraAdapter:
@@ -139,7 +139,7 @@ class AttachProvider:
     stats: NodeStats = field(default_factory=NodeStats)
 
     def __post_init__(self):
-        self.support_dir = self.model.support_dir
+        self.support_dir, self.config = self.model.support_dir, self.model.config
         self.specs = self.model.specs
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:

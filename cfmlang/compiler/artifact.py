@@ -295,9 +295,10 @@ def write_state_dict(folder: Path, state: dict[str, torch.Tensor]) -> list[str]:
 TORCH_DTYPE_NAMES = {code: name for name, code in FLOAT_DTYPES.items()}
 
 
-def copy_support_files(source_dir: Path, folder: Path, dtype_code: str | None) -> None:
-    """config.json (with the output dtype), tokenizer and generation config from the base."""
-    config = json.loads((source_dir / "config.json").read_text())
+def copy_support_files(source_dir: Path, folder: Path, dtype_code: str | None, config: dict) -> None:
+    """config.json (`config`, with the output dtype), tokenizer and generation config
+    from `source_dir`."""
+    config = dict(config)
     if dtype_code in TORCH_DTYPE_NAMES:
         config["dtype"] = TORCH_DTYPE_NAMES[dtype_code]
         config.pop("torch_dtype", None)

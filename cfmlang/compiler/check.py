@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from cfmlang.compiler import ast
 from cfmlang.compiler.check_adapter_route import check_adapter_route
+from cfmlang.compiler.check_grow import check_grow
 from cfmlang.compiler.check_experts import check_experts, check_route
 from cfmlang.compiler.check_lora import LoraChecks
 from cfmlang.compiler.check_update import edit_node, finetune_node
@@ -109,6 +110,13 @@ class _Checker(LoraChecks):
         if extract and isinstance(extract.value, ast.MapValue):
             refs += [e.value.name for e in extract.value.entries
                      if e.key in ("from", "base") and isinstance(e.value, ast.Ref)]
+        slices = body.get("slices")
+        if slices and isinstance(slices.value, ast.ListValue):
+            for item in slices.value.items:
+                chosen = item.get("from") if isinstance(item, ast.MapValue) else None
+                ref = chosen.value if chosen else item
+                if isinstance(ref, ast.Ref):
+                    refs.append(ref.name)
         inputs = body.get("inputs") or body.get("attach")
         if inputs and isinstance(inputs.value, ast.MapValue):
             refs += [e.key for e in inputs.value.entries]
@@ -161,6 +169,8 @@ class _Checker(LoraChecks):
         elif decl.keyword == "update":
             check_node = finetune_node if method == "finetune" else edit_node
             self.add(check_node(self, decl, body, entry, declared.base_dir))
+        elif decl.keyword == "grow":
+            self.add(check_grow(self, decl, body, entry))
         else:
             self.check_merge(decl, body, entry)
 

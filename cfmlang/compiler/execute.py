@@ -2,6 +2,7 @@
 tensors are pulled one at a time into the artifact, so nothing is held whole."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -14,9 +15,9 @@ from cfmlang.compiler.adapters import (AttachProvider, ExtractProvider, MergedAd
                                       PeftSourceProvider, TrainProvider)
 from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import (FLOAT_DTYPES, AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode,
-                                 LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
-                                 RouteNode, TensorSpec, layer_index)
+from cfmlang.compiler.ir import (FLOAT_DTYPES, AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode,
+                                 FinetuneNode, GrowNode, LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode,
+                                 MergeNode, ModelNode, RouteNode, TensorSpec, layer_index)
 from cfmlang.compiler.materialise import materialise
 from cfmlang.compiler.sources import SourceError, weight_files
 from cfmlang.compiler.weights import TORCH_DTYPES, NodeStats, Rows, SafetensorsReader, WeightError, open_source
@@ -31,7 +32,9 @@ from cfmlang.stdlib.registry import evaluate
 
 class Provider(Protocol):
     specs: list[TensorSpec]
-    support_dir: Path
+    support_dir: Path       # tokenizer and generation config of the output
+    config: dict            # its config.json
+
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor: ...
 
@@ -41,6 +44,9 @@ class SourceProvider:
     reader: Any
     support_dir: Path
     stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        self.config = json.loads((self.support_dir / "config.json").read_text())
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -65,7 +71,7 @@ class MergeProvider:
         self.options = dict(self.node.options)
         self.num_layers = self.node.arch.num_layers
         first = self.base or self.inputs[0]
-        self.support_dir = first.support_dir
+        self.support_dir, self.config = first.support_dir, first.config
         self.specs = [TensorSpec(s.name, s.shape, self.dtype or s.dtype) for s in first.specs]
         self._whole: tuple[str, torch.Tensor | None] = ("", None)
 
@@ -147,7 +153,7 @@ class EditProvider:
     stats: NodeStats = field(default_factory=NodeStats)
 
     def __post_init__(self):
-        self.specs, self.support_dir = self.source.specs, self.source.support_dir
+        self.specs, self.support_dir, self.config = self.source.specs, self.source.support_dir, self.source.config
         self.changed: dict[str, torch.Tensor] | None = None
         self.report: dict | None = None
 
@@ -189,7 +195,7 @@ class FinetuneProvider:
     stats: NodeStats = field(default_factory=NodeStats)
 
     def __post_init__(self):
-        self.specs, self.support_dir = self.source.specs, self.source.support_dir
+        self.specs, self.support_dir, self.config = self.source.specs, self.source.support_dir, self.source.config
         self.changed: dict[str, torch.Tensor] | None = None
         self.training: Training | None = None
 
@@ -253,6 +259,10 @@ def make_provider(program: CheckedProgram, node, providers: dict[str, Provider],
         return FinetuneProvider(node, providers[node.model], node_seed(program, node), log)
     if isinstance(node, AdapterRouteNode):
         return AdapterRouteProvider(node, providers[node.base], [providers[a] for a in node.adapters], on_train_step)
+    if isinstance(node, GrowNode):
+        from cfmlang.compiler.execute_grow import grow_provider
+
+        return grow_provider(node, providers, node_seed(program, node))
     dtype = node.dtype or program.dtype
     return MergeProvider(
         node, [providers[i.model] for i in node.inputs],

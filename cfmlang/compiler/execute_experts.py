@@ -43,6 +43,7 @@ class ExpertsProvider:
     def __post_init__(self):
         self.specs: list[TensorSpec] = self.model.specs
         self.support_dir: Path = self.model.support_dir
+        self.config: dict = self.model.config
         self.act = activation_function(self.support_dir)
 
     def weight(self, layer: int, projection: str) -> torch.Tensor:
@@ -83,7 +84,7 @@ class RouteProvider:
 
     def __post_init__(self):
         self.specs = self.experts.specs
-        self.support_dir = self.experts.support_dir
+        self.support_dir, self.config = self.experts.support_dir, self.experts.config
         self.routed = set(self.experts.node.layers)
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:

@@ -5,8 +5,9 @@ import json
 
 import networkx as nx
 
-from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, LoraExtractNode,
-                                 LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode, RouteNode)
+from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, GrowNode,
+                                 LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
+                                 RouteNode)
 from cfmlang.diagnostics import Diagnostic, warning
 
 
@@ -59,6 +60,9 @@ def node_attributes(node) -> dict:
         return {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train)}
     if isinstance(node, AdapterRouteNode):
         return {"op": "route", "method": node.method, "base": node.base, "adapters": list(node.adapters)}
+    if isinstance(node, GrowNode):
+        return {"op": "grow", "method": node.method, "inputs": list(node.inputs),
+                "layers": node.arch.num_layers, "new_layers": list(node.arch.new_layers)}
     assert isinstance(node, MergeNode)
     return {"op": "merge", "method": node.method, "base": node.base or "",
             "inputs": [i.model for i in node.inputs], "dtype": node.dtype or ""}
@@ -91,6 +95,8 @@ def label(graph: nx.DiGraph, name: str) -> str:
         return f"{name}\\nfinetune {len(data['train'])} bricks"
     if data["op"] == "update":
         return f"{name}\\nupdate {data['method']} ({data['facts']} facts)"
+    if data["op"] == "grow":
+        return f"{name}\\ngrow {data['method']}"
     return f"{name}\\nmerge {data['method']}"
 
 

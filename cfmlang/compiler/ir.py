@@ -24,6 +24,12 @@ def layer_index(tensor_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def renumbered(tensor_name: str, index: int) -> str:
+    """The same tensor of layer `index`: `model.layers.3.mlp...` -> `model.layers.7.mlp...`."""
+    match = LAYER_RE.search(tensor_name)
+    return tensor_name[:match.start(1)] + str(index) + tensor_name[match.end(1):]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -41,6 +47,8 @@ class ArchInfo:
     vocab_size: int
     intermediate_size: int
     tensors: tuple[TensorSpec, ...]
+    new_layers: tuple[int, ...] = ()
+    """Layers added by a grow method (block_expand), for statements that select them."""
 
     def tensor(self, name: str) -> TensorSpec | None:
         return next((t for t in self.tensors if t.name == name), None)
@@ -336,8 +344,44 @@ class AttachNode:
         return (self.model,) + self.adapters
 
 
+@dataclass(frozen=True)
+class LayerSource:
+    """Where one layer of a grown model comes from: a layer of an input model, either
+    as it is or as a new block (output projections zeroed), with per-slice parameters
+    evaluated at position `t` of the slice."""
+
+    model: str
+    layer: int
+    new: bool
+    params: tuple[tuple[str, Any], ...] = ()
+    t: float = 0.0
+
+
+@dataclass(frozen=True)
+class GrowNode:
+    """A model grown from `inputs` (one, or the models of `stack` slices, in order).
+
+    `layers` is the origin of every output layer for depth methods (empty for widen and
+    upcycle); `tolerance` is set when identity verification runs, against `inputs[0]`."""
+
+    name: str
+    span: Span
+    method: str
+    inputs: tuple[str, ...]
+    layers: tuple[LayerSource, ...]
+    options: tuple[tuple[str, Any], ...]
+    tolerance: float | None
+    seed: int | None
+    arch: ArchInfo
+    node_type: str = "model"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return self.inputs
+
+
 Node = Union[ModelNode, MergeNode, AttachNode, LoraExtractNode, LoraSourceNode, LoraTrainNode, LoraMergeNode,
-             ExpertsNode, RouteNode, EditNode, FinetuneNode, AdapterRouteNode]
+             ExpertsNode, RouteNode, EditNode, FinetuneNode, AdapterRouteNode, GrowNode]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ def materialise(provider, span=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(provider.support_dir)
+    settings = dict(provider.config)     # the node's config (a grown model's, not its source's)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {spec.name: provider.get(spec.name).to(torch.float32) for spec in provider.specs}
     result = model.load_state_dict(state, strict=False)

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import math
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 from cfmlang.compiler.ir import ArchInfo, Source, TensorSpec
@@ -95,7 +96,16 @@ def read_arch(source: Source, allow_pickle: bool) -> ArchInfo:
         tensors = safetensors_header_specs(Path(source.path))
     else:
         tensors = hf_dir_specs(folder, allow_pickle)
-    return arch_from_config(config, tensors)
+    return replace(arch_from_config(config, tensors), new_layers=_artifact_new_layers(folder))
+
+
+def _artifact_new_layers(folder: Path) -> tuple[int, ...]:
+    """The untrained grown layers a cfmlang artifact lists in its cfm.json (`()` otherwise)."""
+    try:
+        listed = json.loads((folder / "cfm.json").read_text()).get("new_layers", [])
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return tuple(i for i in listed if isinstance(i, int)) if isinstance(listed, list) else ()
 
 
 def read_config(folder: Path) -> dict:

@@ -3,7 +3,8 @@ registry itself so the reference can never drift from the code (docs/methods.md 
 output; a test keeps it so)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -27,18 +28,19 @@ def parameter_rows(model: type[BaseModel] | None) -> list[str]:
 
 
 def _type_name(annotation) -> str:
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) is Literal:
-        return "one of " + " ".join(map(str, get_args(annotation)))
-    if type(None) in get_args(annotation) and len(args) == 1:
-        return _type_name(args[0]) + " or null"
-    if get_origin(annotation) is Annotated:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
         return _type_name(args[0])
-    text = str(annotation).replace("typing.", "")
-    if "dict[str" in text and "list[float]" in text:
-        return "number, gradient or filter map"
-    return {"<class 'bool'>": "bool", "<class 'int'>": "int", "<class 'float'>": "number",
-            "<class 'str'>": "string"}.get(text, text.replace("Annotated[", "").split(",")[0])
+    if origin in (Union, UnionType):
+        if "dict[str" in str(annotation) and "list[float]" in str(annotation):
+            return "number, gradient or filter map"
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in rest) + (" or null" if len(rest) < len(args) else "")
+    if origin is Literal:
+        return "one of " + " ".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return {bool: "bool", int: "int", float: "number", str: "string"}.get(annotation, str(annotation))
 
 
 def _plain(value) -> str:

@@ -1,4 +1,4 @@
 """Methods and brick kinds that later work implements: they parse and resolve today."""
 from cfmlang.stdlib.registry import planned
 
-planned("grow", "block_expand stack widen upcycle moe", "the grow issue")
+planned("grow", "moe", "the merge issue (mergekit-moe)")
