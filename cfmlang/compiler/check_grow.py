@@ -8,18 +8,20 @@ from dataclasses import replace
 from cfmlang.compiler import ast
 from cfmlang.compiler.ir import ArchInfo, GrowNode, LayerSource, TensorSpec, layer_index
 from cfmlang.diagnostics import error, warning
-from cfmlang.stdlib.grow import (MLP_MODULES, BlockExpand, GrowMethod, Stack, Upcycle, Widen, depth_origins,
+from cfmlang.moe.prompt_gates import PROMPTED_MODES
+from cfmlang.stdlib.grow import (MLP_MODULES, BlockExpand, GrowMethod, Moe, Stack, Upcycle, Widen, depth_origins,
                                  every_positions, expanded_layers, missing_output_projections, sliced_layers,
                                  upcycled_specs, widened_spec)
 
 GROW_KEYS = ("method", "from", "seed", "description")
 STACK_KEYS = ("method", "slices", "seed", "description")
+MOE_KEYS = ("method", "base", "inputs", "seed", "description")
 UPCYCLE_TYPES = ("llama", "mistral")
 
 
 def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method: type[GrowMethod]) -> GrowNode | None:
     """The GrowNode of `decl`, or None after reporting why it cannot be built."""
-    keys = STACK_KEYS if method is Stack else GROW_KEYS
+    keys = {Stack: STACK_KEYS, Moe: MOE_KEYS}.get(method, GROW_KEYS)
     option_names = [f.alias or n for n, f in method.Options.model_fields.items()]
     checker.unknown_keys(body, keys + tuple(option_names), f"grow `{decl.name}` (method {method.name})")
     before = len(checker.problems)
@@ -28,23 +30,26 @@ def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method: type[GrowMet
     seed = checker.seed(body.get("seed").value) if body.get("seed") else None
     if method is Stack:
         planned = _stack(checker, decl, body)
+    elif method is Moe:
+        planned = None if options is None else _moe(checker, decl, body, options)
     else:
         source = _from(checker, decl, body)
         planned = None if source is None or options is None else \
             _PLANNERS[method](checker, decl, body, options, source)
     if planned is None or options is None or any(p.is_error for p in checker.problems[before:]):
         return None
-    inputs, layers, arch = planned
+    inputs, layers, arch, *expert_specs = planned
     tolerance = options["tolerance"] if options["verify"] == "identity" else None
-    kept = tuple(sorted((k, v) for k, v in options.items() if k not in ("verify", "tolerance")))
+    kept = tuple(sorted([(k, v) for k, v in options.items() if k not in ("verify", "tolerance")]
+                        + [("experts", specs) for specs in expert_specs]))
     return GrowNode(decl.name, decl.span, method.name, inputs, layers, kept, tolerance, seed, arch)
 
 
-def _from(checker, decl: ast.Decl, body: ast.MapValue) -> str | None:
-    entry = body.get("from")
+def _from(checker, decl: ast.Decl, body: ast.MapValue, key: str = "from") -> str | None:
+    entry = body.get(key)
     if entry is None:
-        checker.problems.append(error("E014", f"`grow {decl.name}` needs `from:`", decl.name_span,
-                                      "name the model to grow, e.g. `from: base`"))
+        checker.problems.append(error("E014", f"`grow {decl.name}` needs `{key}:`", decl.name_span,
+                                      f"name the model to grow, e.g. `{key}: base`"))
         return None
     return checker.model_ref(entry, "model to grow")
 
@@ -302,3 +307,45 @@ def _upcycle(checker, decl, body, options, source: str):
 
 
 _PLANNERS = {BlockExpand: _block_expand, Widen: _widen, Upcycle: _upcycle}
+
+
+# ---- moe: experts from fine-tunes -----------------------------------------------------------
+
+def _moe(checker, decl, body, options):
+    """(inputs: base first then each expert model once, (), Mixtral arch, experts) where
+    experts is ((model, positive prompts, negative prompts, noise_scale, residual_scale), ...)."""
+    base = _from(checker, decl, body, key="base")
+    if body.get("inputs") is None:
+        checker.problems.append(error(
+            "E014", f"`grow {decl.name}` needs `inputs:`, the expert models", decl.name_span,
+            "e.g. `inputs: {math: {positive_prompts: [\"solve 2x + 3 = 7\"]}, code: {...}}`"))
+        return None
+    experts = checker.merge_inputs(decl, body, Moe, {})
+    if base is None or experts is None:
+        return None
+    method_span = body.get("method").value.span
+    if options["experts_per_token"] > len(experts):
+        where = body.get("experts_per_token")
+        checker.problems.append(error(
+            "E116", f"`experts_per_token: {options['experts_per_token']}` exceeds the {len(experts)} "
+            "experts", where.value.span if where else method_span,
+            "route each token to at most as many experts as there are"))
+        return None
+    if options["gate_mode"] in PROMPTED_MODES:
+        unprompted = next((e for e in experts if not dict(e.params)["positive_prompts"]), None)
+        if unprompted is not None:
+            checker.problems.append(error(
+                "E117", f"expert `{unprompted.model}` has no `positive_prompts`, which gate_mode "
+                f"`{options['gate_mode']}` builds its router from", unprompted.span,
+                "give a few prompts that should be routed to it, or use `gate_mode: random`"))
+            return None
+    models = list(dict.fromkeys([base] + [e.model for e in experts]))
+    arch = checker.compatible(decl, models)
+    if arch is None:
+        return None
+    planned = _upcycle(checker, decl, body, {"experts": len(experts), "top_k": options["experts_per_token"]}, base)
+    if planned is None:
+        return None
+    spec = tuple((e.model, tuple(dict(e.params)["positive_prompts"]), tuple(dict(e.params)["negative_prompts"]),
+                  dict(e.params)["noise_scale"], dict(e.params)["residual_scale"]) for e in experts)
+    return tuple(models), (), planned[2], spec

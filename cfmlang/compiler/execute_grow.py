@@ -7,7 +7,10 @@ or layer), so artifacts are byte-identical from run to run. Each provider's `ref
 is the provider of the model it is verified against (its first input)."""
 from __future__ import annotations
 
+import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,7 @@ from cfmlang.compiler.ir import GrowNode, layer_index
 from cfmlang.compiler.weights import TORCH_DTYPES, Rows
 from cfmlang.stdlib.grow import (MLP_RE, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
                                  upcycled_specs, widen_config, widen_tensor, widened_spec)
+from cfmlang.moe.prompt_gates import PROMPTED_MODES, prompted_gates, random_gates
 from cfmlang.stdlib.merge_base import MergeContext
 
 
@@ -122,9 +126,86 @@ class UpcycleProvider:
                                .to(TORCH_DTYPES[spec.dtype]))
 
 
+@dataclass
+class MoeProvider:
+    """moe: attention and embeddings from the base, each layer's experts from the FFNs of
+    the expert models, routers from the experts' prompts (mergekit-moe semantics)."""
+
+    node: GrowNode
+    inputs: dict
+    seed: int
+    stats: NodeStats = field(default_factory=NodeStats)
+
+    def __post_init__(self):
+        options = dict(self.node.options)
+        self.experts, self.gate_mode = options["experts"], options["gate_mode"]
+        self.base = self.inputs[self.node.inputs[0]]
+        self.plan = upcycled_specs(self.base.specs, len(self.experts))
+        self.specs = [spec for spec, _ in self.plan.values()]
+        self.support_dir = self.base.support_dir
+        self.config = upcycle_config(self.base.config, len(self.experts), options["experts_per_token"])
+        self.whole = _WholeTensors()
+        self._gates: torch.Tensor | None = None
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        spec, origin = self.plan[name]
+        self.stats.count(name)
+        if not origin:
+            layer = layer_index(name)
+            return self.whole.rows(name, rows, lambda: self.gates()[layer].to(TORCH_DTYPES[spec.dtype]))
+        match = EXPERT_RE.search(name)
+        if match is None:
+            return self.base.get(origin, rows)
+        index, role = int(match.group(1)), match.group(2)
+        model, _, _, noise, residual = self.experts[index]
+        if noise is None and (residual is None or role != "w2"):
+            return self.inputs[model].get(origin, rows)
+        return self.whole.rows(name, rows, lambda: self.perturbed(model, origin, name, noise,
+                                                                  residual if role == "w2" else None))
+
+    def perturbed(self, model: str, origin: str, name: str, noise, residual) -> torch.Tensor:
+        tensor = self.inputs[model].get(origin)
+        if noise is not None:
+            generator = MergeContext(self.node.name, name, self.seed).generator()
+            tensor = tensor + torch.randn(tensor.shape, generator=generator).to(tensor.dtype) * noise
+        return tensor if residual is None else tensor * residual
+
+    def gates(self) -> torch.Tensor:
+        """[layers, experts, hidden], computed once."""
+        if self._gates is None:
+            self._gates = moe_gates(self.node, self.base, self.experts, self.gate_mode, self.seed)
+        return self._gates
+
+
+EXPERT_RE = re.compile(r"\.experts\.(\d+)\.(w[123])\.")
+
+
+def moe_gates(node: GrowNode, base, experts, mode: str, seed: int) -> torch.Tensor:
+    arch = node.arch
+    if mode not in PROMPTED_MODES:
+        generator = MergeContext(node.name, "routers", seed).generator()
+        return random_gates(mode, arch.num_layers, len(experts), arch.hidden_size, generator)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfmlang.compiler.verify import loadable_dir, materialize
+
+    with tempfile.TemporaryDirectory(prefix="cfm-moe-") as scratch:
+        folder = loadable_dir(base) or materialize(base, Path(scratch) / "base")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base.support_dir)
+    tokenizer.padding_side = "left"          # as mergekit-moe: the last position is a real token
+    if tokenizer.bos_token_id is not None:
+        tokenizer.pad_token_id = tokenizer.bos_token_id
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return prompted_gates(mode, model, tokenizer, [(list(pos), list(neg)) for _, pos, neg, _, _ in experts])
+
+
 def grow_provider(node: GrowNode, providers: dict, seed: int):
     """The provider of a grow node, given the providers of its inputs."""
     if node.layers:
         return DepthProvider(node, {m: providers[m] for m in node.inputs})
+    if node.method == "moe":
+        return MoeProvider(node, {m: providers[m] for m in node.inputs}, seed)
     source = providers[node.inputs[0]]
     return (WidenProvider if node.method == "widen" else UpcycleProvider)(node, source, seed)

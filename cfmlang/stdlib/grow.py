@@ -1,5 +1,5 @@
 """Grow methods: add capacity to a model, in depth (block_expand, stack), in FFN width
-(widen) or as experts (upcycle).
+(widen) or as experts (upcycle, moe).
 
 Everything here is pure and shared by the checker (output tensor names, shapes and
 config from the input's, before any weight is read) and the executor (the weights).
@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import Field
 
+from cfmlang.moe.prompt_gates import GATE_MODES
 from cfmlang.compiler.ir import LayerSource, TensorSpec, layer_index, renumbered
 from cfmlang.stdlib.registry import Gradient, Method, Params, evaluate, register
 
@@ -86,6 +87,28 @@ class Upcycle(GrowMethod):
         experts: Annotated[int, Field(ge=2)]
         top_k: Annotated[int, Field(ge=1)] = 2
         router_std: Annotated[float, Field(ge=0)] = 0.02
+
+
+@register
+class Moe(GrowMethod):
+    name = "moe"
+    summary = ("mergekit-moe: a Mixtral model whose experts are the FFNs of fine-tunes of `base`, "
+               "routers initialised from each expert's prompts (`gate_mode`)")
+
+    class Options(VerifyOptions):
+        verify: Verify = "none"
+        gate_mode: Literal[GATE_MODES] = "hidden"
+        experts_per_token: Annotated[int, Field(ge=1)] = 2
+
+    class Expert(Params):
+        """Per-expert parameters, mergekit-moe's names."""
+
+        positive_prompts: list[str] = []
+        negative_prompts: list[str] = []
+        noise_scale: Annotated[float, Field(ge=0)] | None = None
+        residual_scale: float | None = None
+
+    Input = Expert
 
 
 # ---- depth: block_expand and stack ---------------------------------------------------
