@@ -254,7 +254,7 @@ def test_finetuning_the_new_blocks_of_block_expand(tmp_path):
     (tmp_path / "train.txt").write_text(("the sky of the sea is a poem and the night is a story " * 12).strip())
     text = (f'model tiny:\n  source: hf "{base}"\n'
             "grow pro:\n  method: block_expand\n  from: tiny\n  every: 2\n"
-            "update tuned:\n  method: finetune\n  from: pro\n  train: [pro.layers[2], pro.layers[5]]\n"
+            "update tuned:\n  method: finetune\n  from: pro\n  train: new_blocks\n"
             f'  data: "{tmp_path / "train.txt"}"\n  steps: 8\n  lr: 0.01\n  max_length: 16\n'
             "output: tuned\n")
     result = cfmlang.compile(text, tmp_path / "tuned")
@@ -270,3 +270,15 @@ def test_finetuning_the_new_blocks_of_block_expand(tmp_path):
         source = name if layer is None else name.replace(f"layers.{layer}.", f"layers.{origin[layer]}.")
         assert torch.equal(value, original[source]), name
     assert out["model.layers.2.mlp.down_proj.weight"].any()       # a new block learnt
+    assert result.manifest["nodes"]["tuned"]["train"] == ["model.layers.2.", "model.layers.5."]
+
+
+def test_new_blocks_of_a_model_that_did_not_grow(tmp_path):
+    base = tiny_tokenizer(tiny_model(tmp_path / "tiny", seed=3))
+    (tmp_path / "train.txt").write_text("the sky of the sea is a poem")
+    text = (f'model tiny:\n  source: hf "{base}"\n'
+            f'update tuned:\n  method: finetune\n  from: tiny\n  train: new_blocks\n  data: "{tmp_path / "train.txt"}"\n')
+    with pytest.raises(CompileError) as exc:
+        cfmlang.check(text)
+    (problem,) = exc.value.diagnostics
+    assert problem.code == "E124" and "`tiny` has no new blocks" in problem.message

@@ -274,6 +274,8 @@ def support_folder(nodes: dict, name: str) -> Path | None:
 # ---- finetune ---------------------------------------------------------------------------
 
 FINETUNE_KEYS = ("method", "from", "train", "data", "seed", "description")
+NEW_BLOCKS = "new_blocks"
+"""`train: new_blocks` selects the layers a grow method added to the `from` model."""
 
 
 def finetune_node(checker, decl: ast.Decl, body: ast.MapValue, method, base_dir: Path) -> FinetuneNode | None:
@@ -323,8 +325,10 @@ def _selection(checker, decl: ast.Decl, body: ast.MapValue, source: str) -> tupl
                                       f"select what to train, e.g. `train: {source}.layers[4]` or "
                                       f"`train: [{source}.layers[2:4].mlp]`"))
         return None
-    refs = entry.value.items if isinstance(entry.value, ast.ListValue) else (entry.value,)
     arch = checker.nodes[source].arch
+    if _names_new_blocks(checker, entry.value):
+        return _new_blocks(checker, entry.value, source, arch)
+    refs = entry.value.items if isinstance(entry.value, ast.ListValue) else (entry.value,)
     prefixes: list[str] = []
     for ref in refs:
         found = _selected(checker, ref, source, arch)
@@ -336,6 +340,21 @@ def _selection(checker, decl: ast.Decl, body: ast.MapValue, source: str) -> tupl
                                       f"e.g. `train: {source}.layers[4]`"))
         return None
     return tuple(prefixes)
+
+
+def _names_new_blocks(checker, value: ast.Value) -> bool:
+    return isinstance(value, ast.Ref) and value.is_plain and value.name == NEW_BLOCKS and NEW_BLOCKS not in checker.table
+
+
+def _new_blocks(checker, value: ast.Ref, source: str, arch: ArchInfo) -> tuple[str, ...] | None:
+    """`train: new_blocks`: the layers a grow method added to `source` (block_expand's
+    copies, zeroed stack slices), as recorded in its architecture."""
+    if not arch.new_layers:
+        checker.problems.append(error("E124", f"`{source}` has no new blocks to train", value.span,
+                                      "new_blocks are the layers a grow method added (e.g. `block_expand`); "
+                                      f"select layers instead, e.g. `train: {source}.layers[4]`"))
+        return None
+    return tuple(f"model.layers.{i}." for i in arch.new_layers)
 
 
 def _selected(checker, ref: ast.Value, source: str, arch: ArchInfo) -> list[str] | None:
