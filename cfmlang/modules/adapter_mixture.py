@@ -140,6 +140,10 @@ class AdapterMixture(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
     # ---- retrieve: one choice per sequence ---------------------------------------------
     def retrieval_weights(self, input_ids, attention_mask=None) -> torch.Tensor:
         """[batch, 1, N]: top-k adapters by cosine similarity of the input's embedding
