@@ -298,3 +298,26 @@ def test_lora_extract_output_is_cached_with_its_manifest_fields(tiny_zoo, tmp_pa
     assert second.manifest["adapter"] == first.manifest["adapter"] and second.manifest["kind"] == "peft-lora"
     assert (tmp_path / "two" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "one" / "adapter_model.safetensors").read_bytes()
+
+
+def test_routed_output_is_cached_and_its_calibration_text_is_part_of_the_key(tmp_path, tmp_path_factory):
+    from test_experts import program, save_char_tokenizer
+
+    from models import tiny_model
+
+    model = tiny_model(tmp_path / "tiny", seed=7)
+    save_char_tokenizer(model)
+    text_file = tmp_path / "calibration.txt"
+    text_file.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    source = program(model, "cooccurrence", 4, 2, "similarity", layers="0:2").replace(
+        "  calibration_tokens: 512\nroute", f'  calibration: "{text_file}"\n  calibration_tokens: 256\nroute')
+    assert "calibration: " in source
+    first = cfmlang.compile(source, tmp_path / "one")
+    second = cfmlang.compile(source, tmp_path / "two")
+    assert ran(second) == [] and second.stats == {}
+    assert manifest_without_time(tmp_path / "one") == manifest_without_time(tmp_path / "two")
+    assert second.manifest["routing"] == first.manifest["routing"]
+    for name in ("model.safetensors", "routing.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    text_file.write_text("a completely different calibration text, with other words. " * 40)
+    assert ran(cfmlang.compile(source, tmp_path / "three")) == ["e", "r"]
