@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,15 @@ def program(method: str, models: dict[str, Path]) -> str:
         f"  inputs:\n{body}output: m\n"
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited from
+    the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def one(method: str, folder: Path) -> None:
     """Run in a child: compile one method without cache and print the measurements."""
     import cfmlang
@@ -55,11 +63,11 @@ def one(method: str, folder: Path) -> None:
     models = {n: folder / n for n in "abc"}
     text = program(method, models)
     plan = cfmlang.plan(text, use_cache=False, force=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     start = time.perf_counter()
     cfmlang.compile(text, folder / f"out-{method}", use_cache=False, force=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"method": method, "seconds": seconds, "bytes_read": plan.bytes_read,
                       "estimated_peak": plan.peak_bytes, "measured_peak": peak, "rss_before": before}))
 

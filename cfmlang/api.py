@@ -28,7 +28,8 @@ from cfmlang.compiler.adapter_route import AdapterRouteProvider
 from cfmlang.compiler.execute_experts import RouteProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
-from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, make_plan, memory_refusal
+from cfmlang.compiler.plan import (CACHED, RUN, SKIP, Plan, available_memory, describe_op, make_plan,
+                                  memory_refusal)
 from cfmlang.compiler.lower import LowerOptions, lower_artifact, preflight, validate_target
 from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, GrowNode,
                                  LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
@@ -225,13 +226,13 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
     """Run the plan: each node that runs is written into the cache before its consumers
     read it back; cached nodes are read from their entries; the output entry is linked
     into the artifact."""
-    providers, stats, used, verified = {}, {}, set(), {}
+    providers, stats, used, verified, entries = {}, {}, set(), {}, dict(build_plan.entries)
     for name in execution_order(graph):
         status = build_plan.node(name).status
         if status == SKIP:
             continue
         if status == CACHED:
-            entry = build_plan.entries[name]
+            entry = entries[name]
             log(f"`{name}`: cached")
             touch(entry.path)
             used.add(entry.path)
@@ -250,14 +251,14 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             entry = _store(program, node, provider, keys[name], cache, sizes,
                            progress if name == program.output else None, log, upstream)
             used.add(entry.path)
-            build_plan.entries[name] = entry
+            entries[name] = entry
             verified.update(_recorded_verification(entry))
             if name != program.output:
                 providers[name] = stored_provider(entry.path)
         elif isinstance(node, GrowNode) and node.tolerance is not None and name != program.output:
             verified[name] = _verified(node, verify_provider(node, provider), log)
-    manifest = _place_output(program, graph, keys, build_plan, providers.get(program.output), output_dir, sizes,
-                             progress, log, lowering, verified)
+    manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
+                             output_dir, sizes, progress, log, lowering, verified)
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
@@ -278,15 +279,11 @@ def _store(program, node, provider, key: str, cache: Cache, sizes, progress, log
         if upstream:
             output = replace(output, extras={**output.extras,
                                              "verified": {**upstream, **output.extras.get("verified", {})}})
-        return {"node": node.name, "op": " ".join(_op_words(node)), "file": Path(program.root).name,
+        return {"node": node.name, "op": describe_op(node_attributes(node)), "file": Path(program.root).name,
                 "max_shard_bytes": sizes[0], "node_type": getattr(node, "node_type", None),
                 "output": {"files": output.files, "tensors": output.tensors, "bytes": output.bytes,
                            "extras": output.extras}}
     return cache.store(key, write)
-
-
-def _op_words(node) -> list[str]:
-    return [node_attributes(node)["op"]] + ([node.method] if isinstance(node, MergeNode) else [])
 
 
 def _verified_nodes(program, graph) -> list[tuple[str, GrowNode]]:
@@ -306,11 +303,10 @@ def _recorded_verification(entry) -> dict[str, dict]:
     return entry.record["output"]["extras"].get("verified", {})
 
 
-def _place_output(program, graph, keys, build_plan: Plan, provider, output_dir, sizes, progress, log,
-                  lowering, verified: dict) -> dict:
+def _place_output(program, graph, keys, entry, provider, output_dir, sizes, progress, log, lowering,
+                  verified: dict) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
-    entry = build_plan.entries.get(program.output)
     with atomic_directory(output_dir) as tmp:
         if entry is not None and entry.record["max_shard_bytes"] == sizes[0]:
             link_entry(entry, tmp)

@@ -134,7 +134,7 @@ def test_damaged_entry_is_dropped_and_rebuilt(tiny_zoo, tmp_path):
     text = four_nodes(tiny_zoo)
     first = cfmlang.compile(text, tmp_path / "out")
     good = (tmp_path / "out" / "model.safetensors").read_bytes()
-    damaged = first.plan.entries["m2"].path / "model.safetensors"
+    damaged = Cache().node_path(first.plan.node("m2").key) / "model.safetensors"
     damaged.chmod(0o644)
     with open(damaged, "r+b") as handle:     # e.g. someone edited the hard-linked artifact
         handle.seek(-4, os.SEEK_END)

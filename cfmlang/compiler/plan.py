@@ -9,8 +9,9 @@ Estimates (documented in docs/cli.md):
 - peak memory: a process baseline plus the largest working set of a running node (with
   the cache every node is written before its consumers read it; without it the graph is
   pulled through at once and the working sets add up). A merge's working set is
-  (2 * inputs + 3) blocks of float32: a block of `chunk_bytes` for elementwise methods,
-  the largest tensor for the others (plus the held result);
+  (2 * inputs + 3) float32 blocks of `chunk_bytes` for elementwise methods, and
+  (3 * inputs + 4) float32 copies of the largest tensor for the others (task vectors,
+  masks, the held result); benchmarks/plan_rates.py compares these with measured peaks;
 - time: bytes read over a rate measured per method (benchmarks/plan_rates.py); None for
   methods without a measured rate.
 """
@@ -140,7 +141,7 @@ def _needed(program: CheckedProgram, output: str, entries: dict) -> set[str]:
 
 
 def _estimate(program, graph, node, key, status, cache: Cache, chunk_bytes: int, use_cache: bool) -> NodePlan:
-    op = " ".join(str(v) for k, v in graph.nodes[node.name].items() if k in ("op", "method"))
+    op = describe_op(graph.nodes[node.name])
     if status not in (RUN, READ):
         return NodePlan(node.name, op, key, status, 0, 0, 0, 0.0)
     if isinstance(node, ModelNode):
@@ -151,6 +152,11 @@ def _estimate(program, graph, node, key, status, cache: Cache, chunk_bytes: int,
     peak = _working_set(program, node, chunk_bytes)
     rate = BYTES_PER_SECOND.get(node.method) if isinstance(node, MergeNode) else None
     return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)
+
+
+def describe_op(attributes: dict) -> str:
+    """`merge ties`, `model`, `route topk` ...: a graph node's operation and method."""
+    return " ".join(str(attributes[k]) for k in ("op", "method") if k in attributes)
 
 
 def _source_estimate(node: ModelNode, op: str, key, cache: Cache) -> NodePlan:
@@ -196,7 +202,7 @@ def _working_set(program: CheckedProgram, node, chunk_bytes: int) -> int:
     method = lookup("merge", node.method) if isinstance(node, MergeNode) else None
     if method is not None and method.elementwise:
         return (2 * inputs + 3) * min(chunk_bytes, largest)
-    return (2 * inputs + 4) * largest
+    return (3 * inputs + 4) * largest
 
 
 def _numel(spec: TensorSpec) -> int:
