@@ -87,3 +87,16 @@ def test_plan_and_compile_refuse_what_does_not_fit_in_memory_unless_forced(tiny_
     with pytest.raises(SystemExit):
         main(["plan", str(path), "--max-memory", "lots"])
     assert "'lots' is not a size" in capsys.readouterr().err
+
+
+def test_kinds_that_run_the_model_are_planned_with_their_inputs_four_times_over(tmp_path):
+    from models import tiny_model
+    from test_experts import program
+
+    model = tiny_model(tmp_path / "tiny", seed=7)
+    planned = cfmlang.plan(program(model, "random", 4, 2, "oracle"))
+    size = model_bytes(model)
+    assert [(n.name, n.status) for n in planned.nodes] == [("m", "read"), ("e", "run"), ("r", "run")]
+    assert planned.node("e").peak_bytes == planned.node("r").peak_bytes == 4 * size
+    assert planned.node("e").bytes_written == 0 and planned.node("r").bytes_written == size
+    assert planned.node("r").seconds is None and planned.seconds is None

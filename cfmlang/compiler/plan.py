@@ -11,7 +11,9 @@ Estimates (documented in docs/cli.md):
   pulled through at once and the working sets add up). A merge's working set is
   (2 * inputs + 3) float32 blocks of `chunk_bytes` for elementwise methods, and
   (3 * inputs + 4) float32 copies of the largest tensor for the others (task vectors,
-  masks, the held result); benchmarks/plan_rates.py compares these with measured peaks;
+  masks, the held result); benchmarks/plan_rates.py compares these with measured peaks.
+  Other kinds (edits, fine-tuning, expert splits, routers) run the model: their inputs
+  whole in float32, four times over (weights, gradients, optimiser moments);
 - time: bytes read over a rate measured per method (benchmarks/plan_rates.py); None for
   methods without a measured rate.
 """
@@ -199,8 +201,11 @@ def _working_set(program: CheckedProgram, node, chunk_bytes: int) -> int:
         # and the adapter held whole until it is written
         return 2 * largest + 4 * 2 * largest + _bytes(_adapter_specs(node))
     inputs = len(node.deps)
-    method = lookup("merge", node.method) if isinstance(node, MergeNode) else None
-    if method is not None and method.elementwise:
+    if not isinstance(node, MergeNode):
+        # kinds that run the model (edits, training, expert splits, routers): its inputs
+        # whole in float32, four times over (weights, gradients, optimiser moments)
+        return 4 * sum(_numel(s) * 4 for d in node.deps for s in output_specs(program, program.node(d)))
+    if lookup("merge", node.method).elementwise:
         return (2 * inputs + 3) * min(chunk_bytes, largest)
     return (3 * inputs + 4) * largest
 
