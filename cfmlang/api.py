@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -38,7 +39,7 @@ from cfmlang.compiler.resolve import read_source, resolve
 from cfmlang.compiler.to_ast import parse as parse_text
 from cfmlang.compiler.verify import verify_node, verify_provider
 from cfmlang.compiler.weights import WeightError
-from cfmlang.diagnostics import CompileError, Diagnostic, error
+from cfmlang.diagnostics import CompileError, Diagnostic, did_you_mean, error
 from cfmlang.modules.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
 from cfmlang.modules.routed_model import ROUTING_FILE
 from cfmlang.stdlib.edit_report import render as render_report
@@ -109,8 +110,9 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
             max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             progress: Callable[[int, int], None] | None = None, log=lambda msg: None,
             on_train_step: OnTrainStep | None = None,
-            target: str = "eager", lowering: LowerOptions | None = None) -> CompileResult:
-    """Check, plan, and build the output node into `output_dir` atomically.
+            target: str = "eager", lowering: LowerOptions | None = None, node: str | None = None) -> CompileResult:
+    """Check, plan, and build the output node into `output_dir` atomically; `node` names
+    the node to build instead of the file's `output:`.
 
     With the cache (the default), every node's output is kept under `cache_dir` by its
     content key: nodes whose key is cached are not run again, and a cached output is
@@ -124,6 +126,8 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     lowering = lowering or LowerOptions(target=target)
     preflight(lowering)
     program = check(source)
+    if node is not None:
+        program = with_output(program, node)
     graph, dropped = build_graph(program)
     keep = None
     if output_dir is None:
@@ -182,6 +186,15 @@ def _plan(program, graph, cache: Cache, use_cache: bool, sizes: tuple[int, int],
     if refusal is not None:
         raise CompileError([refusal])
     return keys, build_plan
+
+
+def with_output(program: CheckedProgram, node: str) -> CheckedProgram:
+    """The program with `node` as its output (E160 when no node has that name)."""
+    names = [n.name for n in program.nodes]
+    if node not in names:
+        raise CompileError([error("E160", f"`{Path(program.root).name}` declares no node named `{node}`",
+                                  None, did_you_mean(node, names) or f"its nodes: {', '.join(names)}")])
+    return dataclasses.replace(program, output=node)
 
 
 def refuse_foreign_output(output_dir: Path) -> None:

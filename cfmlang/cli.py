@@ -109,6 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", help="device (default: the one the program was lowered for)")
     sub.add_argument("--format", choices=("text", "json"), default="text")
 
+    sub = command("analyze", cmd_analyze, "find the emergent bricks of a model: sparse activation, "
+                  "functional specialization, perturbation and partitions of its FFN neurons")
+    sub.add_argument("model", help="FILE.brick (its output), FILE.brick:NODE, or a model directory")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="report directory (replaced atomically)")
+    sub.add_argument("--probes", type=Path, help="probe directory: one ABILITY.txt per ability, prompts "
+                     "separated by `---` lines (default: the shipped seven abilities)")
+    sub.add_argument("--max-prompts", type=int, help="use at most this many prompts per ability")
+    sub.add_argument("--max-tokens", type=int, default=128, help="tokens kept per prompt (default 128)")
+    sub.add_argument("--levels", type=_percentages, default=None,
+                     help="masked percentages for the loss curves (default 0,10,...,90,95)")
+    sub.add_argument("--cett", type=_fractions, default=None, help="CETT targets (default 0.05,0.1,0.2,0.3)")
+    sub.add_argument("--eval-per-ability", type=int, default=6,
+                     help="prompts per ability for the sparse-activation losses (default 6)")
+    sub.add_argument("--cett-tokens", type=int, default=512, help="tokens calibrating the CETT thresholds")
+    sub.add_argument("--top", type=float, default=5.0,
+                     help="percent of each layer's neurons attributed to an ability (default 5)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline and random control")
+    sub.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward pass")
+    sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text",
+                     help="json: print the headline numbers and diagnostics as JSON on stdout")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
     sub.add_argument("--format", choices=("md",), default="md")
 
@@ -338,6 +361,91 @@ def cmd_bench(args) -> int:
                    new_tokens=args.new_tokens, repeat=args.repeat, device=args.device)
     print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
     return EXIT_OK
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _percentages(text: str) -> tuple[float, ...]:
+    return tuple(value / 100 for value in _numbers(text))
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return _numbers(text)
+
+
+def cmd_analyze(args) -> int:
+    import json
+
+    from cfmlang.analysis import Settings, analyze_model
+    from cfmlang.analysis.run import DEFAULT_CETT_TARGETS, DEFAULT_LEVELS
+
+    settings = Settings(levels=args.levels or DEFAULT_LEVELS, cett_targets=args.cett or DEFAULT_CETT_TARGETS,
+                        eval_per_ability=args.eval_per_ability, cett_tokens=args.cett_tokens,
+                        top_fraction=args.top / 100, seed=args.seed, max_batch_tokens=args.batch_tokens)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    run = analyze_model(args.model, args.output, probes_dir=args.probes, settings=settings,
+                        max_prompts=args.max_prompts, max_tokens=args.max_tokens, cache_dir=args.cache_dir, progress=progress, log=log)
+    progress.close()
+    headline = run.analysis.report["headline"]
+    if args.format == "json":
+        print(json.dumps({"output": str(args.output), "headline": headline,
+                          "diagnostics": [d.to_json() for d in run.warnings]}, indent=2))
+        return EXIT_OK
+    report(run.warnings, args)
+    if not args.quiet:
+        print(f"wrote {args.output}/report.html and analysis.json", file=sys.stderr)
+        for key, value in headline.items():
+            print(f"  {key}: {_short(value)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    return str(value)
+
+
+class StageLog:
+    """Progress of the analysis stages on stderr: a live counter on a terminal, else a
+    line per stage and per quarter of it."""
+
+    def __init__(self, stream, enabled: bool):
+        self.stream, self.enabled = stream, enabled
+        self.live = enabled and stream.isatty()
+        self.open = False
+
+    def stage(self, title: str, steps: int):
+        import time
+
+        self.close()
+        state = {"done": 0, "start": time.monotonic()}
+        self.open = self.enabled
+        if self.enabled and not self.live:
+            print(f"{title}: {steps} steps", file=self.stream, flush=True)
+
+        def tick():
+            state["done"] += 1
+            done, elapsed = state["done"], time.monotonic() - state["start"]
+            if self.live:
+                end = "\n" if done >= steps else ""
+                print(f"\r{title}: {done}/{steps} ({elapsed:.0f} s)", end=end, file=self.stream, flush=True)
+            elif self.enabled and done * 4 // max(steps, 1) != (done - 1) * 4 // max(steps, 1):
+                print(f"  {done}/{steps} ({elapsed:.0f} s)", file=self.stream, flush=True)
+            self.open = done < steps and self.live
+        return tick
+
+    def close(self):
+        if self.open:
+            print(file=self.stream, flush=True)
+        self.open = False
 
 
 def cmd_methods(args) -> int:

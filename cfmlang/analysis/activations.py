@@ -1,0 +1,158 @@
+"""FFN neuron activations of a transformers model, read and edited through hooks.
+
+A neuron's activation is an entry of a = act(gate_proj(x)) * up_proj(x), the input of
+`mlp.down_proj`; forward pre-hooks on every layer's `down_proj` observe or replace it.
+The model itself runs unchanged (no reimplementation of any architecture)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cfmlang.analysis.probes import Probes
+from cfmlang.diagnostics import CompileError, error
+
+Edit = Callable[[int, torch.Tensor], torch.Tensor]
+"""(layer index, activations [batch, tokens, neurons]) -> the activations to use."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor        # [batch, tokens], right-padded
+    attention_mask: torch.Tensor   # [batch, tokens], 1 on real tokens
+    indices: tuple[int, ...]       # positions of these sequences in the Probes
+
+
+def ffn_sites(model: nn.Module) -> list[nn.Linear]:
+    """The `down_proj` of each layer's gated FFN, in layer order."""
+    sites = [(name, module) for name, module in model.named_modules()
+             if name.endswith("mlp.down_proj") and isinstance(module, nn.Linear)]
+    if not sites:
+        raise CompileError([error("E161", f"{type(model).__name__} has no gated FFN "
+                                  "(`mlp.down_proj` of a Llama/Mistral-style layer)", None,
+                                  "cfmc analyze supports decoder models whose MLP computes "
+                                  "down_proj(act(gate_proj(x)) * up_proj(x))")])
+    return [module for _, module in sites]
+
+
+def down_weights(model: nn.Module) -> list[torch.Tensor]:
+    """W_down of each layer, [hidden, neurons]."""
+    return [site.weight.detach() for site in ffn_sites(model)]
+
+
+def batches(probes: Probes, max_tokens: int, pad_id: int = 0) -> Iterator[Batch]:
+    """Sequences grouped by length, each batch holding at most `max_tokens` padded tokens."""
+    order = sorted(range(len(probes.sequences)), key=lambda i: (len(probes.sequences[i]), i))
+    group: list[int] = []
+    for index in order:
+        width = len(probes.sequences[index])
+        if group and (len(group) + 1) * width > max_tokens:
+            yield _pad(probes, group, pad_id)
+            group = []
+        group.append(index)
+    if group:
+        yield _pad(probes, group, pad_id)
+
+
+def _pad(probes: Probes, group: list[int], pad_id: int) -> Batch:
+    width = max(len(probes.sequences[i]) for i in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, index in enumerate(group):
+        sequence = probes.sequences[index]
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, :len(sequence)] = 1
+    return Batch(ids, mask, tuple(group))
+
+
+@contextlib.contextmanager
+def edited_ffns(model: nn.Module, edit: Edit | None):
+    """Within the block every FFN's activations pass through `edit` (None: untouched)."""
+    if edit is None:
+        yield
+        return
+    handles = [site.register_forward_pre_hook(_pre_hook(layer, edit))
+               for layer, site in enumerate(ffn_sites(model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pre_hook(layer: int, edit: Edit):
+    def hook(module, args):
+        return (edit(layer, args[0]),) + tuple(args[1:])
+    return hook
+
+
+def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood of each sequence and its token count."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    targets = batch.input_ids[:, 1:]
+    scored = batch.attention_mask[:, 1:].to(logits.dtype)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets,
+                                            reduction="none")
+    return (nll * scored).sum(1).double(), scored.sum(1).double()
+
+
+def probe_nll(model: nn.Module, probes: Probes, edit: Edit | None = None, *,
+              max_batch_tokens: int = 2048, tick=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed NLL and predicted-token counts over `probes`, FFNs edited by `edit`."""
+    total = torch.zeros(len(probes.sequences), dtype=torch.float64)
+    counts = torch.zeros_like(total)
+    with torch.inference_mode(), edited_ffns(model, edit):
+        for batch in batches(probes, max_batch_tokens):
+            nll, count = sequence_nll(model, batch)
+            index = torch.tensor(batch.indices)
+            total[index], counts[index] = nll, count
+            tick()
+    return total, counts
+
+
+def instance_activations(model: nn.Module, probes: Probes, *, max_batch_tokens: int = 2048,
+                         tick=lambda: None) -> torch.Tensor:
+    """A[i, layer, n]: the mean over the tokens of prompt i of |a_n| (float32)."""
+    layers = len(ffn_sites(model))
+    width = ffn_sites(model)[0].in_features
+    result = torch.zeros(len(probes.sequences), layers, width)
+    current: dict[str, torch.Tensor] = {}
+
+    def observe(layer: int, a: torch.Tensor) -> torch.Tensor:
+        mask = current["mask"]
+        summed = (a.abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        result[current["index"], layer] = summed
+        return a
+
+    with torch.inference_mode(), edited_ffns(model, observe):
+        for batch in batches(probes, max_batch_tokens):
+            current["mask"] = batch.attention_mask.float()
+            current["index"] = torch.tensor(batch.indices)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            tick()
+    return result
+
+
+def token_activations(model: nn.Module, probes: Probes, *, max_batch_tokens: int = 2048,
+                      tick=lambda: None) -> list[torch.Tensor]:
+    """Per layer, the activations of every real (unpadded) token of `probes`, [tokens, neurons]."""
+    per_layer: list[list[torch.Tensor]] = [[] for _ in ffn_sites(model)]
+    current: dict[str, torch.Tensor] = {}
+
+    def observe(layer: int, a: torch.Tensor) -> torch.Tensor:
+        per_layer[layer].append(a[current["mask"]].float())
+        return a
+
+    with torch.inference_mode(), edited_ffns(model, observe):
+        for batch in batches(probes, max_batch_tokens):
+            current["mask"] = batch.attention_mask.bool()
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            tick()
+    return [torch.cat(chunks) for chunks in per_layer]
+
+
+def batch_count(probes: Probes, max_batch_tokens: int) -> int:
+    return sum(1 for _ in batches(probes, max_batch_tokens))
