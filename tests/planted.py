@@ -1,12 +1,12 @@
-"""A tiny Llama with planted specialised FFN neurons, its word-level tokenizer, and
-probe directories, for the analysis tests (no hub access)."""
+"""A tiny Llama with planted specialised FFN neurons (with the word-level test tokenizer)
+and probe directories, for the analysis tests (no hub access)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from models import TINY
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from models import TINY, tiny_tokenizer
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 ABILITIES = ("alpha", "beta", "gamma")
 PLANTED_LAYER = 1
@@ -17,14 +17,6 @@ FIRST_WORD, WORDS_PER_ABILITY = 8, 30                 # ability f uses words 8+3
 def ability_words(index: int) -> range:
     start = FIRST_WORD + WORDS_PER_ABILITY * index
     return range(start, start + WORDS_PER_ABILITY)
-
-
-def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    core = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", pad_token="w0")
 
 
 def planted_model(folder: Path, seed: int = 0) -> Path:
@@ -53,12 +45,13 @@ def planted_model(folder: Path, seed: int = 0) -> Path:
             mlp.down_proj.weight[index, neuron] = 0.05
             model.lm_head.weight[words, index] += 1.0
     model.save_pretrained(folder)
-    word_tokenizer(TINY["vocab_size"]).save_pretrained(folder)
-    return Path(folder)
+    return tiny_tokenizer(folder, TINY["vocab_size"])
 
 
-def write_probes(folder: Path, per_ability: int, seed: int = 0, abilities=ABILITIES) -> Path:
-    """One ABILITY.txt per ability: prompts of 6-14 random words of that ability."""
+def write_probes(folder: Path, model: Path, per_ability: int, seed: int = 0, abilities=ABILITIES) -> Path:
+    """One ABILITY.txt per ability: prompts of 6-14 random words of that ability (words of
+    the tokenizer saved with `model`)."""
+    vocabulary = AutoTokenizer.from_pretrained(model).convert_ids_to_tokens(list(range(TINY["vocab_size"])))
     generator = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for index, name in enumerate(abilities):
@@ -67,6 +60,6 @@ def write_probes(folder: Path, per_ability: int, seed: int = 0, abilities=ABILIT
         for _ in range(per_ability):
             length = int(torch.randint(6, 15, (1,), generator=generator))
             picks = torch.randint(0, len(words), (length,), generator=generator)
-            prompts.append(" ".join(f"w{words[p]}" for p in picks))
+            prompts.append(" ".join(vocabulary[words[p]] for p in picks))
         (folder / f"{name}.txt").write_text("\n---\n".join(prompts) + "\n")
     return folder

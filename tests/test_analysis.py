@@ -53,7 +53,7 @@ def one_thread():
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     folder = planted_model(root / "model")
-    probe_dir = write_probes(root / "probes", per_ability=16)
+    probe_dir = write_probes(root / "probes", folder, per_ability=16)
     loaded = _load_directory(folder, "planted")
     texts, _ = read_probes(probe_dir)
     probes, _ = tokenize(texts, loaded.tokenizer, 64)
@@ -358,7 +358,7 @@ def test_cli_errors(planted, tmp_path, capsys, case, code_expected):
     elif case == "missing_probes":
         probes = tmp_path / "none"
     elif case == "one_ability":
-        probes = write_probes(tmp_path / "single", 4, abilities=("alpha",))
+        probes = write_probes(tmp_path / "single", model, 4, abilities=("alpha",))
     elif case == "bad_level":
         extra = ["--levels", "0,100"]
     else:

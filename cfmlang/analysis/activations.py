@@ -43,23 +43,24 @@ def down_weights(model: nn.Module) -> list[torch.Tensor]:
     return [site.weight.detach() for site in ffn_sites(model)]
 
 
-def batches(probes: Probes, max_tokens: int, pad_id: int = 0) -> Iterator[Batch]:
-    """Sequences grouped by length, each batch holding at most `max_tokens` padded tokens."""
+def batches(probes: Probes, max_tokens: int) -> Iterator[Batch]:
+    """Sequences grouped by length, each batch holding at most `max_tokens` padded tokens
+    (padding holds token 0; it is masked out of attention and of every statistic)."""
     order = sorted(range(len(probes.sequences)), key=lambda i: (len(probes.sequences[i]), i))
     group: list[int] = []
     for index in order:
         width = len(probes.sequences[index])
         if group and (len(group) + 1) * width > max_tokens:
-            yield _pad(probes, group, pad_id)
+            yield _pad(probes, group)
             group = []
         group.append(index)
     if group:
-        yield _pad(probes, group, pad_id)
+        yield _pad(probes, group)
 
 
-def _pad(probes: Probes, group: list[int], pad_id: int) -> Batch:
+def _pad(probes: Probes, group: list[int]) -> Batch:
     width = max(len(probes.sequences[i]) for i in group)
-    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    ids = torch.zeros((len(group), width), dtype=torch.long)
     mask = torch.zeros((len(group), width), dtype=torch.long)
     for row, index in enumerate(group):
         sequence = probes.sequences[index]
