@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="percent of each layer's neurons attributed to an ability (default 5)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline and random control")
     sub.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward pass")
+    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is "
+                     "faster on a machine whose cores are already busy)")
     sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="json: print the headline numbers and diagnostics as JSON on stdout")
@@ -387,6 +389,10 @@ def cmd_analyze(args) -> int:
     settings = Settings(levels=args.levels or DEFAULT_LEVELS, cett_targets=args.cett or DEFAULT_CETT_TARGETS,
                         eval_per_ability=args.eval_per_ability, cett_tokens=args.cett_tokens,
                         top_fraction=args.top / 100, seed=args.seed, max_batch_tokens=args.batch_tokens)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     progress = StageLog(sys.stderr, enabled=not args.quiet)
     run = analyze_model(args.model, args.output, probes_dir=args.probes, settings=settings,

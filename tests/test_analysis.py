@@ -10,27 +10,10 @@ import pytest
 import torch
 from planted import ABILITIES, PLANTED, PLANTED_LAYER, planted_model, write_probes
 
-from cfmlang.analysis import (
-    Settings,
-    analyze,
-    average_precision,
-    func_scores,
-    read_probes,
-    tokenize,
-)
+from cfmlang.analysis import Settings, analyze, average_precision, func_scores, read_probes, tokenize
 from cfmlang.analysis.activations import batches, ffn_sites, probe_nll
-from cfmlang.analysis.funcscore import (
-    scores_from_activations,
-    summarize_layers,
-    top_neurons,
-)
-from cfmlang.analysis.indicators import (
-    cett,
-    cett_threshold,
-    column_norms,
-    mask_below,
-    mask_lowest,
-)
+from cfmlang.analysis.funcscore import scores_from_activations, summarize_layers, top_neurons
+from cfmlang.analysis.indicators import cett, cett_threshold, column_norms, mask_below, mask_lowest
 from cfmlang.analysis.perturbation import ability_perplexity
 from cfmlang.analysis.probes import Probes
 from cfmlang.analysis.sparsity import mean_loss

@@ -8,36 +8,14 @@ from typing import Protocol
 
 import torch
 
-from cfmlang.analysis.activations import (
-    batch_count,
-    down_weights,
-    ffn_sites,
-    instance_activations,
-    token_activations,
-)
-from cfmlang.analysis.funcscore import (
-    scores_from_activations,
-    shuffled,
-    summarize_layers,
-    top_neurons,
-    top_permille_rank,
-)
+from cfmlang.analysis.activations import (batch_count, down_weights, ffn_sites, instance_activations,
+                                          token_activations)
+from cfmlang.analysis.funcscore import (scores_from_activations, shuffled, summarize_layers, top_neurons,
+                                        top_permille_rank)
 from cfmlang.analysis.indicators import INDICATORS, masked_count
-from cfmlang.analysis.perturbation import (
-    jaccard,
-    layer_overlap,
-    overlap,
-    perplexity_with,
-    random_neurons,
-)
+from cfmlang.analysis.perturbation import jaccard, layer_overlap, overlap, perplexity_with, random_neurons
 from cfmlang.analysis.probes import Probes
-from cfmlang.analysis.sparsity import (
-    calibrate_cett,
-    cett_loss,
-    loss_curve,
-    mean_loss,
-    sample_tokens,
-)
+from cfmlang.analysis.sparsity import calibrate_cett, cett_loss, loss_curve, mean_loss, sample_tokens
 from cfmlang.diagnostics import CompileError, error
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -133,25 +111,16 @@ def probe_facts(probes: Probes) -> dict:
 
 def functional_report(scores: torch.Tensor, baseline: torch.Tensor, settings: Settings) -> dict:
     ours, chance = summarize_layers(scores, settings.permille), summarize_layers(baseline, settings.permille)
-
-    def table(summary) -> dict:
-        return {"best": summary.best.T.tolist(), "top_permille": summary.top_permille.T.tolist(),
-                "mean": summary.mean.T.tolist()}
-
     return {
         "definition": "FuncScore(n, f) = average precision of the prompt-mean |a_n| at separating "
                       "ability f's prompts from the rest; baseline: the same with shuffled labels",
         "top_permille_rank": top_permille_rank(scores.shape[1], settings.permille) + 1,
-        "per_ability": table(ours),            # [abilities][layers]
-        "baseline": table(chance),
-        "mean_over_abilities": {k: v.mean(1).tolist() for k, v in asdict_summary(ours).items()},
-        "baseline_mean_over_abilities": {k: v.mean(1).tolist() for k, v in asdict_summary(chance).items()},
+        "per_ability": {k: v.T.tolist() for k, v in vars(ours).items()},       # [abilities][layers]
+        "baseline": {k: v.T.tolist() for k, v in vars(chance).items()},
+        "mean_over_abilities": {k: v.mean(1).tolist() for k, v in vars(ours).items()},   # [layers]
+        "baseline_mean_over_abilities": {k: v.mean(1).tolist() for k, v in vars(chance).items()},
         "best_neuron": best_neurons(scores),
     }
-
-
-def asdict_summary(summary) -> dict:
-    return {"best": summary.best, "top_permille": summary.top_permille, "mean": summary.mean}
 
 
 def best_neurons(scores: torch.Tensor) -> list[dict]:
@@ -248,12 +217,17 @@ def headline(report: dict) -> dict:
                            for i, level in enumerate(sparse["levels"])},
         "cett": {f"{entry['target']:g}": {"mean_sparsity": entry["mean_sparsity"], "loss": entry["loss"]}
                  for entry in sparse["cett"]},
-        "funcscore_best_max_over_layers": max(functional["mean_over_abilities"]["best"]),
-        "funcscore_best_baseline_max_over_layers": max(functional["baseline_mean_over_abilities"]["best"]),
-        "funcscore_mean": sum(functional["mean_over_abilities"]["mean"]) / len(functional["mean_over_abilities"]["mean"]),
-        "perturbation_mean_own_ability": sum(diagonal) / abilities,
-        "perturbation_mean_other_abilities": sum(off) / len(off),
-        "perturbation_random_control_mean": sum(perturbation["random_control_relative_increase"]) / abilities,
-        "partition_mean_pairwise_overlap": sum(pairs) / len(pairs),
+        "funcscore_layer_average": {key: average(functional["mean_over_abilities"][key])
+                                    for key in ("best", "top_permille", "mean")},
+        "funcscore_layer_average_shuffled": {key: average(functional["baseline_mean_over_abilities"][key])
+                                             for key in ("best", "top_permille", "mean")},
+        "perturbation_mean_own_ability": average(diagonal),
+        "perturbation_mean_other_abilities": average(off),
+        "perturbation_random_control_mean": average(perturbation["random_control_relative_increase"]),
+        "partition_mean_pairwise_overlap": average(pairs),
         "partition_chance_overlap": partitions["chance_overlap"],
     }
+
+
+def average(values) -> float:
+    return sum(values) / len(values)

@@ -6,13 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from cfmlang.analysis.activations import down_weights, probe_nll
-from cfmlang.analysis.indicators import (
-    CettThreshold,
-    cett_threshold,
-    column_norms,
-    mask_below,
-    mask_lowest,
-)
+from cfmlang.analysis.indicators import CettThreshold, cett_threshold, column_norms, mask_below, mask_lowest
 from cfmlang.analysis.probes import Probes
 
 
