@@ -240,6 +240,7 @@ def test_report_of_the_planted_model(planted_analysis):
         assert increase[f][f] > 0.1
         assert increase[f][f] > 5 * max(abs(increase[f][g]) for g in range(3) if g != f)
     assert max(abs(v) for v in report["perturbation"]["random_control_relative_increase"]) < 0.02
+    assert report["headline"]["perturbation_rows_hurting_own_ability_most"] == 3
     sparse = report["sparse_activation"]
     assert sparse["loss"]["activation"][0] == sparse["loss"]["output"][0] == sparse["dense_loss"]
     assert sparse["cett"][0]["achieved_cett"] == pytest.approx([0.2] * 4, abs=0.01)

@@ -2,6 +2,7 @@
 sparse activation, functional specialisation, perturbation, partitions."""
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -223,6 +224,10 @@ def headline(report: dict) -> dict:
                                              for key in ("best", "top_permille", "mean")},
         "perturbation_mean_own_ability": average(diagonal),
         "perturbation_mean_other_abilities": average(off),
+        "perturbation_median_own_ability": statistics.median(diagonal),
+        "perturbation_median_other_abilities": statistics.median(off),
+        "perturbation_rows_hurting_own_ability_most": sum(
+            increase[f][f] == max(increase[f]) for f in range(abilities)),
         "perturbation_random_control_mean": average(perturbation["random_control_relative_increase"]),
         "partition_mean_pairwise_overlap": average(pairs),
         "partition_chance_overlap": partitions["chance_overlap"],
