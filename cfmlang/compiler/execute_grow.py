@@ -8,14 +8,13 @@ is the provider of the model it is verified against (its first input)."""
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from cfmlang.compiler.execute import NodeStats
 from cfmlang.compiler.ir import GrowNode, layer_index
+from cfmlang.compiler.materialise import materialise
 from cfmlang.compiler.weights import TORCH_DTYPES, Rows
 from cfmlang.stdlib.grow import (MLP_RE, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
                                  upcycled_specs, widen_config, widen_tensor, widened_spec)
@@ -185,14 +184,7 @@ def moe_gates(node: GrowNode, base, experts, mode: str, seed: int) -> torch.Tens
     if mode not in PROMPTED_MODES:
         generator = MergeContext(node.name, "routers", seed).generator()
         return random_gates(mode, arch.num_layers, len(experts), arch.hidden_size, generator)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cfmlang.compiler.verify import loadable_dir, materialize
-
-    with tempfile.TemporaryDirectory(prefix="cfm-moe-") as scratch:
-        folder = loadable_dir(base) or materialize(base, Path(scratch) / "base")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(base.support_dir)
+    model, tokenizer = materialise(base, node.span)
     tokenizer.padding_side = "left"          # as mergekit-moe: the last position is a real token
     if tokenizer.bos_token_id is not None:
         tokenizer.pad_token_id = tokenizer.bos_token_id
