@@ -27,6 +27,7 @@ from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, MergeProvi
                                       make_provider, node_seed, stored_provider)
 from cfmlang.compiler.adapter_route import AdapterRouteProvider
 from cfmlang.compiler.execute_experts import RouteProvider
+from cfmlang.compiler.execute_grow import DepthProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import (CACHED, RUN, SKIP, Plan, available_memory, describe_op, make_plan,
@@ -476,7 +477,7 @@ def _diagnosed_faults():
 
 
 def _output_dtype(provider) -> str | None:
-    return provider.dtype if isinstance(provider, MergeProvider) else None
+    return provider.dtype if isinstance(provider, (MergeProvider, DepthProvider)) else None
 
 
 def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, output: Output,

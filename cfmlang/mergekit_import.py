@@ -10,12 +10,16 @@ What has a cfmlang equivalent is translated:
   `parameters` -> node-level keys, which cfmlang, like mergekit, uses as defaults for
   every input;
 - a single slice whose sources all span the whole model -> the same as `models:`;
+- several YAML documents (mergekit-multi's `name:`, mergekit-mega's `out_path:`) -> one
+  node each; a reference to another document's name or out_path is a node reference;
+- `passthrough` over slices of one source each (layer stacking, depth up-scaling) ->
+  `grow NAME: {method: stack, slices: [a.layers[0:24], {from: b.layers[8:32], scale: ...}]}`;
 - mergekit's conditional parameters (`[{filter: self_attn, value: X}, {value: Y}]`) ->
   the filter map `{self_attn: X, default: Y}` (first key contained in the tensor name
   wins, `default` otherwise). A per-input list without a catch-all falls back to the
   node-level value in mergekit; the translation folds that fallback into the map.
 
-Everything else (stacked or partial slices, `modules:`, tokenizer settings other than
+Everything else (several slices or a partial slice of any other method, `modules:`, tokenizer settings other than
 `tokenizer_source: base`, an `out_dtype` other than `dtype`, LoRA `model+lora`
 references, hub revisions, unknown methods or keys) is reported as E100 with its
 position; all of them at once. A YAML syntax error is E101.
@@ -45,7 +49,7 @@ BASE_POLICY = {
 }
 DTYPES = tuple(FLOAT_DTYPES)
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
-            "out_dtype", "tokenizer_source", "tokenizer", "chat_template")
+            "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "name", "out_path")
 MODEL_ENTRY_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
@@ -63,9 +67,10 @@ UNSUPPORTED = {
     "chat_template": ("`chat_template:`",
                       "cfmlang copies the base model's tokenizer and chat template as they are"),
 }
-STACK_HELP = ("stacking layer ranges of models is the job of the `grow` method `stack`, which the "
-              "importer does not write yet: `grow NAME: {method: stack, slices: [a.layers[0:24], "
-              "{from: b.layers[8:32], scale: 0.5}]}` (docs/language.md)")
+RANGE_HELP = ("cfmlang merges whole models, and stacks layer ranges with `grow` (`method: stack`, "
+              "which `merge_method: passthrough` slices translate to); a different merge per layer "
+              "range has no equivalent yet")
+STACK_PARAMS = ("scale",)
 
 
 def translate(text: str, file: str = "<input>", *, out_dir: str | Path | None = None,
@@ -124,6 +129,9 @@ class _Input:
     params: list | None = None   # [(name, key node, value node)] of its `parameters:`
     layer_range: Any = None  # SequenceNode (slices only)
     settings: dict = field(default_factory=dict)   # parameter name -> _Setting
+    slice_scope: Any = None  # the `parameters:` node of its slice (stacked slices only)
+    slice_settings: dict = field(default_factory=dict)   # the same, parsed
+    bounds: tuple[int, int] | None = None   # its layer range (stacked slices only)
 
 
 @dataclass
@@ -146,7 +154,16 @@ class _Merge:
     scopes: list[Any] = field(default_factory=list)    # slice-level, then global `parameters:` nodes
     scope_settings: list[dict] = field(default_factory=list)   # the same, parsed: name -> _Setting
     dtype: str | None = None
-    form: str = "models"
+    form: str = "models"     # "models", "slices" (one slice: a merge) or "stack" (passthrough slices)
+    root: Any = None         # the YAML document
+    name: str | None = None       # `name:` (mergekit-multi): later documents refer to it by it
+    out_path: str | None = None   # `out_path:` (mergekit-mega): ... or by this path
+    node: str = ""           # its node's name in the program
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The model references of later stages that mean this stage's output."""
+        return tuple(r for r in (self.name, self.out_path and os.path.normpath(self.out_path)) if r)
 
 
 class _Importer:
@@ -241,20 +258,21 @@ class _Importer:
         if not documents:
             raise CompileError([error(CANNOT, "cannot translate: the file holds no mergekit configuration",
                                       Span.point(self.file, 1, 1), "a config needs `merge_method:` and `models:`")])
-        for extra in documents[1:]:
-            self.cannot(extra, "a second YAML document (a multi-stage `mergekit-mega` config)",
-                        "translate each stage on its own; chaining them is one .brick with merges of merges")
+        stages = [self.document(root) for root in documents]
+        if self.problems or None in stages:
+            raise CompileError(self.problems)
+        return self.emit(stages)
+
+    def document(self, root) -> _Merge | None:
+        yaml = self.yaml
         try:
-            merge = self.config(documents[0])
+            return self.config(root)
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark
             raise CompileError(self.problems + [error(
                 BAD_YAML, f"invalid YAML: {exc.problem}",
                 None if mark is None else Span.point(self.file, mark.line + 1, mark.column + 1),
                 "mergekit configs use plain YAML values only")]) from None
-        if self.problems or merge is None:
-            raise CompileError(self.problems)
-        return self.emit(merge)
 
     def config(self, root) -> _Merge | None:
         top = self.mapping(root, "a mergekit config", TOP_KEYS)
@@ -262,7 +280,10 @@ class _Importer:
             return None
         # `key: null` is the same as no key for mergekit
         top = {k: v for k, v in top.items() if not self.is_null(v[1])}
-        merge = _Merge()
+        merge = _Merge(root=root)
+        for key in ("name", "out_path"):
+            if key in top:
+                setattr(merge, key, self.string(top[key][1], f"`{key}`"))
         if "merge_method" in top:
             merge.method = self.method(top["merge_method"][1])
         else:
@@ -284,7 +305,10 @@ class _Importer:
         elif not forms and "modules" not in top:
             self.cannot(root, "the config has neither `models:` nor `slices:`", "list the models to merge")
         base_node = top["base_model"][1] if "base_model" in top else None
-        if "slices" in top and len(forms) == 1:
+        if "slices" in top and len(forms) == 1 and merge.method == "passthrough":
+            merge.form = "stack"
+            self.stacked_slices(top["slices"][1], merge)
+        elif "slices" in top and len(forms) == 1:
             merge.form = "slices"
             base_node = self.slices(top["slices"], merge, base_node)
         elif "models" in top:
@@ -355,7 +379,7 @@ class _Importer:
         if items is None:
             return base_node
         if len(items) != 1:
-            self.cannot(key_node, f"{len(items)} output slices stack layer ranges", STACK_HELP)
+            self.cannot(key_node, f"`{merge.method}` over {len(items)} output slices", RANGE_HELP)
             for item in items:   # still report what else could not be translated in them
                 for source in self.sources_of(item):
                     if "model" in source:
@@ -389,6 +413,63 @@ class _Importer:
         self.whole_ranges(merge.inputs)
         return base_node
 
+    def stacked_slices(self, node, merge: _Merge) -> None:
+        """`passthrough` slices: each takes a layer range of one model, in order."""
+        items = self.sequence(node, "`slices`")
+        if items is None:
+            return
+        if not items:
+            self.cannot(node, "`slices` is empty", "list the layer ranges to stack")
+        for item in items:
+            slice_map = self.mapping(item, "a slice", SLICE_KEYS)
+            if slice_map is None:
+                continue
+            if "residual_weight" in slice_map:
+                self.cannot(slice_map["residual_weight"][0], "`residual_weight` of a slice",
+                            "cfmlang stacks have no residual weight")
+            if "base_model" in slice_map and not self.is_null(slice_map["base_model"][1]):
+                self.notes.append("`base_model` of a slice is not used by `passthrough` and was left out")
+            if "sources" not in slice_map:
+                self.cannot(item, "a slice without `sources:`")
+                continue
+            sources = self.sequence(slice_map["sources"][1], "`sources`")
+            if sources is not None and len(sources) != 1:
+                self.cannot(slice_map["sources"][0], f"a `passthrough` slice with {len(sources)} sources",
+                            "each passthrough slice takes its layers from exactly one model")
+                continue
+            source = self.mapping(sources[0], "a slice source", SOURCE_KEYS) if sources else None
+            if source is None:
+                continue
+            if "model" not in source or "layer_range" not in source:
+                self.cannot(sources[0], "a slice source needs `model:` and `layer_range:`")
+                continue
+            ref = source["model"][1]
+            params = source["parameters"][1] if "parameters" in source else None
+            stacked = _Input(ref, self.model_path(ref), self.param_map(params), source["layer_range"][1])
+            stacked.slice_scope = slice_map["parameters"][1] if "parameters" in slice_map else None
+            stacked.bounds = self.layer_bounds(stacked)
+            merge.inputs.append(stacked)
+
+    def layer_bounds(self, item: _Input) -> tuple[int, int] | None:
+        """[start, end) of a stacked slice, checked against the model when its config is readable."""
+        values = self.sequence(item.layer_range, "`layer_range`")
+        bounds = [self.scalar(v) if isinstance(v, self.yaml.ScalarNode) else None for v in values or ()]
+        if values is None or len(bounds) != 2 or not all(type(b) is int for b in bounds):
+            if values is not None:
+                self.cannot(item.layer_range, "`layer_range` must be two integers [start, end]")
+            return None
+        start, end = bounds
+        if not 0 <= start < end:
+            self.cannot(item.layer_range, f"`layer_range: [{start}, {end}]` takes no layers",
+                        "a range is [start, end) with 0 <= start < end")
+            return None
+        layers = self.layer_count(item.path) if item.path else None
+        if layers is not None and end > layers:
+            self.cannot(item.layer_range, f"`layer_range: [{start}, {end}]` goes past the "
+                        f"{layers} layers of `{item.path}`", f"the last layer is {layers - 1}")
+            return None
+        return start, end
+
     def sources_of(self, item) -> list[dict]:
         slice_map = self.mapping(item, "a slice", SLICE_KEYS)
         if slice_map is None or "sources" not in slice_map:
@@ -412,18 +493,18 @@ class _Importer:
         for bounds, item in ranges[1:]:
             if bounds != first:
                 self.cannot(item.layer_range, f"sources of one slice take different layers "
-                            f"({list(first)} and {list(bounds)})", STACK_HELP)
+                            f"({list(first)} and {list(bounds)})", RANGE_HELP)
                 return
         start, end = first
         if start != 0:
             self.cannot(ranges[0][1].layer_range, f"`layer_range: [{start}, {end}]` takes a part "
-                        "of the model", STACK_HELP)
+                        "of the model", RANGE_HELP)
             return
         for bounds, item in ranges:
             layers = self.layer_count(item.path) if item.path else None
             if layers is not None and layers != end:
                 self.cannot(item.layer_range, f"`layer_range: [0, {end}]` takes {end} of the "
-                            f"{layers} layers of `{item.path}`", STACK_HELP)
+                            f"{layers} layers of `{item.path}`", RANGE_HELP)
                 return
             if layers is None and item.path:
                 self.notes.append(f"`layer_range: [0, {end}]` of `{item.path}` is taken to be the whole "
@@ -519,6 +600,18 @@ class _Importer:
         merge.scope_settings = [{name: self.setting(value) for name, _, value in scope} for scope in scopes]
         for item in merge.inputs:
             item.settings = {name: self.setting(value) for name, _, value in (item.params or [])}
+            slice_params = self.param_map(item.slice_scope) or []
+            item.slice_settings = {name: self.setting(value) for name, _, value in slice_params}
+        if merge.form == "stack":
+            self.stack_parameters(scopes + [item.params or [] for item in merge.inputs] +
+                                  [self.param_map(item.slice_scope) or [] for item in merge.inputs])
+
+    def stack_parameters(self, scopes: list[list]) -> None:
+        for scope in scopes:
+            for name, key_node, _ in scope:
+                if name not in STACK_PARAMS:
+                    self.cannot(key_node, f"a `{name}` parameter of `passthrough`",
+                                "passthrough slices take only `scale` (a stack slice's only parameter)")
 
     def setting(self, node) -> _Setting | None:
         yaml = self.yaml
@@ -613,7 +706,51 @@ class _Importer:
         return None
 
     # ---- output -------------------------------------------------------------------------------
-    def emit(self, merge: _Merge) -> str:
+    def emit(self, stages: list[_Merge]) -> str:
+        """The program: one `model` per input path that no stage produces, one node per
+        stage (a YAML document), the final stage as the output."""
+        final = self.final_stage(stages)
+        self.node_names(stages, final)
+        produced = {ref: stage.node for stage in stages for ref in stage.references}
+        plans = [self.stage_inputs(stage) for stage in stages]
+        if self.problems:
+            raise CompileError(self.problems)
+        paths = [item.path for base, inputs in plans for item in ([base] if base else []) + inputs]
+        models = self.names([p for p in paths if self.produced_by(p, produced) is None],
+                            {stage.node for stage in stages})
+        names = {p: self.produced_by(p, produced) or models[p] for p in paths}
+        lines = self.header(models)
+        for stage, (base, inputs) in zip(stages, plans):
+            lines += self.stack_lines(stage, names) if stage.form == "stack" else \
+                self.merge_lines(stage, base, inputs, names)
+        lines.append(f"output: {final.node}")
+        return "\n".join(lines) + "\n"
+
+    def final_stage(self, stages: list[_Merge]) -> _Merge:
+        """mergekit-multi: the document without `name:`; mergekit-mega: the last one."""
+        unnamed = [stage for stage in stages if stage.name is None]
+        if len(stages) > 1 and len(unnamed) < len(stages) and len(unnamed) > 1:
+            for stage in unnamed[1:]:
+                self.cannot(stage.root, f"{len(unnamed)} documents have no `name:`",
+                            "in a mergekit-multi config every document but the final merge has a `name:`")
+        return unnamed[0] if len(unnamed) == 1 and len(stages) > 1 else stages[-1]
+
+    def node_names(self, stages: list[_Merge], final: _Merge) -> None:
+        taken: set[str] = set()
+        for stage in stages:
+            default = "stacked" if stage.form == "stack" else "merged"
+            wanted = default if stage is final else identifier(stage.name or stage.out_path or default)
+            stage.node = unique(wanted, taken)
+            taken.add(stage.node)
+
+    @staticmethod
+    def produced_by(path: str, produced: dict[str, str]) -> str | None:
+        return produced.get(path) or produced.get(os.path.normpath(path))
+
+    def stage_inputs(self, merge: _Merge) -> tuple[_Input | None, list[_Input]]:
+        """The base and the inputs of a merge after mergekit's base policy, duplicates reported."""
+        if merge.form == "stack":
+            return None, list(merge.inputs)
         policy = BASE_POLICY.get(merge.method, "required")
         inputs = list(merge.inputs)
         base = merge.base
@@ -631,20 +768,14 @@ class _Importer:
                             f"first listed at line {seen[item.path].start_mark.line + 1}; mergekit "
                             "refuses duplicate inputs")
             seen.setdefault(item.path, item.ref)
-        if self.problems:
-            raise CompileError(self.problems)
         if base is not None:
             # the base is the `base:`; it stays an input only to keep its own parameters
             inputs = [i for i in inputs if i.path != base.path or i.settings]
-        names = self.names(([base.path] if base is not None else []) + [i.path for i in inputs])
-        merge_name = unique("merged", set(names.values()))
+        return base, inputs
 
-        lines = [f"# Imported from `{Path(self.file).name}` (a mergekit configuration) by `cfmc import`."]
-        lines += self.path_notes(names)
-        lines += [f"# note: {n}" for n in dict.fromkeys(self.notes)]
-        for path, name in names.items():
-            lines += [f"model {name}:", f"  source: hf {json.dumps(self.written_path(path), ensure_ascii=False)}"]
-        lines += [f"merge {merge_name}:", f"  method: {merge.method}"]
+    def merge_lines(self, merge: _Merge, base: _Input | None, inputs: list[_Input],
+                    names: dict[str, str]) -> list[str]:
+        lines = [f"merge {merge.node}:", f"  method: {merge.method}"]
         if base is not None:
             lines.append(f"  base: {names[base.path]}")
         node_keys = list(dict.fromkeys(k for scope in merge.scope_settings for k in scope))
@@ -667,14 +798,37 @@ class _Importer:
             lines.append(f"  inputs: [{', '.join(name for name, _ in rendered)}]")
         if merge.dtype:
             lines.append(f"  dtype: {merge.dtype}")
-        lines.append(f"output: {merge_name}")
-        return "\n".join(lines) + "\n"
+        return lines
 
-    def names(self, paths: list[str]) -> dict[str, str]:
+    def stack_lines(self, merge: _Merge, names: dict[str, str]) -> list[str]:
+        lines = [f"grow {merge.node}:", "  method: stack"]
+        if merge.dtype:
+            lines.append(f"  dtype: {merge.dtype}")
+        lines.append("  slices:")
+        for item in merge.inputs:
+            start, end = item.bounds
+            layers = f"{names[item.path]}.layers[{start}:{end}]"
+            chain = [s.get("scale") for s in (item.settings, item.slice_settings, *merge.scope_settings)
+                     if "scale" in s]
+            scale = render_setting(chain) if chain and None not in chain else None
+            lines.append(f"    - {layers}" if scale is None else f"    - {{from: {layers}, scale: {scale}}}")
+        return lines
+
+    def header(self, names: dict[str, str]) -> list[str]:
+        """The comment block and one `model` declaration per input path."""
+        lines = [f"# Imported from `{Path(self.file).name}` (a mergekit configuration) by `cfmc import`."]
+        lines += self.path_notes(names)
+        lines += [f"# note: {n}" for n in dict.fromkeys(self.notes)]
+        for path, name in names.items():
+            lines += [f"model {name}:", f"  source: hf {json.dumps(self.written_path(path), ensure_ascii=False)}"]
+        return lines
+
+    def names(self, paths: list[str], taken: set[str]) -> dict[str, str]:
+        """A declaration name per path, unique and not in `taken`."""
         out: dict[str, str] = {}
         for path in paths:
             if path not in out:
-                out[path] = unique(identifier(path), set(out.values()))
+                out[path] = unique(identifier(path), taken | set(out.values()))
         return out
 
     def relocated(self) -> bool:

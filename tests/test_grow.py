@@ -112,6 +112,19 @@ def test_stack_equals_mergekit_passthrough(tiny_zoo, tmp_path):
     assert cfmlang.load(tmp_path / "deep").config.num_hidden_layers == 7
 
 
+def test_stack_dtype_casts_before_scale_and_sets_the_config(tiny_zoo, tmp_path):
+    body = ("grow deep:\n  method: stack\n  dtype: bfloat16\n  slices:\n"
+            "    - llama_a.layers[0:2]\n    - {from: llama_b.layers[2:4], scale: 0.3}\n")
+    cfmlang.compile(program(tiny_zoo, body, "deep"), tmp_path / "deep")
+    ours, b = tensors(tmp_path / "deep"), tensors(tiny_zoo["llama_b"])
+    assert {t.dtype for t in ours.values()} == {torch.bfloat16}
+    name = "model.layers.3.mlp.down_proj.weight"
+    assert torch.equal(ours[name], b[name].to(torch.bfloat16) * 0.3)
+    assert not torch.equal(ours[name], (b[name] * 0.3).to(torch.bfloat16))   # the order is visible
+    assert json.loads((tmp_path / "deep" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert cfmlang.check(program(tiny_zoo, body, "deep")).node("deep").arch.tensors[0].dtype == "BF16"
+
+
 def test_verification_catches_a_changed_function(tiny_zoo, tmp_path):
     body = "grow deep:\n  method: stack\n  slices: [llama_a, llama_a.layers[3:4]]\n  verify: identity\n"
     with pytest.raises(CompileError) as info:

@@ -29,6 +29,11 @@ class Case:
     filters: bool = False     # uses mergekit conditional parameters
     compare: str = ""         # a reason not to compare with mergekit bit for bit, or ""
     rounds: str = ""          # a reason mergekit's output is compared after casting to ours
+    keyword: str = "merge"    # the statement it translates to (`grow` for stacked slices)
+
+    @property
+    def node(self) -> str:
+        return "stacked" if self.keyword == "grow" else "merged"
 
 
 CASES = [
@@ -238,6 +243,43 @@ models:
       scale: 0.5
 dtype: float32
 """, "passthrough"),
+    # mergekit's orcamini-platy-44layer.yml, on tiny models: passthrough slices stack layers
+    Case("passthrough_stack", """\
+slices:
+  - sources:
+    - model: {a}
+      layer_range: [0, 3]
+  - sources:
+    - model: {b}
+      layer_range: [1, 4]
+merge_method: passthrough
+dtype: float16
+""", "stack", keyword="grow"),
+    # per-source, per-slice and global `scale`, with filters and a gradient
+    Case("passthrough_stack_scaled", """\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 2]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.0
+            - filter: down_proj
+              value: [0.25, 1.0]
+  - sources:
+      - model: {c}
+        layer_range: [3, 4]
+    parameters:
+      scale: 0.5
+  - sources:
+      - model: {a}
+        layer_range: [2, 4]
+parameters:
+  scale: 2.0
+dtype: float32
+""", "stack", keyword="grow"),
 ]
 
 
@@ -255,8 +297,8 @@ def translated(case: Case, zoo, folder: Path) -> tuple[Path, Path]:
     return config, brick
 
 
-def implemented(method: str) -> bool:
-    entry = lookup("merge", method)
+def implemented(method: str, keyword: str = "merge") -> bool:
+    entry = lookup(keyword, method)
     return entry is not None and entry.implemented
 
 
@@ -267,19 +309,19 @@ def case_param(case: Case):
 @pytest.mark.parametrize("case", [case_param(c) for c in CASES])
 def test_translation_checks(case, tiny_zoo, tmp_path):
     _, brick = translated(case, tiny_zoo, tmp_path)
-    if not implemented(case.method):
+    if not implemented(case.method, case.keyword):
         with pytest.raises(CompileError) as exc:
             cfmlang.check(brick)
         assert {d.code for d in exc.value.diagnostics} == {"E031"}, exc.value
         return
     program = cfmlang.check(brick)
-    assert program.output == "merged"
-    assert program.node("merged").method == case.method
+    assert program.output == case.node
+    assert program.node(case.node).method == case.method
 
 
 @pytest.mark.parametrize("case", [case_param(c) for c in CASES if not c.compare])
 def test_compiles_bit_identical_to_mergekit(case, tiny_zoo, tmp_path):
-    if not implemented(case.method):
+    if not implemented(case.method, case.keyword):
         pytest.skip(f"merge method `{case.method}` is not implemented in cfmlang yet")
     config, brick = translated(case, tiny_zoo, tmp_path)
     cfmlang.compile(brick, tmp_path / "ours")
@@ -295,6 +337,92 @@ def test_compiles_bit_identical_to_mergekit(case, tiny_zoo, tmp_path):
 
 def test_the_random_case_translates_but_is_not_compared():
     assert [c.name for c in CASES if c.compare] == ["dare_ties_random"]
+
+
+MEGA = """\
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+      - model: {b}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+out_path: {stage}
+---
+models:
+  - model: {stage}
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: {c}
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: {a}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
+out_path: ./models/gradient-slerp-ties
+"""
+
+
+def test_a_two_stage_mega_config_compiles_like_mergekit_run_twice(tiny_zoo, tmp_path):
+    """mergekit's examples/mega.yml on tiny models: the second document merges the first's
+    output (`out_path`), which becomes a node reference."""
+    stage = tmp_path / "models" / "gradient-slerp"
+    config = MEGA.format(a=tiny_zoo["llama_a"], b=tiny_zoo["llama_b"], c=tiny_zoo["llama_c"], stage=stage)
+    text = translate(config, "mega.yml")
+    assert text.count("\nmodel ") == 3 and "merge gradient_slerp:\n  method: slerp" in text
+    assert "merge merged:\n  method: ties" in text and "    gradient_slerp: {density: [1, 0.7, 0.1]" in text
+    assert text.endswith("output: merged\n")
+    (tmp_path / "mega.brick").write_text(text)
+    cfmlang.compile(tmp_path / "mega.brick", tmp_path / "ours")
+    first, second = (dict(d) for d in yaml.safe_load_all(config))
+    run_mergekit({k: v for k, v in first.items() if k != "out_path"}, stage)
+    theirs = run_mergekit({k: v for k, v in second.items() if k != "out_path"}, tmp_path / "mk")
+    ours = tensors(tmp_path / "ours")
+    assert set(ours) == set(theirs)
+    for name in sorted(ours):
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_multimerge_names_and_the_final_unnamed_document():
+    config = """\
+name: first
+merge_method: linear
+models: [{model: /m/a}, {model: /m/b}]
+parameters: {weight: 1}
+---
+merge_method: task_arithmetic
+base_model: /m/a
+models: [{model: first}, {model: /m/c}]
+parameters: {weight: 0.5}
+---
+name: unused_name
+merge_method: linear
+models: [{model: /m/b}, {model: /m/c}]
+parameters: {weight: 1}
+"""
+    text = translate(config, "multi.yml")
+    assert "merge first:\n" in text and "merge unused_name:\n" in text and "merge merged:\n" in text
+    assert "  inputs: [first, c]" in text and text.endswith("output: merged\n")
+    found = problems(config.replace("name: unused_name\n", ""))
+    assert [(code, line, col) for code, line, col, _ in found] == [("E100", 11, 1)]
+    assert "2 documents have no `name:`" in found[0][3]
 
 
 # ---- the emitted text -------------------------------------------------------------------------
@@ -440,8 +568,8 @@ parameters: {weight: 1}
 """, cwd="/nonexistent")
     assert "model Mistral_7B_v0_1:\n  source: hf \"org/Mistral-7B-v0.1\"\n" in text
     assert "model Mistral_7B_v0_1_2:\n  source: hf \"other/Mistral-7B-v0.1\"\n" in text
-    assert "model m_7b:\n" in text and "model true_:\n" in text and "model merged:\n" in text
-    assert "merge merged_2:\n" in text and text.endswith("output: merged_2\n")
+    assert "model m_7b:\n" in text and "model true_:\n" in text and "model merged_2:\n" in text
+    assert "merge merged:\n" in text and text.endswith("output: merged\n")   # node names come first
     assert "is not a local directory (a Hugging Face hub id?)" in text
 
 
@@ -484,9 +612,55 @@ def one(text: str) -> tuple[int, int, str]:
 
 
 
-def test_passthrough_stacking_is_for_grow_stack():
-    line, col, message = one("""\
+def test_text_of_stacked_slices(tiny_zoo, tmp_path):
+    _, brick = translated(case("passthrough_stack_scaled"), tiny_zoo, tmp_path)
+    assert brick.read_text().split("\n", 1)[1] == expected("""\
+model llama_a:
+  source: hf "{a}"
+model llama_c:
+  source: hf "{c}"
+grow stacked:
+  method: stack
+  dtype: float32
+  slices:
+    - {{from: llama_a.layers[0:2], scale: {{o_proj: 0.0, down_proj: [0.25, 1.0], default: 2.0}}}}
+    - {{from: llama_c.layers[3:4], scale: 0.5}}
+    - {{from: llama_a.layers[2:4], scale: 2.0}}
+output: stacked
+""", tiny_zoo)
+
+
+def test_stacked_slices_problems(tiny_zoo):
+    found = problems(f"""\
 merge_method: passthrough
+slices:
+  - sources:
+      - model: /m/a
+        layer_range: [0, 24]
+      - model: /m/b
+        layer_range: [0, 24]
+  - sources:
+      - model: {tiny_zoo["llama_a"]}
+        layer_range: [2, 9]
+        parameters: {{weight: 0.5}}
+  - sources:
+      - model: /m/b
+        layer_range: [3, 3]
+    residual_weight: 0.1
+""")
+    assert [(code, line, col) for code, line, col, _ in found] == [
+        ("E100", 3, 5), ("E100", 10, 22), ("E100", 11, 22), ("E100", 14, 22), ("E100", 15, 5)]
+    messages = [m for *_, m in found]
+    assert "a `passthrough` slice with 2 sources" in messages[0]
+    assert "goes past the 4 layers" in messages[1] and "the last layer is 3" in messages[1]
+    assert "a `weight` parameter of `passthrough`" in messages[2] and "only `scale`" in messages[2]
+    assert "takes no layers" in messages[3]
+    assert "`residual_weight` of a slice" in messages[4]
+
+
+def test_several_slices_of_another_method():
+    line, col, message = one("""\
+merge_method: linear
 slices:
   - sources:
       - model: /m/a
@@ -496,7 +670,7 @@ slices:
         layer_range: [8, 32]
 """)
     assert (line, col) == (2, 1)
-    assert "2 output slices stack layer ranges" in message and "`grow` method `stack`" in message
+    assert "`linear` over 2 output slices" in message and "`method: stack`" in message
 
 
 def test_one_slice_with_different_ranges():
@@ -510,7 +684,7 @@ slices:
         layer_range: [2, 6]
 """)
     assert (line, col) == (7, 22)
-    assert "different layers ([0, 4] and [2, 6])" in message and "`grow` method `stack`" in message
+    assert "different layers ([0, 4] and [2, 6])" in message and "`method: stack`" in message
 
 
 def test_a_slice_of_part_of_the_model(tiny_zoo):
@@ -565,7 +739,6 @@ def test_a_slice_of_part_of_the_model(tiny_zoo):
     ("models:\n  - model: /m/a\n", 1, 1, "no `merge_method:`"),
     ("- merge_method: linear\n", 1, 1, "a mergekit config must be a mapping"),
     ("", 1, 1, "holds no mergekit configuration"),
-    ("merge_method: linear\n" + MODELS + "---\nmerge_method: linear\n", 7, 1, "a second YAML document"),
 ])
 def test_each_untranslatable_item_is_e100_at_its_position(snippet, line, col, words):
     found_line, found_col, message = one(snippet)

@@ -9,7 +9,8 @@ from cfmlang.compiler import ast
 from cfmlang.compiler.ir import ArchInfo, GrowNode, LayerSource, TensorSpec, layer_index
 from cfmlang.diagnostics import error, warning
 from cfmlang.moe.prompt_gates import PROMPTED_MODES
-from cfmlang.stdlib.grow import (MLP_MODULES, BlockExpand, GrowMethod, Moe, Stack, Upcycle, Widen, depth_origins,
+from cfmlang.stdlib.grow import (MLP_MODULES, BlockExpand, GrowMethod, Moe, Stack, Upcycle, Widen, cast_spec,
+                                 depth_origins,
                                  every_positions, expanded_layers, missing_output_projections, sliced_layers,
                                  upcycled_specs, widened_spec)
 
@@ -29,7 +30,7 @@ def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method: type[GrowMet
     options = checker.validate(method.Options, ast.MapValue(entries, body.span), body.span)
     seed = checker.seed(body.get("seed").value) if body.get("seed") else None
     if method is Stack:
-        planned = _stack(checker, decl, body)
+        planned = None if options is None else _stack(checker, decl, body, options)
     elif method is Moe:
         planned = None if options is None else _moe(checker, decl, body, options)
     else:
@@ -128,7 +129,7 @@ def _depth_arch(arch: ArchInfo, layers: tuple[LayerSource, ...],
 
 # ---- stack ------------------------------------------------------------------------------
 
-def _stack(checker, decl, body):
+def _stack(checker, decl, body, options):
     entry = body.get("slices")
     if entry is None:
         checker.problems.append(error("E014", f"`grow {decl.name}` (stack) needs `slices:`", decl.name_span,
@@ -152,6 +153,7 @@ def _stack(checker, decl, body):
     inputs = tuple(dict.fromkeys(model for model, *_ in slices))
     specs_of = {m: list(checker.nodes[m].arch.tensors) for m in inputs}
     arch = _depth_arch(first, layers, specs_of)
+    arch = replace(arch, tensors=tuple(cast_spec(spec, options["dtype"]) for spec in arch.tensors))
     if not all(specs_of.values()):
         arch = replace(arch, tensors=())
     return inputs, layers, arch

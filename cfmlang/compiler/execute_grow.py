@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from cfmlang.compiler.execute import NodeStats
-from cfmlang.compiler.ir import GrowNode, layer_index
+from cfmlang.compiler.ir import FLOAT_DTYPES, GrowNode, layer_index
 from cfmlang.compiler.materialise import materialise
 from cfmlang.compiler.weights import TORCH_DTYPES, Rows
-from cfmlang.stdlib.grow import (MLP_RE, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
+from cfmlang.stdlib.grow import (MLP_RE, cast_spec, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
                                  upcycled_specs, widen_config, widen_tensor, widened_spec)
 from cfmlang.moe.prompt_gates import PROMPTED_MODES, prompted_gates, random_gates
 from cfmlang.stdlib.merge_base import MergeContext
@@ -46,7 +46,10 @@ class DepthProvider:
     def __post_init__(self):
         first = self.reference = self.inputs[self.node.inputs[0]]
         self.support_dir = first.support_dir
-        self.origins = depth_origins(self.node.layers, {m: p.specs for m, p in self.inputs.items()})
+        dtype_name = dict(self.node.options).get("dtype")
+        self.dtype = FLOAT_DTYPES[dtype_name] if dtype_name else None   # the output dtype's code, as merges'
+        origins = depth_origins(self.node.layers, {m: p.specs for m, p in self.inputs.items()})
+        self.origins = {name: (cast_spec(spec, dtype_name), origin) for name, (spec, origin) in origins.items()}
         self.specs = [spec for spec, _ in self.origins.values()]
         self.config = depth_config({m: p.config for m, p in self.inputs.items()}, self.node.layers)
 
@@ -56,7 +59,7 @@ class DepthProvider:
         if origin.zero:
             shape = spec.shape if rows is None else (rows[1] - rows[0],) + spec.shape[1:]
             return torch.zeros(shape, dtype=TORCH_DTYPES[spec.dtype])
-        tensor = self.inputs[origin.model].get(origin.name, rows)
+        tensor = self.inputs[origin.model].get(origin.name, rows).to(TORCH_DTYPES[spec.dtype])
         return tensor if origin.scale is None else tensor * origin.scale
 
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from cfmlang.moe.prompt_gates import GATE_MODES
-from cfmlang.compiler.ir import LayerSource, TensorSpec, layer_index, renumbered
+from cfmlang.compiler.ir import FLOAT_DTYPES, LayerSource, TensorSpec, layer_index, renumbered
 from cfmlang.stdlib.registry import Gradient, Method, Params, evaluate, register
 
 Verify = Literal["identity", "none"]
@@ -55,6 +55,8 @@ class Stack(GrowMethod):
                "slices), with per-slice `scale`")
     class Options(VerifyOptions):
         verify: Verify = "none"
+        dtype: Literal[tuple(FLOAT_DTYPES)] | None = None
+        """Output dtype; inputs are cast to it before `scale` (mergekit's `dtype`)."""
 
     class Slice(Params):
         """Per-slice parameters, mergekit's passthrough parameters."""
@@ -167,6 +169,14 @@ def depth_origins(layers: tuple[LayerSource, ...],
         if layer_index(spec.name) is None and "embed" not in spec.name:
             out[spec.name] = (spec, _origin(last.model, spec.name, last.params, 0.0))
     return out
+
+
+def cast_spec(spec: TensorSpec, dtype: str | None) -> TensorSpec:
+    """`spec` in the output dtype `dtype` (a float dtype name; None keeps it); only
+    floating-point tensors are cast."""
+    if dtype is None or spec.dtype not in FLOAT_DTYPES.values():
+        return spec
+    return TensorSpec(spec.name, spec.shape, FLOAT_DTYPES[dtype])
 
 
 def _origin(model: str, name: str, params: tuple, t: float, zero: bool = False) -> Origin:
