@@ -17,6 +17,7 @@ import torch
 
 from cfmlang.compiler.ir import Calibration, ExpertsNode, RouteNode, TensorSpec
 from cfmlang.compiler.weights import Rows
+from cfmlang.modules.routed_mlp import pack
 from cfmlang.moe.calibration import dense_model, ffn_inputs, load_tokenizer, token_windows
 from cfmlang.moe.partition import cooccurrence_split, kmeans_split, order_of, random_split
 from cfmlang.moe.routers import BuiltRouter, build_router
@@ -99,11 +100,10 @@ class RouteProvider:
         return permuted if rows is None else permuted[rows[0]:rows[1]]
 
     def packed_gate_up(self, layer: int) -> torch.Tensor:
-        """[E, 2m, d]: each expert's gate rows then up rows (as RoutedMLP packs them)."""
-        count = self.experts.node.count
-        gate, up = (self.get(f"model.layers.{layer}.mlp.{p}.weight").float() for p in ("gate_proj", "up_proj"))
-        size = gate.shape[0] // count
-        return torch.cat([gate.view(count, size, -1), up.view(count, size, -1)], dim=1)
+        """[E, d, 2m]: the layer's gate and up weights packed as RoutedMLP packs them."""
+        gate, up, down = (self.get(f"model.layers.{layer}.mlp.{p}.weight").float()
+                          for p in ("gate_proj", "up_proj", "down_proj"))
+        return pack(gate, up, down, self.experts.node.count)[0]
 
     def routers(self) -> dict[int, BuiltRouter]:
         node = self.node

@@ -3,24 +3,25 @@ of which each token runs only the `k` its router picks.
 
 The artifact stores the FFN weights with neurons already permuted so that expert `e`
 owns rows `[e*m, (e+1)*m)` of `gate_proj`/`up_proj` (columns of `down_proj`), so the
-dense model (which a neuron permutation does not change) stays loadable by transformers
-and the packed expert weights are plain reshapes:
+dense model (which a neuron permutation does not change) stays loadable by transformers.
+`pack` turns them into the pre-packed expert weights:
 
-    gate_up [E, 2m, d]   rows 0..m-1: gate, m..2m-1: up, per expert
-    down    [E, m, d]    down_proj transposed, per expert
+    gate_up [E, d, 2m]   per expert, gate_proj rows then up_proj rows, transposed
+    down    [E, m, d]    per expert, down_proj columns, transposed
 
-Two formulations compute the same function (k = E gives the dense FFN exactly up to
-float summation order):
+Two formulations compute the same function (k = E gives the dense FFN up to float
+summation order):
 
-- gather (decode, few tokens): index the packed weights of the k chosen experts per
-  token and run small batched products; reads k/E of the FFN weights.
-- masked (prefill, many tokens): the dense FFN with the activations of unchosen experts
-  multiplied by zero; one large matmul per projection.
+- gather (decode, few tokens): `embedding_bag` over the chosen experts' packed rows,
+  weighted by the token's hidden state (for gate/up) and by the activations (for down):
+  a fused gather-and-reduce that reads only k/E of the FFN weights and copies none.
+- masked (prefill, many tokens): the dense FFN (one batched product per projection)
+  with the activations of unchosen experts multiplied by a 0/1 mask.
 
 `forward` picks by shape (gather when tokens * k < count). Neither formulation has a
 data-dependent shape: the expert indices come from `topk` (static k), selection is
-`index_select`/`scatter`, so both trace with `torch.export` with static or dynamic token
-counts (no `nonzero`, no boolean indexing, no `.item()`).
+`embedding_bag` with fixed-size bags and `scatter`, so both trace with `torch.export`
+(no `nonzero`, no boolean indexing, no `.item()`).
 """
 from __future__ import annotations
 
@@ -32,11 +33,19 @@ ROUTERS = ("similarity", "mlp", "oracle")
 FORMULATIONS = ("auto", "gather", "masked")
 
 
+def pack(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [E, d, 2m], down [E, m, d]) from the weights of a gated FFN whose neurons
+    are ordered expert by expert (gate, up: [N, d]; down: [d, N])."""
+    neurons, hidden = gate.shape
+    size = neurons // count
+    gate_up = torch.cat([gate.reshape(count, size, hidden), up.reshape(count, size, hidden)], dim=1)
+    return gate_up.transpose(1, 2).contiguous(), down.t().reshape(count, size, hidden).contiguous()
+
+
 def expert_activations(x: torch.Tensor, gate_up: torch.Tensor, act) -> torch.Tensor:
     """Neuron activations act(g.x) * (u.x) of every expert: [T, E, m] for x [T, d]."""
-    count, double, hidden = gate_up.shape
-    pre = (x @ gate_up.reshape(count * double, hidden).t()).view(-1, count, double)
-    gate, up = pre.split(double // 2, dim=-1)
+    pre = torch.matmul(x.unsqueeze(0), gate_up).transpose(0, 1)      # [T, E, 2m]
+    gate, up = pre.split(gate_up.shape[-1] // 2, dim=-1)
     return act(gate) * up
 
 
@@ -89,7 +98,7 @@ class RoutedMLP(nn.Module):
         self.gate_up = nn.Parameter(gate_up, requires_grad=False)
         self.down = nn.Parameter(down, requires_grad=False)
         self.router = router
-        self.count, self.size = down.shape[0], down.shape[1]
+        self.count, self.size, self.hidden = down.shape
         self.k = k
         self.act = act
         self.formulation = formulation
@@ -98,11 +107,8 @@ class RoutedMLP(nn.Module):
     def from_dense(cls, mlp: nn.Module, count: int, router: nn.Module | None, k: int) -> "RoutedMLP":
         """Pack a gated HF MLP (gate_proj, up_proj, down_proj, act_fn) whose neurons are
         already ordered expert by expert."""
-        gate, up = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
-        neurons, hidden = gate.shape
-        size = neurons // count
-        gate_up = torch.cat([gate.reshape(count, size, hidden), up.reshape(count, size, hidden)], dim=1)
-        down = mlp.down_proj.weight.detach().t().reshape(count, size, hidden).contiguous()
+        gate_up, down = pack(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                             mlp.down_proj.weight.detach(), count)
         return cls(gate_up, down, router, k, mlp.act_fn)
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
@@ -125,15 +131,21 @@ class RoutedMLP(nn.Module):
         return self.formulation == "gather"
 
     def gathered(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Run only the chosen experts' packed weights: [T, k, 2m, d] and [T, k, m, d]."""
+        """Only the chosen experts' weights: for each (token, expert) a bag of the d rows
+        of its gate_up block weighted by the token's x, then for each token a bag of the
+        k*m rows of the chosen down blocks weighted by the activations."""
         tokens, hidden = flat.shape
-        picked = chosen.reshape(-1)
-        gate_up = self.gate_up.index_select(0, picked).view(tokens, self.k * 2 * self.size, hidden)
-        pre = torch.bmm(gate_up, flat.unsqueeze(-1)).view(tokens, self.k, 2 * self.size)
+        inputs = torch.arange(hidden, device=flat.device)
+        rows = (chosen.unsqueeze(-1) * hidden + inputs).view(tokens * self.k, hidden)
+        weights = flat.unsqueeze(1).expand(tokens, self.k, hidden).reshape(tokens * self.k, hidden)
+        pre = F.embedding_bag(rows, self.gate_up.view(self.count * hidden, -1),
+                              per_sample_weights=weights, mode="sum")          # [T*k, 2m]
         gate, up = pre.split(self.size, dim=-1)
-        active = (self.act(gate) * up).reshape(tokens, 1, self.k * self.size)
-        down = self.down.index_select(0, picked).view(tokens, self.k * self.size, hidden)
-        return torch.bmm(active, down).view(tokens, hidden)
+        active = (self.act(gate) * up).view(tokens, self.k * self.size)
+        neurons = torch.arange(self.size, device=flat.device)
+        rows = (chosen.unsqueeze(-1) * self.size + neurons).view(tokens, self.k * self.size)
+        return F.embedding_bag(rows, self.down.view(self.count * self.size, hidden),
+                               per_sample_weights=active, mode="sum")
 
     def masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The dense FFN with unchosen experts' activations zeroed."""
@@ -141,4 +153,4 @@ class RoutedMLP(nn.Module):
         keep = torch.zeros(flat.shape[0], self.count, dtype=flat.dtype, device=flat.device)
         keep = keep.scatter(1, chosen, 1.0)
         active = active * keep.unsqueeze(-1)
-        return active.reshape(flat.shape[0], -1) @ self.down.reshape(self.count * self.size, -1)
+        return active.reshape(flat.shape[0], -1) @ self.down.view(self.count * self.size, self.hidden)

@@ -28,9 +28,9 @@ class BuiltRouter:
 
 
 def centres(gate_up: torch.Tensor) -> torch.Tensor:
-    """[E, d]: each expert's mean normalized gate row."""
-    size = gate_up.shape[1] // 2
-    return F.normalize(gate_up[:, :size].float(), dim=-1).mean(1)
+    """[E, d]: each expert's mean normalized gate row (gate_up packed as [E, d, 2m])."""
+    size = gate_up.shape[-1] // 2
+    return F.normalize(gate_up[:, :, :size].float(), dim=1).mean(2)
 
 
 def captured_mass(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
@@ -42,7 +42,7 @@ def captured_mass(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
 
 def build_router(kind: str, gate_up: torch.Tensor, act, inputs: torch.Tensor | None, k: int,
                  epochs: int, seed: int) -> BuiltRouter:
-    """The router of `kind` for packed weights `gate_up` [E, 2m, d]; `inputs` are the
+    """The router of `kind` for packed weights `gate_up` [E, d, 2m]; `inputs` are the
     calibration FFN inputs [T, d] (needed by mlp, used by the others to report quality)."""
     gate_up = gate_up.float()
     mass = expert_mass(inputs.float(), gate_up, act) if inputs is not None else None
