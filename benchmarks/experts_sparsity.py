@@ -1,0 +1,205 @@
+"""SmolLM2 routed through its own FFN experts: perplexity against the fraction of FFN
+neurons active, and the routed FFN's decode latency against the dense FFN, in one run.
+
+For each split (kmeans, cooccurrence, random) the script compiles a real routed artifact
+(`route: {method: topk, router: mlp, k: count}`) with cfmlang, loads it, and measures
+held-out perplexity (benchmarks/data/heldout.txt, text the calibration corpus does not
+contain) with every routed FFN running k of `count` experts, for each router:
+
+- mlp: the trained router from the artifact;
+- similarity: the expert centres (cfmlang.moe.routers.centres, what `router: similarity`
+  compiles to; they depend only on the packed weights, so they are built from the loaded
+  artifact instead of a second compile);
+- oracle: the true top-k by activation mass per token (router None in RoutedMLP).
+
+The anchor is the dense model's perplexity on the same tokens in the same process.
+Latency: one SmolLM2 FFN (layer 15), one token (decode), the dense HF LlamaMLP against
+RoutedMLP's gather formulation (router included), best of `--repeat` timing rounds.
+
+    .venv/bin/python benchmarks/experts_sparsity.py [--tokens 1024] [--count 24]
+        [--calibration-tokens 4096] [--splits kmeans,cooccurrence,random] [--repeat 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import cfmlang
+from cfmlang.compiler.weights import default_cache_dir
+from cfmlang.modules.routed_mlp import RoutedMLP, SimilarityRouter
+from cfmlang.moe.routers import centres
+
+HERE = Path(__file__).parent
+HELDOUT = HERE / "data" / "heldout.txt"
+FRACTIONS = (1.0, 0.75, 0.5, 1 / 3, 0.25)
+SPLITS = ("kmeans", "cooccurrence", "random")
+ROUTERS = ("mlp", "similarity", "oracle")
+WINDOW = 256
+
+
+def program(split: str, count: int, calibration_tokens: int) -> str:
+    return ('import "std/smollm2.brick"\n'
+            f"brick e:\n  kind: experts\n  from: smollm2.layers[*].mlp\n  split: {split}\n  count: {count}\n"
+            f"  calibration_tokens: {calibration_tokens}\n"
+            f"route r:\n  method: topk\n  experts: e\n  router: mlp\n  k: {count}\n"
+            f"  calibration_tokens: {calibration_tokens}\n"
+            "output: r\n")
+
+
+def heldout_windows(tokenizer, tokens: int) -> list[torch.Tensor]:
+    ids = tokenizer(HELDOUT.read_text(), add_special_tokens=False)["input_ids"][:tokens]
+    return [torch.tensor(ids[i:i + WINDOW]).unsqueeze(0) for i in range(0, len(ids) - 1, WINDOW)]
+
+
+def perplexity(model, windows: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(window).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+            count += window.shape[1] - 1
+    return math.exp(total / count)
+
+
+def routed_layers(model) -> list[RoutedMLP]:
+    return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, RoutedMLP)]
+
+
+def set_router(model, kind: str, trained: list) -> None:
+    for mlp, own in zip(routed_layers(model), trained):
+        mlp.router = {"mlp": own, "similarity": SimilarityRouter(centres(mlp.gate_up)), "oracle": None}[kind]
+
+
+def set_k(model, k: int) -> None:
+    for mlp in routed_layers(model):
+        mlp.k = k
+
+
+def best_time(call, x, repeat: int, inner: int = 50) -> float:
+    with torch.inference_mode():
+        for _ in range(10):
+            call(x)
+        rounds = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(inner):
+                call(x)
+            rounds.append((time.perf_counter() - start) / inner)
+    return min(rounds)
+
+
+def latency(dense_mlp, routed: RoutedMLP, count: int, repeat: int) -> dict:
+    """Seconds per decode step of one FFN: dense, and routed (gather) at each fraction."""
+    x = torch.randn(1, 1, routed.hidden, generator=torch.Generator().manual_seed(0))
+    routed.formulation = "gather"
+    out = {"dense": best_time(dense_mlp, x, repeat)}
+    for fraction in FRACTIONS:
+        routed.k = max(1, round(count * fraction))
+        out[f"{fraction:.2f}"] = best_time(routed, x, repeat)
+    routed.formulation = "auto"
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens for perplexity")
+    parser.add_argument("--count", type=int, default=24, help="experts per FFN")
+    parser.add_argument("--repeat", type=int, default=5, help="latency timing rounds (best is kept)")
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "experts_sparsity.json")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    results = {"count": args.count, "tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
+               "threads": torch.get_num_threads(),
+               "perplexity": {}, "latency_s": {}}
+    with tempfile.TemporaryDirectory(prefix="cfm-bench-") as scratch:
+        for split in args.splits.split(","):
+            start = time.perf_counter()
+            out = Path(scratch) / split
+            compiled = cfmlang.compile(program(split, args.count, args.calibration_tokens), out, cache_dir=default_cache_dir())
+            print(f"compiled {split} in {time.perf_counter() - start:.0f} s; mlp router captures "
+                  f"{mean(compiled.manifest['routing']['captured_mass'].values()):.3f} of the oracle's "
+                  "mass at k = count on held-out calibration tokens", flush=True)
+            model = cfmlang.load(out).eval()
+            if "dense" not in results["perplexity"]:
+                tokenizer = AutoTokenizer.from_pretrained(out)
+                windows = heldout_windows(tokenizer, args.tokens)
+                dense = AutoModelForCausalLM.from_pretrained(out).eval()
+                results["perplexity"]["dense"] = perplexity(dense, windows)
+                results["latency_s"] = latency(dense.model.layers[15].mlp, model.model.layers[15].mlp,
+                                               args.count, args.repeat)
+                print(f"dense perplexity {results['perplexity']['dense']:.3f} on "
+                      f"{sum(w.shape[1] for w in windows)} tokens", flush=True)
+            trained = [mlp.router for mlp in routed_layers(model)]
+            for router in ROUTERS:
+                set_router(model, router, trained)
+                row = {}
+                for fraction in FRACTIONS:
+                    set_k(model, max(1, round(args.count * fraction)))
+                    row[f"{fraction:.2f}"] = perplexity(model, windows)
+                results["perplexity"][f"{split}/{router}"] = row
+                print(split, router, {f: round(p, 3) for f, p in row.items()}, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    plot(results, args.out.with_suffix(".png"))
+    return 0
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def report(results: dict) -> str:
+    dense = results["perplexity"]["dense"]
+    fractions = [f"{f:.2f}" for f in FRACTIONS]
+    lines = [f"perplexity (dense {dense:.3f}; ratio to dense in brackets), FFN neurons active:", "",
+             "| split / router | " + " | ".join(f"{float(f):.0%}" for f in fractions) + " |",
+             "| --- |" + " --- |" * len(fractions)]
+    for name, row in results["perplexity"].items():
+        if name != "dense":
+            lines.append(f"| {name} | " + " | ".join(f"{row[f]:.2f} ({row[f] / dense:.2f}x)" for f in fractions) + " |")
+    timing = results["latency_s"]
+    lines += ["", f"FFN decode latency, one token, {results['threads']} thread(s): dense "
+              f"{timing['dense'] * 1e6:.0f} us", "",
+              "| active | " + " | ".join(f"{float(f):.0%}" for f in fractions) + " |",
+              "| --- |" + " --- |" * len(fractions),
+              "| routed / dense | " + " | ".join(f"{timing[f] / timing['dense']:.2f}" for f in fractions) + " |"]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    dense = results["perplexity"]["dense"]
+    for name, row in results["perplexity"].items():
+        if name != "dense":
+            xs = [float(f) * 100 for f in row]
+            axis.plot(xs, list(row.values()), marker="o", linestyle="--" if "oracle" in name else "-", label=name)
+    axis.axhline(dense, color="black", linewidth=1, label="dense")
+    axis.axhline(dense * 1.1, color="grey", linewidth=1, linestyle=":", label="dense + 10%")
+    axis.set_xlabel("FFN neurons active (%)")
+    axis.set_ylabel("held-out perplexity")
+    axis.set_yscale("log")
+    axis.invert_xaxis()
+    axis.set_title(f"SmolLM2-135M, {results['count']} experts per FFN")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
