@@ -287,7 +287,7 @@ def test_routed_experts_lower_to_masked_prefill_and_gather_decode(tiny_zoo, tmp_
                        hf_greedy(eager, prompt, 6)[:, :15])
     decode_program = torch.export.load(tmp_path / "routed" / "lowered" / "decode.pt2")
     ops = {str(node.target) for node in decode_program.graph.nodes if node.op == "call_function"}
-    assert "aten.index_select.default" in ops and data_dependent_ops(decode_program) == []
+    assert any("embedding_bag" in op for op in ops) and data_dependent_ops(decode_program) == []
 
 
 def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
