@@ -17,7 +17,7 @@ Latency: one SmolLM2 FFN (layer 15), one token (decode), the dense HF LlamaMLP a
 RoutedMLP's gather formulation (router included), best of `--repeat` timing rounds.
 
     .venv/bin/python benchmarks/experts_sparsity.py [--tokens 1024] [--count 24]
-        [--calibration-tokens 4096] [--splits kmeans,cooccurrence,random] [--repeat 5]
+        [--calibration-tokens 4096] [--splits kmeans,cooccurrence,random] [--repeat 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -112,9 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=24, help="experts per FFN")
     parser.add_argument("--repeat", type=int, default=5, help="latency timing rounds (best is kept)")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); on a loaded machine use 1: "
+                             "embedding_bag's parallel path stalls when its threads are not all scheduled")
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "experts_sparsity.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     results = {"count": args.count, "tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
