@@ -13,6 +13,7 @@ from pathlib import Path
 from cfmlang.compiler.artifact import InterruptedAfterWrite
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 from cfmlang.diagnostics import CompileError, render_json, render_plain
+from cfmlang.analysis.probes import PROBE_TOKENS
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
 
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--probes", type=Path, help="probe directory: one ABILITY.txt per ability, prompts "
                      "separated by `---` lines (default: the shipped seven abilities)")
     sub.add_argument("--max-prompts", type=int, help="use at most this many prompts per ability")
-    sub.add_argument("--max-tokens", type=int, default=128, help="tokens kept per prompt (default 128)")
+    sub.add_argument("--max-tokens", type=int, default=PROBE_TOKENS, help=f"tokens kept per prompt (default {PROBE_TOKENS})")
     sub.add_argument("--levels", type=_percentages, default=None,
                      help="masked percentages for the loss curves (default 0,10,...,90,95)")
     sub.add_argument("--cett", type=_fractions, default=None, help="CETT targets (default 0.05,0.1,0.2,0.3)")

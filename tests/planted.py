@@ -19,12 +19,14 @@ def ability_words(index: int) -> range:
     return range(start, start + WORDS_PER_ABILITY)
 
 
-def planted_model(folder: Path, seed: int = 0) -> Path:
+def planted_model(folder: Path, seed: int = 0, planted: dict[str, tuple[int, ...]] | None = None) -> Path:
     """Token embeddings ~ N(0, 1), except hidden dimensions 0..2: dimension f is 2 for
     ability f's words and 0 for every other word, and no FFN neuron reads them except the
     planted ones: neuron PLANTED[f] of layer PLANTED_LAYER reads dimension f through gate and up, and
     writes it back through down_proj; lm_head rows of f's words read dimension f, so the
-    neuron helps predict ability f's next words."""
+    neuron helps predict ability f's next words. `planted` may give several neurons per
+    ability (default: PLANTED)."""
+    planted = planted or {name: (neuron,) for name, neuron in PLANTED.items()}
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     with torch.no_grad():
@@ -35,14 +37,15 @@ def planted_model(folder: Path, seed: int = 0) -> Path:
             layer.mlp.up_proj.weight[:, :len(ABILITIES)] = 0.0
         mlp = model.model.layers[PLANTED_LAYER].mlp
         for index, name in enumerate(ABILITIES):
-            words, neuron = list(ability_words(index)), PLANTED[name]
+            words = list(ability_words(index))
             model.model.embed_tokens.weight[words, index] = 2.0
-            mlp.gate_proj.weight[neuron] = 0.0
-            mlp.up_proj.weight[neuron] = 0.0
-            mlp.gate_proj.weight[neuron, index] = 3.0
-            mlp.up_proj.weight[neuron, index] = 3.0
-            mlp.down_proj.weight[:, neuron] = 0.0
-            mlp.down_proj.weight[index, neuron] = 0.05
+            for neuron in planted[name]:
+                mlp.gate_proj.weight[neuron] = 0.0
+                mlp.up_proj.weight[neuron] = 0.0
+                mlp.gate_proj.weight[neuron, index] = 3.0
+                mlp.up_proj.weight[neuron, index] = 3.0
+                mlp.down_proj.weight[:, neuron] = 0.0
+                mlp.down_proj.weight[index, neuron] = 0.05
             model.lm_head.weight[words, index] += 1.0
     model.save_pretrained(folder)
     return tiny_tokenizer(folder, TINY["vocab_size"])

@@ -8,14 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
 from cfmlang.modules.routed_mlp import RoutedMLP, SimilarityRouter, expert_mass
-from cfmlang.moe.partition import balanced_assign, cooccurrence_split, kmeans_split, order_of, random_split
+from cfmlang.analysis.funcscore import func_scores
+from cfmlang.analysis.probes import PROBE_TOKENS, read_probes, tokenize
+from cfmlang.moe.partition import (balanced_assign, cooccurrence_split, functional_split, kmeans_split, order_of,
+                                   random_split)
 from cfmlang.moe.routers import captured_mass
 from models import tiny_model
+from planted import planted_model, write_probes
 
 CORPUS = Path(cfmlang.__file__).parent / "moe" / "data" / "calibration.txt"
 
@@ -347,3 +351,49 @@ def test_smollm2_routed_with_all_experts_is_the_dense_model(tmp_path):
     for mlp in routed_layers:
         mlp.k = 12
     assert (logits(model, ids) - reference).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------ the functional split
+
+SPECIALISTS = {"alpha": (3, 17, 30, 44), "beta": (5, 20, 38, 60), "gamma": (9, 25, 41, 52)}
+
+
+def functional_program(model: Path, probes: str) -> str:
+    return (f'model m:\n  source: hf "{model}"\n'
+            f"brick e:\n  kind: experts\n  from: m.layers[1].mlp\n  split: functional\n  count: 4\n"
+            f'  calibration: "{probes}"\n'
+            "route r:\n  method: topk\n  experts: e\n  k: 4\n  router: oracle\noutput: r\n")
+
+
+def test_functional_split_gives_each_abilitys_specialists_one_expert(tmp_path):
+    """A tiny model with four neurons planted per ability: FuncScore profiles put each
+    ability's four in one expert, and the three abilities in three different experts."""
+    model = planted_model(tmp_path / "model", planted=SPECIALISTS)
+    probes = write_probes(tmp_path / "probes", model, per_ability=12)
+    result = cfmlang.compile(functional_program(model, str(probes)), tmp_path / "out")
+    order = load_file(tmp_path / "out" / "routing.safetensors")["layers.1.order"]
+    expert_of = {int(neuron): position // 16 for position, neuron in enumerate(order)}
+    experts = {ability: {expert_of[n] for n in neurons} for ability, neurons in SPECIALISTS.items()}
+    assert all(len(found) == 1 for found in experts.values()), experts
+    assert len(set.union(*experts.values())) == 3
+    assert result.manifest["nodes"]["e"]["calibration"] == {"probes": "probes"}
+    # the groups are balanced k-means of the analysis' FuncScores (seed: file seed 0 + layer 1)
+    texts, _ = read_probes(probes)
+    tokenized, _ = tokenize(texts, AutoTokenizer.from_pretrained(model), PROBE_TOKENS)
+    labels = functional_split(func_scores(AutoModelForCausalLM.from_pretrained(model), tokenized)[1], 4, 1)
+    assert torch.equal(order, order_of(labels))
+    # with k = count the routed model is the dense one
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    dense = AutoModelForCausalLM.from_pretrained(model)
+    assert (logits(cfmlang.load(tmp_path / "out"), ids) - logits(dense, ids)).abs().max() <= 1e-4
+
+
+def test_functional_split_reports_a_bad_probe_directory_at_its_entry(tmp_path):
+    model = planted_model(tmp_path / "model")
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "only.txt").write_text("one prompt\n---\nanother prompt\n")
+    for probes, words in (("no_such_dir", "does not exist"), (str(tmp_path / "probes"), "define 1 ability")):
+        with pytest.raises(CompileError) as info:
+            cfmlang.check(functional_program(model, probes))
+        (problem,) = [d for d in info.value.diagnostics if d.is_error]
+        assert problem.code == "E162" and words in problem.message and problem.span.line == 8

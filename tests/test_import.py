@@ -14,7 +14,6 @@ import cfmlang
 from cfmlang.cli import main
 from cfmlang.diagnostics import CompileError
 from cfmlang.mergekit_import import import_file, translate
-from cfmlang.stdlib import lookup
 from mergekit_oracle import run_mergekit, tensors
 
 MODELS = "models:\n  - model: /m/a\n  - model: /m/b\nparameters: {weight: 1}\n"
@@ -297,11 +296,6 @@ def translated(case: Case, zoo, folder: Path) -> tuple[Path, Path]:
     return config, brick
 
 
-def implemented(method: str, keyword: str = "merge") -> bool:
-    entry = lookup(keyword, method)
-    return entry is not None and entry.implemented
-
-
 def case_param(case: Case):
     return pytest.param(case, id=case.name)
 
@@ -309,11 +303,6 @@ def case_param(case: Case):
 @pytest.mark.parametrize("case", [case_param(c) for c in CASES])
 def test_translation_checks(case, tiny_zoo, tmp_path):
     _, brick = translated(case, tiny_zoo, tmp_path)
-    if not implemented(case.method, case.keyword):
-        with pytest.raises(CompileError) as exc:
-            cfmlang.check(brick)
-        assert {d.code for d in exc.value.diagnostics} == {"E031"}, exc.value
-        return
     program = cfmlang.check(brick)
     assert program.output == case.node
     assert program.node(case.node).method == case.method
@@ -321,8 +310,6 @@ def test_translation_checks(case, tiny_zoo, tmp_path):
 
 @pytest.mark.parametrize("case", [case_param(c) for c in CASES if not c.compare])
 def test_compiles_bit_identical_to_mergekit(case, tiny_zoo, tmp_path):
-    if not implemented(case.method, case.keyword):
-        pytest.skip(f"merge method `{case.method}` is not implemented in cfmlang yet")
     config, brick = translated(case, tiny_zoo, tmp_path)
     cfmlang.compile(brick, tmp_path / "ours")
     ours = tensors(tmp_path / "ours")
@@ -837,4 +824,4 @@ def test_cli_output_relative_to_another_directory(tiny_zoo, tmp_path, monkeypatc
     assert main(["import", "cfg.yml", "-o", os.path.join("deep", "er", "p.brick")]) == 0
     text = (tmp_path / "deep" / "er" / "p.brick").read_text()
     assert 'source: hf "../../a"' in text
-    assert main(["check", str(tmp_path / "deep" / "er" / "p.brick")]) == (0 if implemented("passthrough") else 1)
+    assert main(["check", str(tmp_path / "deep" / "er" / "p.brick")]) == 0

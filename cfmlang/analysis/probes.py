@@ -16,6 +16,7 @@ from cfmlang.diagnostics import CompileError, Diagnostic, error, warning
 SHIPPED = Path(__file__).parent / "probes"
 SEPARATOR = re.compile(r"^---[ \t]*$", re.MULTILINE)
 ABILITY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+PROBE_TOKENS = 128       # tokens kept per prompt by default
 MIN_PROMPTS = 2          # average precision needs positives and negatives
 ADVISED_PROMPTS = 40     # below this FuncScores are noisy (W061)
 

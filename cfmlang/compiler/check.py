@@ -151,13 +151,6 @@ class _Checker(LoraChecks):
         if method is None:
             return
         entry = lookup(decl.keyword, method)
-        if not entry.implemented:
-            self.problems.append(error(
-                "E031", f"{decl.keyword} {METHOD_KEY[decl.keyword]} `{method}` is not implemented yet",
-                body.get(METHOD_KEY[decl.keyword]).value.span,
-                f"it is planned in {entry.planned_in}; implemented {decl.keyword} methods: "
-                f"{', '.join(n for n in names_for(decl.keyword) if lookup(decl.keyword, n).implemented) or 'none yet'}"))
-            return
         if decl.keyword == "brick" and method == "lora":
             self.check_lora(decl, body, entry, declared.base_dir)
         elif decl.keyword == "brick":

@@ -4,13 +4,14 @@ Both take the checker to report into; they return the IR node, or None after rep
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from cfmlang.analysis.probes import read_probes
 from cfmlang.compiler import ast
 from cfmlang.compiler.ir import ArchInfo, Calibration, ExpertsNode, RouteNode
 from cfmlang.compiler.resolve import Declared
-from cfmlang.diagnostics import did_you_mean, error
-from cfmlang.stdlib.experts import PLANNED_SPLITS
+from cfmlang.diagnostics import CompileError, did_you_mean, error
 
 EXPERTS_KEYS = ("kind", "from", "description")
 ROUTE_KEYS = ("method", "experts", "description")
@@ -27,13 +28,9 @@ def check_experts(checker, declared: Declared, body: ast.MapValue, kind) -> Expe
     if options is None or selection is None:
         return None
     model, layers = selection
-    if options["split"] in PLANNED_SPLITS:
-        checker.problems.append(error(
-            "E031", f"split `{options['split']}` is not implemented yet", body.get("split").value.span,
-            "it needs the FuncScore analysis (`cfmc analyze`); use kmeans, cooccurrence or random"))
-        return None
     arch = checker.nodes[model].arch
-    calibration = calibration_of(checker, options, body, declared.base_dir)
+    calibration = probes_of(checker, options, body, declared.base_dir) if options["split"] == "functional" \
+        else calibration_of(checker, options, body, declared.base_dir)
     if not gated_ffns(checker, arch, model, layers, body.get("from").value.span) or \
             not divides(checker, arch, options["count"], body.get("count").value.span) or calibration is None:
         return None
@@ -174,6 +171,21 @@ def divides(checker, arch: ArchInfo, count: int, span) -> bool:
         "E166", f"{width} FFN neurons cannot form {count} equal experts", span,
         f"choose a count that divides {width}, e.g. {', '.join(map(str, options[:8]))}"))
     return False
+
+
+def probes_of(checker, options: dict, body: ast.MapValue, base_dir: Path) -> Calibration | None:
+    """The probe directory of a functional split (None: the shipped probe sets), read now
+    so that a bad probe set is reported at its `calibration:` entry."""
+    given = options["calibration"]
+    folder = None if given is None else (base_dir / given).resolve()
+    span = body.get("calibration").value.span if given is not None else body.get("split").value.span
+    try:
+        _, warnings = read_probes(folder)
+    except CompileError as exc:
+        checker.problems += [replace(d, span=span) for d in exc.diagnostics]
+        return None
+    checker.problems += [replace(d, span=span) for d in warnings]
+    return Calibration(None if folder is None else str(folder), options["calibration_tokens"])
 
 
 def calibration_of(checker, options: dict, body: ast.MapValue, base_dir: Path) -> Calibration | None:

@@ -2,7 +2,8 @@
 
 An ExpertsProvider computes each selected layer's neuron partition when first asked
 (kmeans and random from that layer's weights; cooccurrence from calibration
-activations of the whole dense model, run once). A RouteProvider serves the model's
+activations of the whole dense model, run once; functional from the FuncScores of every
+neuron on the probe prompts, computed once). A RouteProvider serves the model's
 tensors with each routed FFN's neurons reordered expert by expert, and builds the
 routers (`routing_tensors`) for routing.safetensors.
 """
@@ -15,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from cfmlang.analysis.funcscore import func_scores
+from cfmlang.analysis.probes import PROBE_TOKENS, read_probes, tokenize
 from cfmlang.compiler.ir import Calibration, ExpertsNode, RouteNode, TensorSpec
 from cfmlang.compiler.weights import Rows
 from cfmlang.modules.routed_mlp import pack
 from cfmlang.moe.calibration import dense_model, ffn_inputs, load_tokenizer, token_windows
-from cfmlang.moe.partition import cooccurrence_split, kmeans_split, order_of, random_split
+from cfmlang.moe.partition import cooccurrence_split, functional_split, kmeans_split, order_of, random_split
 from cfmlang.moe.routers import BuiltRouter, build_router
 
 FFN_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -40,6 +43,7 @@ class ExpertsProvider:
     stats: object               # weights.NodeStats: counts the layers partitioned
     _orders: dict[int, torch.Tensor] = field(default_factory=dict)
     _inputs: dict[Calibration, dict[int, torch.Tensor]] = field(default_factory=dict)
+    _scores: torch.Tensor | None = None    # FuncScores [layers, neurons, abilities]
 
     def __post_init__(self):
         self.specs: list[TensorSpec] = self.model.specs
@@ -63,9 +67,22 @@ class ExpertsProvider:
             return kmeans_split(self.weight(layer, "gate_proj"), self.weight(layer, "up_proj"), count, seed)
         if split == "random":
             return random_split(self.node.arch.intermediate_size, count, seed)
+        if split == "functional":
+            return functional_split(self.func_scores()[layer], count, seed)
         inputs = self.ffn_inputs(self.node.calibration)[layer]
         gate, up = self.weight(layer, "gate_proj").float(), self.weight(layer, "up_proj").float()
         return cooccurrence_split(self.act(inputs @ gate.t()) * (inputs @ up.t()), count, seed)
+
+    def func_scores(self) -> torch.Tensor:
+        """FuncScore of every FFN neuron for every ability of the probe set (run once)."""
+        if self._scores is None:
+            probe_dir = self.node.calibration.path
+            texts, _ = read_probes(None if probe_dir is None else Path(probe_dir))
+            tokenizer = load_tokenizer(self.support_dir, self.node.span)
+            probes, _ = tokenize(texts, tokenizer, PROBE_TOKENS)
+            model = dense_model(self.specs, self.model.get, self.support_dir)
+            self._scores = func_scores(model, probes)
+        return self._scores
 
     def ffn_inputs(self, calibration: Calibration) -> dict[int, torch.Tensor]:
         """The dense model's FFN inputs on the calibration text (run once per text)."""

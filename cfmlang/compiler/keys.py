@@ -8,7 +8,8 @@ A node's key hashes
 - the keys of the nodes it reads;
 - for every source it names, the content hashes of the files read from it, and for every
   string that is the absolute path of a file (a calibration text ...), that file's
-  content hash (computed once per file and remembered by size and mtime);
+  content hash (computed once per file and remembered by size and mtime), and for one
+  of a directory (probe prompts ...), the hashes of every file in it;
 - the compiler itself: the cfmlang package's own files (code and shipped data) and the
   torch version, so a key never outlives the code that computed its value.
 
@@ -95,6 +96,9 @@ def canonical(value: Any, file_hash: FileHash) -> Any:
         return {"float": repr(value)}
     if isinstance(value, str) and value.startswith("/") and os.path.isfile(value):
         return {"file": value, "sha256": file_hash(Path(value))}
+    if isinstance(value, str) and value.startswith("/") and os.path.isdir(value):
+        files = sorted(p for p in Path(value).rglob("*") if p.is_file())
+        return {"directory": value, "files": [[str(p.relative_to(value)), file_hash(p)] for p in files]}
     if value is None or isinstance(value, (str, int, bool)):
         return value
     if isinstance(value, Path):

@@ -102,6 +102,15 @@ def cooccurrence_split(activations: torch.Tensor, count: int, seed: int) -> torc
     return balanced_kmeans(embedding, count, seed)
 
 
+def functional_split(scores: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Balanced k-means on each neuron's FuncScore profile ([neurons, abilities], each
+    ability's scores standardised over the layer), so that neurons specialised in the
+    same abilities share an expert."""
+    scores = scores.double()
+    spread = scores.std(dim=0, keepdim=True).clamp_min(1e-12)
+    return balanced_kmeans((scores - scores.mean(dim=0, keepdim=True)) / spread, count, seed)
+
+
 def order_of(labels: torch.Tensor) -> torch.Tensor:
     """The neuron permutation that puts expert 0's neurons first, then expert 1's ...
     (each expert's neurons in their original order)."""

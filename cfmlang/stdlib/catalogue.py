@@ -64,14 +64,10 @@ def methods_markdown() -> str:
              "take a list interpolated across layers or a map of tensor-name filters.", ""]
     for keyword in KEYWORD_ORDER:
         entries = sorted((c for (k, _), c in REGISTRY.items() if k == keyword), key=lambda c: c.name)
-        done = [c for c in entries if c.implemented]
-        planned = [c.name for c in entries if not c.implemented]
         lines += [f"## {HEADINGS.get(keyword, keyword)}", ""]
-        if done:
+        if entries:
             lines += ["| method | what it does | base | node options | per-input parameters |",
                       "| --- | --- | --- | --- | --- |"]
-            lines += [method_line(c) for c in done]
+            lines += [method_line(c) for c in entries]
             lines.append("")
-        if planned:
-            lines += [f"Not implemented yet (E031): {', '.join(f'`{n}`' for n in planned)}.", ""]
     return "\n".join(lines)

@@ -9,12 +9,13 @@ from cfmlang.stdlib.registry import Method, Params, register
 
 SPLITS = ("kmeans", "cooccurrence", "functional", "random")
 CALIBRATED_SPLITS = ("cooccurrence", "functional")
-PLANNED_SPLITS = ("functional",)
 
 
 class CalibrationOptions(Params):
     calibration: str | None = None
-    """A UTF-8 text file (relative to the .brick file); default: the shipped corpus."""
+    """A UTF-8 text file (relative to the .brick file); default: the shipped corpus. For
+    `split: functional`, a directory of probe prompts (one ABILITY.txt per ability, as
+    for `cfmc analyze`); default: the shipped probe sets."""
     calibration_tokens: Annotated[int, Field(ge=64)] = 4096
     seed: Annotated[int, Field(ge=0)] | None = None
 
@@ -24,7 +25,8 @@ class ExpertsBrick(Method):
     keyword = "brick"
     name = "experts"
     summary = ("FFN neurons of `from: m.layers[*].mlp` split into `count` equal experts "
-               "(`split`: kmeans, cooccurrence on calibration text, functional, random)")
+               "(`split`: kmeans, cooccurrence on calibration text, functional by FuncScore on "
+               "probe prompts, random)")
 
     class Options(CalibrationOptions):
         split: Literal[SPLITS]

@@ -2,8 +2,6 @@
 
 Each entry is a small class with a pydantic parameter model. A method is found by its
 statement keyword and name (`merge`/`linear`, `grow`/`block_expand`, `brick`/`lora` ...).
-Entries whose `implemented` is False parse and resolve, and the checker reports
-"method X is not implemented yet" for them.
 """
 from __future__ import annotations
 
@@ -60,8 +58,6 @@ class Method:
     keyword: ClassVar[str]
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    implemented: ClassVar[bool] = True
-    planned_in: ClassVar[str] = ""
     Options: ClassVar[type[Params]] = NoParams
 
 
@@ -83,9 +79,3 @@ def lookup(keyword: str, name: str) -> type[Method] | None:
 def names_for(keyword: str) -> list[str]:
     return sorted(name for kw, name in REGISTRY if kw == keyword)
 
-
-def planned(keyword: str, names: str, area: str) -> None:
-    """Register methods that parse and resolve but are not implemented yet."""
-    for name in names.split():
-        register(type(f"Planned_{keyword}_{name}", (Method,), {
-            "keyword": keyword, "name": name, "implemented": False, "planned_in": area}))
