@@ -101,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: the lowered one when there is one, else eager)")
     sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
 
-    sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager")
+    sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager "
+                  "(or against another artifact's lowered program)")
     sub.add_argument("directory", type=Path)
+    sub.add_argument("--against", type=Path, help="anchor: another artifact's lowered program (default: HF eager "
+                     "on the same weights)")
     sub.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     sub.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
     sub.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
@@ -361,7 +364,7 @@ def cmd_bench(args) -> int:
     from cfmlang.bench import bench, render_table
 
     result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device)
+                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against)
     print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
     return EXIT_OK
 

@@ -145,6 +145,16 @@ def test_cfmc_bench_reports_both_sides_and_ratios_as_json(merged_export, capsys)
                                                   rel=0.01, abs=1e-3)   # rounded to 3 decimals
 
 
+def test_cfmc_bench_against_another_lowered_program(merged_export, capsys):
+    """The anchor can be another artifact's program: here the same one, so the greedy
+    tokens agree and the text names the anchor."""
+    code = main(["bench", str(merged_export), "--against", str(merged_export), "--batch", "1",
+                 "--prompt-tokens", "5", "--new-tokens", "3", "--repeat", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"export vs export {merged_export}" in text and text.rstrip().endswith("100%")
+
+
 def test_load_refuses_a_target_the_artifact_does_not_hold(merged_export):
     with pytest.raises(CompileError) as caught:
         cfmlang.load(merged_export, target="inductor")
