@@ -1,7 +1,7 @@
 """SmolLM2 routed through its own FFN experts: perplexity against the fraction of FFN
 neurons active, and the routed FFN's decode latency against the dense FFN, in one run.
 
-For each split (kmeans, cooccurrence, random) the script compiles a real routed artifact
+For each split (kmeans, cooccurrence, functional, random) the script compiles a real routed artifact
 (`route: {method: topk, router: mlp, k: count}`) with cfmlang, loads it, and measures
 held-out perplexity (benchmarks/data/heldout.txt, text the calibration corpus does not
 contain) with every routed FFN running k of `count` experts, for each router:
@@ -17,7 +17,7 @@ Latency: one SmolLM2 FFN (layer 15), one token (decode), the dense HF LlamaMLP a
 RoutedMLP's gather formulation (router included), best of `--repeat` timing rounds.
 
     .venv/bin/python benchmarks/experts_sparsity.py [--tokens 1024] [--count 24]
-        [--calibration-tokens 4096] [--splits kmeans,cooccurrence,random] [--repeat 5] [--threads 1]
+        [--calibration-tokens 4096] [--splits kmeans,cooccurrence,functional,random] [--repeat 5] [--threads 1]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from cfmlang.moe.routers import centres
 HERE = Path(__file__).parent
 HELDOUT = HERE / "data" / "heldout.txt"
 FRACTIONS = (1.0, 0.75, 0.5, 1 / 3, 0.25)
-SPLITS = ("kmeans", "cooccurrence", "random")
+SPLITS = ("kmeans", "cooccurrence", "functional", "random")
 ROUTERS = ("mlp", "similarity", "oracle")
 WINDOW = 256
 

@@ -67,6 +67,13 @@ def test_smol_grow_example_checks():
     assert program.node("pro").arch.new_layers == (6, 13, 20, 27, 34)
 
 
+def test_smol_experts_example_checks():
+    program = cfmlang.check(EXAMPLES / "smol_experts.brick")
+    experts = program.node("experts")
+    assert program.output == "half" and experts.count == 24 and len(experts.layers) == 30
+    assert program.node("half").k == 12
+
+
 def test_method_reference_is_generated_from_the_registry():
     """docs/methods.md is `cfmc methods` output: regenerate it when methods change."""
     from cfmlang.stdlib.catalogue import methods_markdown
