@@ -388,9 +388,7 @@ class _Importer:
         slice_map = self.mapping(items[0], "a slice", SLICE_KEYS)
         if slice_map is None:
             return base_node
-        if "residual_weight" in slice_map:
-            self.cannot(slice_map["residual_weight"][0], "`residual_weight` of a slice",
-                        "cfmlang merges have no residual weight")
+        self.no_residual_weight(slice_map)
         if "base_model" in slice_map and not self.is_null(slice_map["base_model"][1]):
             base_node = slice_map["base_model"][1]
         if "parameters" in slice_map:
@@ -399,19 +397,25 @@ class _Importer:
             self.cannot(items[0], "a slice without `sources:`")
             return base_node
         sources = self.sequence(slice_map["sources"][1], "`sources`")
-        for source in sources or ():
-            entry = self.mapping(source, "a slice source", SOURCE_KEYS)
-            if entry is None:
-                continue
-            if "model" not in entry or "layer_range" not in entry:
-                self.cannot(source, "a slice source needs `model:` and `layer_range:`")
-                continue
-            ref = entry["model"][1]
-            params = entry["parameters"][1] if "parameters" in entry else None
-            merge.inputs.append(_Input(ref, self.model_path(ref), self.param_map(params),
-                                       entry["layer_range"][1]))
+        merge.inputs += [item for item in map(self.slice_input, sources or ()) if item is not None]
         self.whole_ranges(merge.inputs)
         return base_node
+
+    def slice_input(self, source) -> _Input | None:
+        entry = self.mapping(source, "a slice source", SOURCE_KEYS)
+        if entry is None:
+            return None
+        if "model" not in entry or "layer_range" not in entry:
+            self.cannot(source, "a slice source needs `model:` and `layer_range:`")
+            return None
+        ref = entry["model"][1]
+        params = entry["parameters"][1] if "parameters" in entry else None
+        return _Input(ref, self.model_path(ref), self.param_map(params), entry["layer_range"][1])
+
+    def no_residual_weight(self, slice_map: dict) -> None:
+        if "residual_weight" in slice_map:
+            self.cannot(slice_map["residual_weight"][0], "`residual_weight` of a slice",
+                        "cfmlang merges and stacks have no residual weight")
 
     def stacked_slices(self, node, merge: _Merge) -> None:
         """`passthrough` slices: each takes a layer range of one model, in order."""
@@ -424,9 +428,7 @@ class _Importer:
             slice_map = self.mapping(item, "a slice", SLICE_KEYS)
             if slice_map is None:
                 continue
-            if "residual_weight" in slice_map:
-                self.cannot(slice_map["residual_weight"][0], "`residual_weight` of a slice",
-                            "cfmlang stacks have no residual weight")
+            self.no_residual_weight(slice_map)
             if "base_model" in slice_map and not self.is_null(slice_map["base_model"][1]):
                 self.notes.append("`base_model` of a slice is not used by `passthrough` and was left out")
             if "sources" not in slice_map:
@@ -437,15 +439,9 @@ class _Importer:
                 self.cannot(slice_map["sources"][0], f"a `passthrough` slice with {len(sources)} sources",
                             "each passthrough slice takes its layers from exactly one model")
                 continue
-            source = self.mapping(sources[0], "a slice source", SOURCE_KEYS) if sources else None
-            if source is None:
+            stacked = self.slice_input(sources[0]) if sources else None
+            if stacked is None:
                 continue
-            if "model" not in source or "layer_range" not in source:
-                self.cannot(sources[0], "a slice source needs `model:` and `layer_range:`")
-                continue
-            ref = source["model"][1]
-            params = source["parameters"][1] if "parameters" in source else None
-            stacked = _Input(ref, self.model_path(ref), self.param_map(params), source["layer_range"][1])
             stacked.slice_scope = slice_map["parameters"][1] if "parameters" in slice_map else None
             stacked.bounds = self.layer_bounds(stacked)
             merge.inputs.append(stacked)

@@ -326,23 +326,7 @@ def test_the_random_case_translates_but_is_not_compared():
     assert [c.name for c in CASES if c.compare] == ["dare_ties_random"]
 
 
-MEGA = """\
-slices:
-  - sources:
-      - model: {a}
-        layer_range: [0, 4]
-      - model: {b}
-        layer_range: [0, 4]
-merge_method: slerp
-base_model: {a}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: float32
+MEGA = next(c for c in CASES if c.name == "slerp_filtered").yaml + """\
 out_path: {stage}
 ---
 models:
