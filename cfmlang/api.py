@@ -506,7 +506,7 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
         elif isinstance(node, ExpertsNode):
             nodes[name] = {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
                            "count": node.count, "seed": node_seed(program, node),
-                           "calibration": calibration_record(node.calibration, node.split == "functional")}
+                           "calibration": calibration_record(node.calibration)}
         elif isinstance(node, RouteNode):
             nodes[name] = {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
                            "k": node.k, "epochs": node.epochs, "seed": node_seed(program, node),
@@ -560,10 +560,13 @@ def adapter_manifest_entry(program: CheckedProgram, node) -> dict:
     return {"op": "attach", "from": node.model, "attach": list(node.adapters)}
 
 
-def calibration_record(calibration, probes: bool = False) -> dict:
-    """The text a node was calibrated on; `probes`: a probe directory (functional split)."""
-    if probes:
-        return {"probes": Path(calibration.path).name if calibration.path else "shipped probe sets"}
+def calibration_record(calibration) -> dict:
+    """The text a node was calibrated on."""
+    if calibration.origin == "probes":
+        return {"probes": Path(calibration.path).name if calibration.path else "shipped probe sets",
+                "tokens": calibration.tokens}
+    if calibration.origin == "generated":
+        return {"generated": calibration.tokens}
     return {"file": Path(calibration.path).name if calibration.path else "shipped corpus",
             "tokens": calibration.tokens}
 

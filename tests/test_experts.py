@@ -291,6 +291,24 @@ def codes(exc: pytest.ExceptionInfo) -> list[str]:
     return [d.code for d in exc.value.diagnostics]
 
 
+def test_probe_prompts_and_generated_text_as_calibration(tiny, tmp_path):
+    """`calibration: probes` runs the shipped probe prompts; `{generate: N}` runs N tokens
+    the model samples itself, the same under one seed and different under another."""
+    probes = cfmlang.compile(program(tiny, "cooccurrence", 8, 2, "mlp", extra="  calibration: probes\n", tokens=300),
+                             tmp_path / "probes")
+    assert probes.manifest["nodes"]["r"]["calibration"] == {"probes": "shipped probe sets", "tokens": 300}
+    generated = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        extra = f"  calibration: {{generate: 192}}\n  seed: {seed}\n"
+        result = cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp", extra=extra), tmp_path / name)
+        generated[name] = (tmp_path / name / "routing.safetensors").read_bytes()
+    assert result.manifest["nodes"]["r"]["calibration"] == {"generated": 192}
+    assert generated["a"] == generated["b"] != generated["c"]
+    corpus = cfmlang.compile(program(tiny, "kmeans", 8, 2, "mlp", extra="  seed: 3\n"), tmp_path / "corpus")
+    assert (tmp_path / "corpus" / "routing.safetensors").read_bytes() != generated["a"]
+    assert corpus.manifest["nodes"]["r"]["calibration"] == {"file": "shipped corpus", "tokens": 512}
+
+
 def test_calibration_without_a_tokenizer_is_E180(tmp_path):
     model = tiny_model(tmp_path / "bare", seed=1)
     with pytest.raises(CompileError) as exc:
@@ -376,7 +394,7 @@ def test_functional_split_gives_each_abilitys_specialists_one_expert(tmp_path):
     experts = {ability: {expert_of[n] for n in neurons} for ability, neurons in SPECIALISTS.items()}
     assert all(len(found) == 1 for found in experts.values()), experts
     assert len(set.union(*experts.values())) == 3
-    assert result.manifest["nodes"]["e"]["calibration"] == {"probes": "probes"}
+    assert result.manifest["nodes"]["e"]["calibration"] == {"probes": "probes", "tokens": 4096}
     # the groups are balanced k-means of the analysis' FuncScores (seed: file seed 0 + layer 1)
     texts, _ = read_probes(probes)
     tokenized, _ = tokenize(texts, AutoTokenizer.from_pretrained(model), PROBE_TOKENS)
@@ -397,3 +415,7 @@ def test_functional_split_reports_a_bad_probe_directory_at_its_entry(tmp_path):
             cfmlang.check(functional_program(model, probes))
         (problem,) = [d for d in info.value.diagnostics if d.is_error]
         assert problem.code == "E162" and words in problem.message and problem.span.line == 8
+    with pytest.raises(CompileError) as info:
+        cfmlang.check(functional_program(model, "x").replace('"x"', "{generate: 256}"))
+    (problem,) = info.value.diagnostics
+    assert problem.code == "E169" and "labelled by ability" in problem.message

@@ -17,6 +17,7 @@ EXPERTS_KEYS = ("kind", "from", "description")
 ROUTE_KEYS = ("method", "experts", "description")
 FFN_SELECTOR_HELP = "select FFNs as `m.layers[*].mlp`, `m.layers[3].mlp` or `m.layers[0:12].mlp`"
 FFN_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+SHIPPED_PROBES = "probes"     # `calibration: probes`: the shipped probe prompts as calibration text
 
 
 def check_experts(checker, declared: Declared, body: ast.MapValue, kind) -> ExpertsNode | None:
@@ -177,25 +178,35 @@ def probes_of(checker, options: dict, body: ast.MapValue, base_dir: Path) -> Cal
     """The probe directory of a functional split (None: the shipped probe sets), read now
     so that a bad probe set is reported at its `calibration:` entry."""
     given = options["calibration"]
-    folder = None if given is None else (base_dir / given).resolve()
     span = body.get("calibration").value.span if given is not None else body.get("split").value.span
+    if isinstance(given, dict):
+        checker.problems.append(error("E169", "`split: functional` needs prompts labelled by ability, not "
+                                      "generated text", span, "name a probe directory (one ABILITY.txt per "
+                                      "ability), or leave `calibration` out for the shipped probe sets"))
+        return None
+    folder = None if given in (None, SHIPPED_PROBES) else (base_dir / given).resolve()
     try:
         _, warnings = read_probes(folder)
     except CompileError as exc:
         checker.problems += [replace(d, span=span) for d in exc.diagnostics]
         return None
     checker.problems += [replace(d, span=span) for d in warnings]
-    return Calibration(None if folder is None else str(folder), options["calibration_tokens"])
+    return Calibration(None if folder is None else str(folder), options["calibration_tokens"], "probes")
 
 
 def calibration_of(checker, options: dict, body: ast.MapValue, base_dir: Path) -> Calibration | None:
-    given = options["calibration"]
+    given, tokens = options["calibration"], options["calibration_tokens"]
     if given is None:
-        return Calibration(None, options["calibration_tokens"])
+        return Calibration(None, tokens, "corpus")
+    if isinstance(given, dict):
+        return Calibration(None, given["generate"], "generated")
+    if given == SHIPPED_PROBES:
+        return Calibration(None, tokens, "probes")
     path = (base_dir / given).resolve()
     if not path.is_file():
         checker.problems.append(error("E169", f"calibration text `{given}` not found", body.get("calibration").value.span,
-                                      "give a UTF-8 text file (relative to this .brick file), or leave "
+                                      "give a UTF-8 text file (relative to this .brick file), `probes` "
+                                      "(the shipped probe prompts), `{generate: N}`, or leave "
                                       "`calibration` out to use the shipped corpus"))
         return None
-    return Calibration(str(path), options["calibration_tokens"])
+    return Calibration(str(path), tokens)

@@ -87,8 +87,9 @@ class ExpertsProvider:
     def ffn_inputs(self, calibration: Calibration) -> dict[int, torch.Tensor]:
         """The dense model's FFN inputs on the calibration text (run once per text)."""
         if calibration not in self._inputs:
-            windows = token_windows(load_tokenizer(self.support_dir, self.node.span), calibration, self.node.span)
             model = dense_model(self.specs, self.model.get, self.support_dir)
+            tokenizer = load_tokenizer(self.support_dir, self.node.span)
+            windows = token_windows(tokenizer, calibration, self.node.span, model, self.seed)
             self._inputs[calibration] = ffn_inputs(model, windows, self.node.layers)
         return self._inputs[calibration]
 

@@ -129,11 +129,15 @@ class LoraExtractNode:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Text run through a model to measure activations: a file, or the shipped corpus
-    (path None), cut to at most `tokens` tokens."""
+    """Text run through a model to measure activations, at most `tokens` tokens of it.
+
+    `origin`: "file" (the text file `path`), "corpus" (the shipped corpus), "probes" (the
+    probe prompts in the directory `path`, or the shipped probe sets when it is None) or
+    "generated" (`tokens` tokens the model samples itself, seeded by the node's seed)."""
 
     path: str | None
     tokens: int
+    origin: str = "file"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Calibration: run a model on text and record the inputs of its FFNs.
 
-The text is a user's file or the shipped corpus (`cfmlang/moe/data/calibration.txt`:
+The text is a user's file, the shipped corpus (`cfmlang/moe/data/calibration.txt`:
 prose, code, arithmetic, dialogue, letters and several languages, written for the
-project). It is tokenized with the model's own tokenizer, cut into windows of
-`WINDOW` tokens, and capped at the requested token count.
+project), the probe prompts of `cfmc analyze`, or text the model samples itself from a
+seed. It is tokenized with the model's own tokenizer, cut into windows of `WINDOW`
+tokens, and capped at the requested token count.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cfmlang.analysis.probes import read_probes
 from cfmlang.compiler.ir import Calibration
 from cfmlang.compiler.weights import WeightError
 
@@ -28,9 +30,29 @@ class CalibrationError(WeightError):
 
 
 def corpus_text(calibration: Calibration) -> str:
-    if calibration.path is None:
+    """The text of a calibration that is text (not generated)."""
+    if calibration.origin == "probes":
+        texts, _ = read_probes(None if calibration.path is None else Path(calibration.path))
+        return "\n\n".join(prompt for prompts in texts.prompts for prompt in prompts)
+    if calibration.origin == "corpus":
         return resources.files("cfmlang.moe").joinpath("data/calibration.txt").read_text(encoding="utf-8")
     return Path(calibration.path).read_text(encoding="utf-8", errors="replace")
+
+
+def describe(calibration: Calibration) -> str:
+    return {"corpus": "the shipped corpus", "probes": "the probe prompts",
+            "generated": "generated text"}.get(calibration.origin, str(calibration.path))
+
+
+def calibration_ids(tokenizer, calibration: Calibration, model, seed: int) -> list[int]:
+    """Token ids of the calibration text; generated text is sampled from `model` in
+    sequences of WINDOW tokens, seeded."""
+    if calibration.origin != "generated":
+        return tokenizer(corpus_text(calibration), add_special_tokens=False)["input_ids"][: calibration.tokens]
+    from cfmlang.stdlib.editing import sampled_tokens
+
+    sequences = -(-calibration.tokens // WINDOW)
+    return sampled_tokens(model, tokenizer, sequences, WINDOW - 1, seed).reshape(-1)[: calibration.tokens].tolist()
 
 
 def load_tokenizer(folder: Path, span):
@@ -46,12 +68,11 @@ def load_tokenizer(folder: Path, span):
             "need no calibration (kmeans or random; similarity or oracle)") from None
 
 
-def token_windows(tokenizer, calibration: Calibration, span) -> torch.Tensor:
+def token_windows(tokenizer, calibration: Calibration, span, model=None, seed: int = 0) -> torch.Tensor:
     """[windows, length] token ids of the calibration text (at most `calibration.tokens`)."""
-    ids = tokenizer(corpus_text(calibration), add_special_tokens=False)["input_ids"][: calibration.tokens]
+    ids = calibration_ids(tokenizer, calibration, model, seed)
     if len(ids) < MIN_TOKENS:
-        where = calibration.path or "the shipped corpus"
-        raise CalibrationError("E181", f"calibration text {where} has {len(ids)} tokens; at least "
+        raise CalibrationError("E181", f"calibration text {describe(calibration)} has {len(ids)} tokens; at least "
                                f"{MIN_TOKENS} are needed", span, "give a longer text file")
     length = min(WINDOW, len(ids))
     usable = len(ids) // length * length

@@ -11,11 +11,18 @@ SPLITS = ("kmeans", "cooccurrence", "functional", "random")
 CALIBRATED_SPLITS = ("cooccurrence", "functional")
 
 
+class GeneratedCalibration(Params):
+    """`calibration: {generate: N}`: the model writes N tokens of its own (seeded)."""
+
+    generate: Annotated[int, Field(ge=64)]
+
+
 class CalibrationOptions(Params):
-    calibration: str | None = None
-    """A UTF-8 text file (relative to the .brick file); default: the shipped corpus. For
-    `split: functional`, a directory of probe prompts (one ABILITY.txt per ability, as
-    for `cfmc analyze`); default: the shipped probe sets."""
+    calibration: str | GeneratedCalibration | None = None
+    """A UTF-8 text file (relative to the .brick file), `probes` (the shipped probe
+    prompts of `cfmc analyze` as text) or `{generate: N}`; default: the shipped corpus.
+    For `split: functional`, a directory of probe prompts (one ABILITY.txt per ability,
+    as for `cfmc analyze`); default: the shipped probe sets."""
     calibration_tokens: Annotated[int, Field(ge=64)] = 4096
     seed: Annotated[int, Field(ge=0)] | None = None
 
