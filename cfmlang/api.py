@@ -418,6 +418,7 @@ def _write_adapter_route(node, provider, folder: Path, sizes, progress, log) -> 
                "temperature": options["temperature"]}
     if node.method == "retrieve":
         routing["mix"] = options["mix"]
+        routing["embed_layers"] = options["embed_layers"]
     if router.losses:
         routing["gate_training"] = {"loss_before": router.losses[0], "loss_after": router.losses[-1],
                                     "loss_curve": list(router.losses)}

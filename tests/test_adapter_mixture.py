@@ -11,8 +11,8 @@ from models import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from cfmlang.modules.adapter_mixture import (AdapterMixture, LoraFactors, new_gates, top_k_weights,
-                                     train_gates)
+from cfmlang.modules.adapter_mixture import (AdapterMixture, LoraFactors, new_gates, top_k_choice,
+                                             top_k_weights, train_gates)
 
 ADAPTERS = {   # name: (targets, rank, alpha, rslora)
     "attn": (["q_proj", "v_proj"], 4, 8, False),
@@ -78,7 +78,8 @@ def test_fixed_coefficients_equal_peft_merged_deltas(base_dir, peft_adapters):
     weights = [0.7, -0.4, 1.3]
     embeddings = torch.eye(3, 32)
     mixed = mixture(base_dir, peft_adapters, "retrieve", top_k=3, embeddings=embeddings)
-    mixed.coefficients.shared = torch.tensor(weights).reshape(1, 1, 3).expand(2, 1, 3)
+    mixed.coefficients.select(torch.tensor([[0, 1, 2], [2, 0, 1]]),
+                              torch.tensor([weights, [weights[2], weights[0], weights[1]]]))
     with torch.no_grad():
         ours = mixed.model(input_ids=IDS).logits
         expected = merged_with(base_dir, peft_adapters, weights)(input_ids=IDS).logits
@@ -87,6 +88,8 @@ def test_fixed_coefficients_equal_peft_merged_deltas(base_dir, peft_adapters):
 
 
 def test_top_k_weights():
+    chosen, weights = top_k_choice(torch.tensor([[0.1, 0.9, 0.5, -1.0]]), 2, "uniform", 1.0)
+    assert chosen.tolist() == [[1, 2]] and weights.tolist() == [[0.5, 0.5]]
     scores = torch.tensor([[0.1, 0.9, 0.5, -1.0]])
     assert torch.equal(top_k_weights(scores, 2, "uniform", 1.0), torch.tensor([[0, 0.5, 0.5, 0]]))
     soft = top_k_weights(scores, 2, "softmax", 0.5)
@@ -108,6 +111,43 @@ def test_retrieval_picks_the_adapter_whose_prompts_match_and_equals_it_in_peft(b
         for row, name in ((0, "mlp"), (1, "attn")):
             theirs = peft_adapters[name](input_ids=IDS[row:row + 1]).logits[0]
             assert (ours[row] - theirs).abs().max() < TOL, name
+
+
+def test_top2_retrieval_gathers_exactly_the_dense_mix(base_dir, peft_adapters):
+    """Each sequence applies only its two chosen adapters (gathered by index, different
+    pairs per sequence, ranks 4/2/3 padded to 4): the logits equal, row by row, the base
+    plus those two PEFT deltas scaled by the softmax weights, i.e. the dense masked mix."""
+    plain = fresh(base_dir)
+    with torch.no_grad():
+        hidden = plain.model(input_ids=IDS).last_hidden_state.mean(dim=1)
+    keys = torch.stack([hidden[0] + hidden[1], hidden[0], hidden[1]])    # seq 0: attn+all, seq 1: attn+mlp
+    mixed = mixture(base_dir, peft_adapters, "retrieve", top_k=2, embeddings=keys, temperature=0.05)
+    assert [sorted(row) for row in mixed.chosen(IDS)] == [["all", "attn"], ["attn", "mlp"]]
+    chosen, weights = mixed.retrieval_choice(IDS)
+    dense = torch.zeros(2, 3).scatter(-1, chosen, weights)
+    assert (dense > 0.05).sum(-1).tolist() == [2, 2]          # both chosen adapters weigh in
+    with torch.no_grad():
+        ours = mixed(IDS).logits
+        for row in range(2):
+            expected = merged_with(base_dir, peft_adapters, dense[row].tolist())(input_ids=IDS[row:row + 1]).logits
+            assert (ours[row] - expected[0]).abs().max() < TOL, row
+        assert (ours[0] - ours[1]).abs().max() > 1e-3
+
+
+def test_a_shallower_embedder_runs_only_the_first_layers(base_dir, peft_adapters):
+    """embed_layers 1: queries are embedded by the first decoder layer and the final norm
+    (every adapter off), and the model is whole again afterwards."""
+    plain = fresh(base_dir)
+    with torch.no_grad():
+        inner = plain.model
+        shallow = inner.norm(inner.layers[0](inner.embed_tokens(IDS),
+                                             position_embeddings=inner.rotary_emb(inner.embed_tokens(IDS),
+                                                                                  torch.arange(8)[None]),
+                                             attention_mask=None))
+    keys = torch.stack([shallow[1].mean(0), torch.randn(32), shallow[0].mean(0)])
+    mixed = mixture(base_dir, peft_adapters, "retrieve", top_k=1, embeddings=keys, embed_layers=1)
+    assert mixed.chosen(IDS) == [["mlp"], ["attn"]]
+    assert len(mixed.model.model.layers) == plain.config.num_hidden_layers
 
 
 def test_retrieval_generates_like_the_chosen_peft_adapter(base_dir, peft_adapters):
@@ -171,9 +211,10 @@ def test_training_the_gates_lowers_the_loss_and_touches_nothing_else(base_dir, p
     assert train_gates(again, batches, steps=24, lr=0.05, seed=0) == losses     # deterministic
 
 
-@pytest.mark.parametrize("method", ["retrieve", "gate"])
-def test_exports_without_data_dependent_ops(base_dir, peft_adapters, method):
-    options = {"embeddings": torch.randn(3, 32)} if method == "retrieve" else {"gates": new_gates(fresh(base_dir), 3)}
+@pytest.mark.parametrize("method, embed_layers", [("retrieve", None), ("retrieve", 1), ("gate", None)])
+def test_exports_without_data_dependent_ops(base_dir, peft_adapters, method, embed_layers):
+    options = {"embeddings": torch.randn(3, 32), "embed_layers": embed_layers} if method == "retrieve" \
+        else {"gates": new_gates(fresh(base_dir), 3)}
     if method == "gate":
         for gate in options["gates"]:
             torch.nn.init.normal_(gate.weight)
@@ -191,6 +232,7 @@ def test_exports_without_data_dependent_ops(base_dir, peft_adapters, method):
     program = torch.export.export(wrapped, (IDS,))
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not any(name in op for op in ops for name in ("nonzero", "masked_select", "index_put"))
+    assert ("aten.index_select.default" in ops) == (method == "retrieve")     # only the chosen factors
     other = torch.randint(0, 128, IDS.shape)
     with torch.no_grad():
         for ids in (IDS, other):

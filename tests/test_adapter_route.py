@@ -55,11 +55,15 @@ def compiled(zoo, tmp_path, route: str, use_cache: bool = True):
     return tmp_path / "out"
 
 
-def test_retrieve_picks_by_samples_and_equals_the_peft_adapter(zoo, tmp_path):
-    out = compiled(zoo, tmp_path, RETRIEVE)
+@pytest.mark.parametrize("embed_layers", [None, 1])
+def test_retrieve_picks_by_samples_and_equals_the_peft_adapter(zoo, tmp_path, embed_layers):
+    route = RETRIEVE + (f"  embed_layers: {embed_layers}\n" if embed_layers else "")
+    out = compiled(zoo, tmp_path, route)
     manifest = json.loads((out / "cfm.json").read_text())
     assert manifest["kind"] == "adapter-routed" and manifest["routing"]["adapters"] == ["math", "poem"]
+    assert manifest["routing"]["embed_layers"] == embed_layers
     mixture = cfmlang.load(out)
+    assert mixture.embed_layers == embed_layers
     tokenizer = AutoTokenizer.from_pretrained(out)
     for name, prompts in SAMPLES.items():
         ids = tokenizer(prompts[1], return_tensors="pt")["input_ids"]
@@ -85,6 +89,7 @@ def test_trained_gates_lower_the_loss_on_their_text(zoo, tmp_path):
 
 @pytest.mark.parametrize("route, code, words", [
     (RETRIEVE.replace("top_k: 1", "top_k: 3"), "E159", "exceeds the 2 adapters"),
+    (RETRIEVE + "  embed_layers: 99\n", "E159", "`embed_layers: 99` exceeds the base's"),
     (RETRIEVE.replace('{samples: ["a poem of love", "verse and rhyme at night"]}', "{}"), "E014", "missing parameter `samples`"),
     ('route pick:\n  method: gate\n  base: base\n  inputs: [math, base]\n', "E154", "`base` is not a lora brick"),
     ('route pick:\n  method: gate\n  base: base\n  inputs: [math]\n', "E032", "at least two"),

@@ -52,7 +52,8 @@ class AdapterRouteProvider:
         return self._router
 
     def _retrieval_keys(self, model, tokenizer) -> BuiltRouter:
-        keys = torch.stack([prompt_embedding(model, tokenizer, list(samples)) for samples in self.node.samples])
+        layers = self.options.get("embed_layers")
+        keys = torch.stack([prompt_embedding(model, tokenizer, list(samples), layers) for samples in self.node.samples])
         return BuiltRouter({"embeddings": keys}, ())
 
     def _gates(self, model, tokenizer) -> BuiltRouter:

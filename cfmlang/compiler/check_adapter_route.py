@@ -32,7 +32,8 @@ def check_adapter_route(checker, declared: Declared, body: ast.MapValue, method)
     if len(checker.problems) > before or None in (options, base, adapters):
         return None
     names = [name for name, _ in adapters]
-    if not _same_base(checker, body, names, base) or not _enough(checker, body, options, len(names)):
+    layers = checker.nodes[base].arch.num_layers
+    if not _same_base(checker, body, names, base) or not _enough(checker, body, options, len(names), layers):
         return None
     data = _training_text(checker, body, options, declared.base_dir)
     if data is False:
@@ -99,13 +100,20 @@ def _same_base(checker, body: ast.MapValue, names: list[str], base: str) -> bool
     return True
 
 
-def _enough(checker, body: ast.MapValue, options: dict, count: int) -> bool:
-    if options["top_k"] <= count:
-        return True
-    where = body.get("top_k") or body.get("method")
-    checker.problems.append(error("E159", f"`top_k: {options['top_k']}` exceeds the {count} adapters routed",
-                                  where.value.span, f"choose top_k between 1 and {count}"))
-    return False
+def _enough(checker, body: ast.MapValue, options: dict, count: int, layers: int) -> bool:
+    """top_k within the adapters routed, embed_layers within the base's layers (E159)."""
+    if options["top_k"] > count:
+        where = body.get("top_k") or body.get("method")
+        checker.problems.append(error("E159", f"`top_k: {options['top_k']}` exceeds the {count} adapters routed",
+                                      where.value.span, f"choose top_k between 1 and {count}"))
+        return False
+    embed_layers = options.get("embed_layers")
+    if embed_layers is not None and layers and embed_layers > layers:
+        checker.problems.append(error("E159", f"`embed_layers: {embed_layers}` exceeds the base's {layers} layers",
+                                      body.get("embed_layers").value.span,
+                                      f"choose embed_layers between 1 and {layers}, or leave it out (all)"))
+        return False
+    return True
 
 
 def _training_text(checker, body: ast.MapValue, options: dict, base_dir: Path) -> str | None | bool:

@@ -1,17 +1,25 @@
 """Routing over LoRA adapters at run time: every adapter's factors stacked per linear
-module and mixed by coefficients, per sequence (`retrieve`, LoraRetriever-style) or per
-token (`gate`, a small gate per decoder layer, X-LoRA/MoLE-style).
+module, per sequence (`retrieve`, LoraRetriever-style) or per token (`gate`, a small gate
+per decoder layer, X-LoRA/MoLE-style).
 
-Each adapted linear computes, with the N adapters' factors zero-padded to one rank R,
+The N adapters' factors are zero-padded to one rank R and stacked, A: [N, R, in] and
+B: [N, R, out] (the scale folded into B). Retrieval picks k adapters per sequence
+(`chosen` [batch, k], mixing `weights` [batch, k]); each adapted linear gathers only those:
 
-    y = W x + ((x @ A_all^T) * repeat(c, R)) @ B_all^T       A_all: [N*R, in], B_all: [N*R, out]
+    y = W x + (x @ A[chosen]^T) @ (repeat(weights, R) * B[chosen])        A[chosen]: [batch, k*R, in]
 
-two matmuls whatever the coefficients c ([batch, tokens or 1, N]) select: a top-k choice
-is a mask on c, so the module has no data-dependent shapes and no Python branching per
-input, and `torch.export` captures it whole.
+an index_select and two batched matmuls, k static; the gathered factors are kept for as
+long as the selection holds (a generation's decoding steps). A gate mixes every adapter per token
+with weights c [batch, tokens, N], so its linears stay dense:
+
+    y = W x + ((x @ A_all^T) * repeat(c, R)) @ B_all                       A_all: [N*R, in]
+
+Neither has data-dependent shapes or Python branching per input, so `torch.export`
+captures the module whole.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,38 +35,78 @@ compiled lora brick (`cfmlang.stdlib.lora.LoraAdapter`)."""
 
 
 class Coefficients:
-    """The mixing weights the adapted linears read during one forward pass: one tensor
-    [batch, tokens or 1, N] for every layer (retrieve), or one per decoder layer (gate)."""
+    """What the adapted linears read during one forward pass: the adapters `chosen` for
+    each sequence [batch, k] and their mixing `weights` [batch, k] (retrieve), or the
+    weights of every adapter per token [batch, tokens, N] for each decoder layer (gate).
+    While `active` is False the linears compute the base model alone (the embedder).
+    `gathered` holds each SelectedLinear's factors for the current selection: gathered
+    once, on the prompt's forward pass, and reused by every decoding step after it."""
 
     def __init__(self):
-        self.shared: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
         self.per_layer: dict[int, torch.Tensor] = {}
+        self.active = True
+        self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def for_layer(self, layer: int) -> torch.Tensor:
-        return self.per_layer[layer] if layer in self.per_layer else self.shared
+    def select(self, chosen: torch.Tensor, weights: torch.Tensor) -> None:
+        self.chosen, self.weights = chosen, weights
+        self.gathered = {}
 
 
-class MixedLinear(nn.Module):
-    """A frozen linear layer plus N stacked LoRA deltas mixed by coefficients."""
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer plus N stacked LoRA deltas, A [N, R, in] and B [N, R, out]."""
 
-    def __init__(self, base: nn.Linear, down: torch.Tensor, up: torch.Tensor, rank: int,
-                 layer: int, coefficients: Coefficients):
+    def __init__(self, base: nn.Linear, down: torch.Tensor, up: torch.Tensor, layer: int,
+                 coefficients: Coefficients):
         super().__init__()
         self.base = base
-        self.register_buffer("down", down)      # [N*R, in]
-        self.register_buffer("up", up)          # [N*R, out]
-        self.rank = rank
+        self.register_buffer("down", down)
+        self.register_buffer("up", up)
+        self.rank = down.shape[1]
         self.layer = layer
         self.coefficients = coefficients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mix = self.coefficients.for_layer(self.layer).to(x.dtype).repeat_interleave(self.rank, dim=-1)
-        return self.base(x) + ((x @ self.down.t()) * mix) @ self.up
+        if not self.coefficients.active:
+            return self.base(x)
+        return self.base(x) + self.delta(x)
 
 
-def stacked(adapters: list[Adapter], module: str, base: nn.Linear) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(A_all [N*R, in], B_all [N*R, out] with the scale folded in, R): adapters without
-    this module, and ranks below R, get zero rows, which add exactly nothing."""
+class SelectedLinear(AdaptedLinear):
+    """Retrieval: each sequence applies only its k chosen adapters, gathered by index."""
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        key = id(self)
+        if key not in self.coefficients.gathered:
+            self.coefficients.gathered[key] = self.gather(x.dtype)
+        down, up = self.coefficients.gathered[key]
+        return torch.matmul(torch.matmul(x, down), up)
+
+    def gather(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A[chosen]^T [batch, in, k*R], B[chosen] [batch, k*R, out] with each adapter's
+        mixing weight folded in)."""
+        chosen, weights = self.coefficients.chosen, self.coefficients.weights
+        batch, k = chosen.shape
+        flat = chosen.reshape(-1)
+        down = self.down.index_select(0, flat).reshape(batch, k * self.rank, -1)
+        mix = weights.to(dtype).repeat_interleave(self.rank, dim=-1).unsqueeze(-1)   # [batch, k*R, 1]
+        up = self.up.index_select(0, flat).reshape(batch, k * self.rank, -1) * mix
+        return down.transpose(1, 2), up
+
+
+class MixedLinear(AdaptedLinear):
+    """Gate: every adapter, weighted per token."""
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        mix = self.coefficients.per_layer[self.layer].to(x.dtype)                 # [batch, tokens, N]
+        hidden = (x @ self.down.flatten(0, 1).t()).unflatten(-1, (mix.shape[-1], self.rank))
+        return (hidden * mix.unsqueeze(-1)).flatten(-2) @ self.up.flatten(0, 1)
+
+
+def stacked(adapters: list[Adapter], module: str, base: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [N, R, in], B [N, R, out] with the scale folded in): adapters without this
+    module, and ranks below R, get zero rows, which add exactly nothing."""
     rank = max((a[module].down.shape[0] for a in adapters if module in a), default=0)
     count, out_features, in_features = len(adapters), base.out_features, base.in_features
     down = torch.zeros(count, rank, in_features, dtype=base.weight.dtype)
@@ -69,7 +117,7 @@ def stacked(adapters: list[Adapter], module: str, base: nn.Linear) -> tuple[torc
             r = factors.down.shape[0]
             down[index, :r] = factors.down.to(down.dtype)
             up[index, :r] = (factors.up.double() * factors.scale).t().to(up.dtype)
-    return down.reshape(count * rank, in_features), up.reshape(count * rank, out_features), rank
+    return down, up
 
 
 def layer_of(module: str) -> int:
@@ -77,16 +125,17 @@ def layer_of(module: str) -> int:
     return int(parts[parts.index("layers") + 1])
 
 
-def attach(model: nn.Module, adapters: list[Adapter], coefficients: Coefficients) -> list[str]:
-    """Replace every linear module that some adapter targets by a MixedLinear; returns
-    the module paths replaced."""
+def attach(model: nn.Module, adapters: list[Adapter], coefficients: Coefficients,
+           linear: type[AdaptedLinear]) -> list[str]:
+    """Replace every linear module that some adapter targets by a `linear` (SelectedLinear
+    or MixedLinear); returns the module paths replaced."""
     modules = sorted({m for adapter in adapters for m in adapter})
     for module in modules:
         parent_path, _, child = module.rpartition(".")
         parent = model.get_submodule(parent_path)
         base = getattr(parent, child)
-        down, up, rank = stacked(adapters, module, base)
-        setattr(parent, child, MixedLinear(base, down, up, rank, layer_of(module), coefficients))
+        down, up = stacked(adapters, module, base)
+        setattr(parent, child, linear(base, down, up, layer_of(module), coefficients))
     return modules
 
 
@@ -94,23 +143,42 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule("model.layers")
 
 
-def top_k_weights(scores: torch.Tensor, k: int, mix: str, temperature: float) -> torch.Tensor:
-    """Mixing weights over the last dimension: zero outside the k best scores; inside,
-    a softmax of score / temperature, or 1/k each. Static shapes throughout."""
+def top_k_choice(scores: torch.Tensor, k: int, mix: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of the k best scores, their mixing weights) over the last dimension: a
+    softmax of score / temperature, or 1/k each. Static shapes throughout."""
     best, chosen = torch.topk(scores, k, dim=-1)
     if mix == "softmax":
-        weights = torch.softmax(best / temperature, dim=-1)
-    else:
-        weights = torch.full_like(best, 1.0 / k)
+        return chosen, torch.softmax(best / temperature, dim=-1)
+    return chosen, torch.full_like(best, 1.0 / k)
+
+
+def top_k_weights(scores: torch.Tensor, k: int, mix: str, temperature: float) -> torch.Tensor:
+    """The same choice as dense weights: zero outside the k best scores."""
+    chosen, weights = top_k_choice(scores, k, mix, temperature)
     return torch.zeros_like(scores).scatter(-1, chosen, weights)
 
 
-def mean_hidden_state(model: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The embedder: the last hidden state averaged over the (unpadded) tokens, [batch, hidden]."""
+@contextmanager
+def first_layers(model: nn.Module, count: int | None):
+    """While inside, the model runs only its first `count` decoder layers (all for None)."""
+    inner = model.get_submodule("model")
+    every = inner.layers
+    if count is not None:
+        inner.layers = every[:count]
+    try:
+        yield
+    finally:
+        inner.layers = every
+
+
+def mean_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      layers: int | None = None) -> torch.Tensor:
+    """The embedder: the hidden state after the first `layers` decoder layers (all by
+    default) and the final norm, averaged over the (unpadded) tokens, [batch, hidden]."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with first_layers(model, layers):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
@@ -121,14 +189,17 @@ class AdapterMixture(nn.Module):
 
     def __init__(self, model: nn.Module, adapters: list[Adapter], names: list[str], method: str,
                  top_k: int, mix: str = "softmax", temperature: float = 1.0,
-                 embeddings: torch.Tensor | None = None, gates: nn.ModuleList | None = None):
+                 embeddings: torch.Tensor | None = None, embed_layers: int | None = None,
+                 gates: nn.ModuleList | None = None):
         super().__init__()
         if method not in ("retrieve", "gate"):
             raise ValueError(f"unknown routing method {method!r}")
         self.model, self.names, self.method = model, list(names), method
         self.top_k, self.mix, self.temperature = top_k, mix, temperature
+        self.embed_layers = embed_layers
         self.coefficients = Coefficients()
-        self.targets = attach(model, adapters, self.coefficients)
+        linear = SelectedLinear if method == "retrieve" else MixedLinear
+        self.targets = attach(model, adapters, self.coefficients, linear)
         if method == "retrieve":
             self.register_buffer("embeddings", nn.functional.normalize(embeddings.float(), dim=-1))
         else:
@@ -145,14 +216,17 @@ class AdapterMixture(nn.Module):
         return self.model.device
 
     # ---- retrieve: one choice per sequence ---------------------------------------------
-    def retrieval_weights(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """[batch, 1, N]: top-k adapters by cosine similarity of the input's embedding
-        (computed with every adapter switched off) to each adapter's embedding."""
-        count = len(self.names)
-        self.coefficients.shared = torch.zeros(input_ids.shape[0], 1, count)
-        query = nn.functional.normalize(mean_hidden_state(self.model, input_ids, attention_mask).float(), dim=-1)
-        similarity = query @ self.embeddings.t()
-        return top_k_weights(similarity, self.top_k, self.mix, self.temperature).unsqueeze(1)
+    def retrieval_choice(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [batch, k], weights [batch, k]): the top-k adapters by cosine similarity
+        of the input's embedding (the base model alone, every adapter switched off, its
+        first `embed_layers` layers) to each adapter's embedding."""
+        self.coefficients.active = False
+        try:
+            hidden = mean_hidden_state(self.model, input_ids, attention_mask, self.embed_layers)
+        finally:
+            self.coefficients.active = True
+        similarity = nn.functional.normalize(hidden.float(), dim=-1) @ self.embeddings.t()
+        return top_k_choice(similarity, self.top_k, self.mix, self.temperature)
 
     # ---- gate: one choice per token and layer --------------------------------------------
     def _gate_hook(self, index: int):
@@ -163,29 +237,30 @@ class AdapterMixture(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         if self.method == "retrieve":
-            self.coefficients.shared = self.retrieval_weights(input_ids, attention_mask)
+            self.coefficients.select(*self.retrieval_choice(input_ids, attention_mask))
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """Retrieval picks the adapters once from the prompt; gates run at every step."""
         if self.method == "retrieve":
-            self.coefficients.shared = self.retrieval_weights(input_ids, attention_mask)
+            self.coefficients.select(*self.retrieval_choice(input_ids, attention_mask))
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def chosen(self, input_ids, attention_mask=None) -> list[list[str]]:
-        """Names of the adapters retrieval picks for each sequence (for reports and tests)."""
-        weights = self.retrieval_weights(input_ids, attention_mask)[:, 0]
-        return [[self.names[i] for i in row.nonzero().flatten().tolist()] for row in weights]
+        """Names of the adapters retrieval picks for each sequence, best first (for
+        reports and tests)."""
+        chosen, _ = self.retrieval_choice(input_ids, attention_mask)
+        return [[self.names[i] for i in row] for row in chosen.tolist()]
 
 
-def prompt_embedding(model: nn.Module, tokenizer, prompts: list[str]) -> torch.Tensor:
+def prompt_embedding(model: nn.Module, tokenizer, prompts: list[str], layers: int | None = None) -> torch.Tensor:
     """An adapter's retrieval key: the embedder's vector averaged over its sample prompts
     (each prompt embedded on its own, so padding never enters)."""
     vectors = []
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-            vectors.append(mean_hidden_state(model, ids, None)[0].float())
+            vectors.append(mean_hidden_state(model, ids, None, layers)[0].float())
     return torch.stack(vectors).mean(dim=0)
 
 
@@ -262,7 +337,8 @@ def load_mixture(model: nn.Module, directory, routing: dict) -> AdapterMixture:
     options = {"top_k": routing["top_k"], "temperature": routing["temperature"]}
     if routing["method"] == "retrieve":
         return AdapterMixture(model, adapters, names, "retrieve", mix=routing["mix"],
-                              embeddings=router["embeddings"], **options).eval()
+                              embeddings=router["embeddings"], embed_layers=routing.get("embed_layers"),
+                              **options).eval()
     gates = new_gates(model, len(names))
     for index, gate in enumerate(gates):
         gate.weight.data = router[f"gates.{index}.weight"].to(gate.weight.dtype)

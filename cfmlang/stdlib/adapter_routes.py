@@ -1,8 +1,10 @@
 """Routing over LoRA bricks at run time (cfmlang.modules.adapter_mixture):
 
 - `retrieve` (LoraRetriever-style): each adapter is keyed by the mean embedding of its
-  sample prompts under the base model; each input sequence gets the `top_k` adapters
-  most similar to it, mixed by a softmax of the similarities or uniformly;
+  sample prompts under the base model (its mean hidden state, after its first
+  `embed_layers` layers when given: a cheaper embedder); each input sequence gets the
+  `top_k` adapters most similar to it, mixed by a softmax of the similarities or
+  uniformly, and applies only those;
 - `gate` (X-LoRA/MoLE-style): a linear gate per decoder layer reads the hidden state and
   mixes the `top_k` best-scored adapters per token; trained on `train: {data: ...}`
   (everything else frozen), or untrained: every adapter weighted equally.
@@ -26,10 +28,13 @@ class Retrieve(Method):
     keyword = "route"
     name = "retrieve"
     summary = ("per input sequence, the `top_k` lora bricks whose sample prompts are most "
-               "similar to it (mean hidden state of `base`), mixed by `mix`")
+               "similar to it (mean hidden state of `base`, after its first `embed_layers` layers if "
+               "given), mixed by `mix`; only those are applied")
 
     class Options(RouteOptions):
         mix: Literal["softmax", "uniform"] = "softmax"
+        embed_layers: Annotated[int, Field(ge=1)] | None = None
+        """The embedder runs the base's first N decoder layers (default: all of them)."""
 
     class Adapter(Params):
         """Per-adapter parameters: prompts of the inputs it should serve."""
