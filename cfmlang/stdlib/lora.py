@@ -44,6 +44,9 @@ class TrainOptions(Params):
     max_length: Annotated[int, Field(ge=8)] = 128
     targets: Annotated[list[str], Field(min_length=1)] = ["q_proj", "v_proj"]
     rslora: bool = False
+    system: str | None = None
+    """The system message chat-formatted prompts get; None: the chat template's own
+    (SmolLM2's adds a default one), "" for an empty one (fewer tokens per sample)."""
 
 
 def module_order(module: str) -> tuple:

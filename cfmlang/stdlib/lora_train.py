@@ -65,16 +65,19 @@ def _sample(line: str, number: int, suffix: str) -> Sample:
     raise DataError('expected `{"text": "..."}` or `{"prompt": "...", "response": "..."}`', number)
 
 
-def encode(tokenizer, sample: Sample, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (prompt tokens masked out), cut to max_length."""
+def encode(tokenizer, sample: Sample, max_length: int, system: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels (prompt tokens masked out), cut to max_length; `system` is the
+    system message of chat-formatted prompts (None: the template's default)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if sample.prompt is None:
         ids = tokenizer(sample.text)["input_ids"] + eos
         labels = list(ids)
     else:
         if tokenizer.chat_template:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
-                                                   add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user", "content": sample.prompt}]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": system})
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
             prompt_ids = tokenizer(sample.prompt)["input_ids"]
@@ -111,7 +114,7 @@ def train(model, tokenizer, samples: list[Sample], options: dict,
 
     rank, alpha = options["rank"], options["alpha"] or 2 * options["rank"]
     config = peft_config(rank, alpha, options["targets"], rslora=options["rslora"])
-    encoded = [encode(tokenizer, s, options["max_length"]) for s in samples]
+    encoded = [encode(tokenizer, s, options["max_length"], options.get("system")) for s in samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
