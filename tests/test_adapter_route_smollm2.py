@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
 from cfmlang.compiler.weights import default_cache_dir
+from cfmlang.modules.adapter_mixture import prompt_embedding
 from cfmlang.stdlib.lora_train import IGNORE, Sample, encode
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -68,6 +69,22 @@ def test_retrieval_routes_each_voice_to_its_adapter_and_equals_it_fused(out):
           f"max |routed - fused| logit difference {worst:.2e}")
     assert accuracy >= 0.9 and min(per_voice.values()) >= 0.8, per_voice
     assert worst < TOL
+
+
+def test_a_four_layer_embedder_routes_the_voices_too(out):
+    """`embed_layers: 4` (the cheap embedder of the README's latency table): keys and
+    queries from the first 4 of SmolLM2's 30 layers still route the held-out prompts."""
+    routed = cfmlang.load(out / "smol_voices")
+    tokenizer = AutoTokenizer.from_pretrained(out / "smol_voices")
+    samples = cfmlang.check(out.parent / "examples" / "smol_voices.brick").node("voice").samples
+    routed.coefficients.active = False            # keys are embedded with every adapter off, as compiled
+    keys = torch.stack([prompt_embedding(routed.model, tokenizer, list(s), 4) for s in samples])
+    routed.coefficients.active = True
+    routed.embeddings, routed.embed_layers = torch.nn.functional.normalize(keys, dim=-1), 4
+    with torch.inference_mode():
+        hits = sum(routed.chosen(tokenizer(p, return_tensors="pt")["input_ids"]) == [[v]] for p, v in heldout())
+    print(f"\nrouting accuracy with a 4-layer embedder: {hits}/{len(heldout())}")
+    assert hits >= 0.9 * len(heldout())
 
 
 def test_training_prompts_can_leave_out_the_default_system_prompt(out):
