@@ -116,6 +116,7 @@ def test_console_script_sigint_leaves_nothing(merge_file, tmp_path):
     """A real `cfmc` process interrupted while writing leaves no output and no temp dir."""
     script = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"   # a background shell ignores SIGINT
         "import cfmlang.compiler.artifact as art\n"
         "real = art.write_shard\n"
         "def slow(path, specs, produce, on_tensor, chunk_bytes):\n"
