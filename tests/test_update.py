@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
+from cfmlang.stdlib.editing import KeyMoments, captured_keys, key_second_moments
+from cfmlang.stdlib.knowledge import covariance_weight
 from models import tiny_model, tiny_tokenizer
 
 # A random model spreads attention evenly, so a change at the subject reaches the next
@@ -100,7 +102,7 @@ def test_memit_spreads_the_batch_over_its_layers(tiny, tmp_path):
 
 
 def test_edits_are_deterministic_under_the_seed(tiny, tmp_path):
-    text = program("rome", "  layer: 2\n  calibration_texts: 4\n  calibration_tokens: 8\n")
+    text = program("rome", "  layer: 2\n  covariance: sampled\n  calibration_texts: 4\n  calibration_tokens: 8\n")
     first = compile_in(tiny, text, tmp_path / "a", use_cache=False)
     compile_in(tiny, text, tmp_path / "b", use_cache=False)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
@@ -118,6 +120,51 @@ def test_default_layers_scale_with_depth(tiny):
     checked = cfmlang.check(brick)
     assert dict(checked.node("one").options)["layer"] == 1            # 0.15 * 5, rounded
     assert dict(checked.node("edited").options)["layers"] == [0, 1]
+
+
+def test_shrinkage_brings_a_few_keys_moment_closer_to_the_true_one():
+    """Ledoit-Wolf: with few keys per dimension the shrunk moment is nearer the truth than
+    the raw one (whose small eigenvalues are far too small); with many keys it barely moves."""
+    generator = torch.Generator().manual_seed(0)
+    true_scales = torch.linspace(0.2, 3.0, 64, dtype=torch.float64)
+    truth = torch.diag(true_scales ** 2)
+
+    def measured(count: int) -> KeyMoments:
+        keys = torch.randn(count, 64, generator=generator, dtype=torch.float64) * true_scales
+        return KeyMoments(keys.T @ keys / count, count, float(keys.norm(dim=1).pow(4).sum()))
+
+    few, many = measured(96), measured(20000)
+    assert (few.shrunk() - truth).norm() < 0.8 * (few.moment - truth).norm()
+    assert torch.linalg.eigvalsh(few.shrunk()).min() > 2 * torch.linalg.eigvalsh(few.moment).min()
+    assert (many.shrunk() - many.moment).norm() < 0.1 * (many.moment - truth).norm()
+
+
+def test_key_statistics_stop_at_the_deepest_layer_without_changing_them(tiny):
+    """The statistics' forward passes stop after the deepest wanted layer; the moments are
+    the ones a full forward pass gives."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "tiny").eval()
+    tokens = torch.randint(0, model.config.vocab_size, (5, 7), generator=torch.Generator().manual_seed(1))
+    stats = key_second_moments(model, [1, 3], tokens, batch_size=2)
+    for layer in (1, 3):
+        with torch.no_grad(), captured_keys(model, layer) as seen:
+            model(input_ids=tokens)
+        keys = seen[0].flatten(0, 1).double()
+        assert stats[layer].count == 35
+        assert torch.allclose(stats[layer].moment, keys.T @ keys / 35, rtol=1e-9, atol=1e-12)
+        assert stats[layer].fourth == pytest.approx(float(keys.norm(dim=1).pow(4).sum()), rel=1e-9)
+    last_layer_calls = []
+    handle = model.model.layers[5].register_forward_pre_hook(lambda *args: last_layer_calls.append(1))
+    key_second_moments(model, [1], tokens)
+    handle.remove()
+    assert not last_layer_calls
+
+
+def test_memit_covariance_weight_scales_with_the_ffn_width():
+    assert covariance_weight({"covariance_weight": None}, 16384) == 15000      # MEMIT's GPT-J value
+    assert round(covariance_weight({"covariance_weight": None}, 1536)) == 1406  # SmolLM2
+    assert covariance_weight({"covariance_weight": 20.0}, 1536) == 20.0
 
 
 def test_a_broken_facts_file_is_reported_with_its_line(tiny):

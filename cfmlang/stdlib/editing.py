@@ -10,6 +10,7 @@ of the subject maps to a value that makes the model predict the target.
 from __future__ import annotations
 
 import contextlib
+from importlib import resources
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -166,6 +167,27 @@ class ValueResult:
     steps: int
 
 
+@contextlib.contextmanager
+def frozen(model) -> Iterator[None]:
+    """No weight gradients inside (the value search differentiates with respect to
+    `delta` only: skipping the weights' gradients halves the backward pass)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def logits_at(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at (rows, positions) only: the LM head (the largest matrix of a small
+    model) runs on the few positions a loss reads, not on every token."""
+    hidden = model.model(**batch).last_hidden_state
+    return model.lm_head(hidden[rows, positions]).float()
+
+
 def optimise_value(model, tokenizer, layer: int, request: Request, prefixes: tuple[str, ...],
                    search: ValueSearch, log: Log = lambda msg: None) -> ValueResult:
     """Find `delta` which, added to the FFN output of `layer` at the subject's last token,
@@ -177,39 +199,43 @@ def optimise_value(model, tokenizer, layer: int, request: Request, prefixes: tup
     positions = [subject_last_token(tokenizer, t, request.subject) for t in texts]
     rows = [tokenizer(t)["input_ids"] for t in texts]
     rewrite_rows = len(prefixes)
-    # the logits at the last prompt token and at each target token but the last predict the target
-    label_pos = torch.tensor([[len(r) - 1 + i for i in range(len(ids))] for r in rows[:rewrite_rows]])
+    # the logits at the last prompt token and at each target token but the last predict the
+    # target; in "<subject> is a" the logits at the subject's last token carry the KL term
+    label_pos = [[len(r) - 1 + i for i in range(len(ids))] for r in rows[:rewrite_rows]]
+    read_rows = torch.tensor([row for row in range(rewrite_rows) for _ in ids] + [rewrite_rows])
+    read_positions = torch.tensor([p for row in label_pos for p in row] + [positions[-1]])
     batch = padded(tokenizer, [r + ids[:-1] for r in rows[:rewrite_rows]] + rows[rewrite_rows:])
-    labels = torch.tensor(ids).expand(rewrite_rows, -1)
+    labels = torch.tensor(ids * rewrite_rows)
     initial = mlp_output_at(model, tokenizer, layer, request).float()
     delta = torch.zeros_like(initial, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=search.lr)
     max_norm = search.clamp_norm * initial.norm()
     kl_reference = None
     probability, step = 0.0, 0
-    for step in range(1, search.steps + 1):
-        optimiser.zero_grad()
-        with added_to_mlp_output(model, layer, list(range(len(texts))), positions, delta):
-            logits = model(**batch).logits
-        log_probs = torch.log_softmax(logits[:rewrite_rows].float(), -1)
-        picked = log_probs[torch.arange(rewrite_rows)[:, None], label_pos, labels]
-        nll = -picked.mean(1).mean()
-        kl_log_probs = torch.log_softmax(logits[-1, positions[-1]].float(), -1)
-        if kl_reference is None:
-            kl_reference = kl_log_probs.detach()
-        kl = torch.nn.functional.kl_div(kl_log_probs, kl_reference, log_target=True, reduction="sum")
-        decay = delta.norm() / initial.norm() ** 2
-        loss = nll + search.kl_factor * kl + search.weight_decay * decay
-        probability = float(picked.detach().sum(1).exp().mean())
-        log(f"    step {step:2d}: loss {loss.item():.3f} (nll {nll.item():.3f}, kl {kl.item():.4f}), "
-            f"p(target) {probability:.3f}")
-        if nll.item() < 5e-2 or step == search.steps:
-            break
-        loss.backward()
-        optimiser.step()
-        with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
+    with frozen(model):
+        for step in range(1, search.steps + 1):
+            optimiser.zero_grad()
+            with added_to_mlp_output(model, layer, list(range(len(texts))), positions, delta):
+                logits = logits_at(model, batch, read_rows, read_positions)
+            log_probs = torch.log_softmax(logits[:-1], -1)
+            picked = log_probs[torch.arange(len(labels)), labels].view(rewrite_rows, len(ids))
+            nll = -picked.mean(1).mean()
+            kl_log_probs = torch.log_softmax(logits[-1], -1)
+            if kl_reference is None:
+                kl_reference = kl_log_probs.detach()
+            kl = torch.nn.functional.kl_div(kl_log_probs, kl_reference, log_target=True, reduction="sum")
+            decay = delta.norm() / initial.norm() ** 2
+            loss = nll + search.kl_factor * kl + search.weight_decay * decay
+            probability = float(picked.detach().sum(1).exp().mean())
+            log(f"    step {step:2d}: loss {loss.item():.3f} (nll {nll.item():.3f}, kl {kl.item():.4f}), "
+                f"p(target) {probability:.3f}")
+            if nll.item() < 5e-2 or step == search.steps:
+                break
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
     return ValueResult(initial.double(), delta.detach().double(), probability, step)
 
 
@@ -228,6 +254,23 @@ def residual_after(model, tokenizer, layer: int, requests: list[Request]) -> tor
     return seen[0][torch.arange(len(requests)), torch.tensor(positions)].double()
 
 
+SHIPPED_TEXT = (("cfmlang.moe", "data/calibration.txt"),) + tuple(
+    ("cfmlang.analysis", f"probes/{name}.txt")
+    for name in ("coding", "ethics", "knowledge", "linguistic", "math", "translation", "writing"))
+"""Text written for the project and shipped with it: the MoE calibration corpus and the
+ability probe sets (prose, code, arithmetic, dialogue, facts, several languages)."""
+WINDOW = 256
+
+
+def shipped_windows(tokenizer) -> torch.Tensor:
+    """[windows, <= WINDOW] token ids of the shipped text (about 11k SmolLM2 tokens)."""
+    text = "\n\n".join(resources.files(package).joinpath(name).read_text(encoding="utf-8")
+                        for package, name in SHIPPED_TEXT)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    length = min(WINDOW, len(ids))
+    return torch.tensor(ids[:len(ids) // length * length]).view(-1, length)
+
+
 CALIBRATION_OPENERS = ("The", "In", "A", "It", "When", "Many", "This", "One")
 
 
@@ -244,15 +287,51 @@ def sampled_tokens(model, tokenizer, count: int, tokens: int, seed: int) -> torc
                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
-def key_second_moments(model, layers: list[int], tokens: torch.Tensor, batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """E[k k^T] over every position of the `tokens` rows at each of `layers`
-    ([ffn, ffn], float64)."""
+@dataclass(frozen=True)
+class KeyMoments:
+    """Second moment E[k k^T] of the keys at one layer ([ffn, ffn], float64), with what
+    its shrinkage needs: the number of keys and the sum of |k|^4."""
+
+    moment: torch.Tensor
+    count: int
+    fourth: float
+
+    def shrunk(self) -> torch.Tensor:
+        """Ledoit-Wolf shrinkage towards (mean eigenvalue) I with the weight that
+        minimises the expected squared error of the estimate: a moment measured on few
+        keys per dimension underestimates its small eigenvalues, and C^-1 k would then
+        reach far into directions that held-out keys also use."""
+        moment, size = self.moment, len(self.moment)
+        scale = moment.diagonal().mean()
+        spread = (moment - scale * torch.eye(size, dtype=moment.dtype)).pow(2).sum()
+        noise = self.fourth / self.count ** 2 - moment.pow(2).sum() / self.count
+        weight = float((noise / spread).clamp(0, 1)) if spread > 0 else 0.0
+        return (1 - weight) * moment + (weight + 1e-6) * scale * torch.eye(size, dtype=moment.dtype)
+
+
+class _Enough(Exception):
+    """Raised inside a forward pass once the deepest wanted keys are captured."""
+
+
+def key_second_moments(model, layers: list[int], tokens: torch.Tensor, batch_size: int = 16) -> dict[int, KeyMoments]:
+    """Key statistics over every position of the `tokens` rows at each of `layers`; the
+    forward passes stop at the deepest of them (nothing after it is needed)."""
     totals: dict[int, torch.Tensor] = {}
+    fourth: dict[int, float] = {}
+
+    def stop(module, args):
+        raise _Enough
+
     for start in range(0, len(tokens), batch_size):
         with torch.no_grad(), contextlib.ExitStack() as stack:
             seen = {layer: stack.enter_context(captured_keys(model, layer)) for layer in layers}
-            model(input_ids=tokens[start:start + batch_size])
+            handle = down_proj(model, max(layers)).register_forward_pre_hook(stop)
+            stack.callback(handle.remove)
+            with contextlib.suppress(_Enough):
+                model.model(input_ids=tokens[start:start + batch_size])
         for layer in layers:
             keys = seen[layer][0].flatten(0, 1).double()
             totals[layer] = totals.get(layer, 0) + keys.T @ keys
-    return {layer: total / tokens.numel() for layer, total in totals.items()}
+            fourth[layer] = fourth.get(layer, 0.0) + float(keys.norm(dim=1).pow(4).sum())
+    return {layer: KeyMoments(total / tokens.numel(), tokens.numel(), fourth[layer])
+            for layer, total in totals.items()}

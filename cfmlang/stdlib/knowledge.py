@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from cfmlang.stdlib.editing import (Log, Request, ValueSearch, averaged_keys, down_proj, key_second_moments,
-                                    optimise_value, residual_after, sampled_tokens)
+                                    optimise_value, residual_after, sampled_tokens, shipped_windows)
 from cfmlang.stdlib.registry import Method, Params, register
 
 DEFAULT_PREFIXES = ("", "Here is a fact. ", "I learned this today. ", "As everyone knows, ",
@@ -31,7 +31,7 @@ class EditOptions(Params):
     weight_decay: Annotated[float, Field(ge=0)] = 0.5                  # v_weight_decay
     clamp_norm: Annotated[float, Field(gt=0)] = 4.0                    # clamp_norm_factor
     prefixes: Annotated[list[str], Field(min_length=1)] = list(DEFAULT_PREFIXES)
-    covariance: Literal["sampled", "identity"] = "sampled"
+    covariance: Literal["text", "sampled", "identity"] = "text"
     calibration_texts: Annotated[int, Field(ge=1, le=4096)] = 64
     calibration_tokens: Annotated[int, Field(ge=4, le=1024)] = 64
     report_tokens: Annotated[int, Field(ge=1, le=256)] = 8
@@ -62,6 +62,7 @@ class Rome(EditMethod):
 
     class Options(EditOptions):
         layer: Annotated[int, Field(ge=0)] | None = None
+        clamp_norm: Annotated[float, Field(gt=0)] = 0.75               # clamp_norm_factor (MEMIT's)
 
     @staticmethod
     def default_layers(num_layers: int) -> int:
@@ -77,12 +78,23 @@ class Memit(EditMethod):
 
     class Options(EditOptions):
         layers: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
-        covariance_weight: Annotated[float, Field(gt=0)] = 15000.0    # mom2_update_weight
+        covariance_weight: Annotated[float, Field(gt=0)] | None = None  # mom2_update_weight (None: scaled)
 
     @staticmethod
     def default_layers(num_layers: int) -> list[int]:
         last = Rome.default_layers(num_layers)
         return list(range(max(0, last - 4), last + 1))
+
+
+WEIGHT_PER_NEURON = 15000 / 16384
+"""MEMIT's covariance weight for GPT-J (15000 at an FFN width of 16384) per FFN neuron. A
+layer writes about m / (weight + m) of a fact's remaining error, m = k^T C^-1 k, and m
+grows with the FFN width (its mean over the calibration keys is the width), so the weight
+that strikes GPT-J's balance between the edit and the preserved keys scales with it."""
+
+
+def covariance_weight(options: dict, ffn: int) -> float:
+    return options["covariance_weight"] or WEIGHT_PER_NEURON * ffn
 
 
 @dataclass(frozen=True)
@@ -94,18 +106,17 @@ class EditOutcome:
 
 
 def second_moments(model, tokenizer, layers: list[int], options: dict, seed: int, log: Log) -> dict | None:
-    """Key statistics per layer, or None for `covariance: identity`."""
+    """Shrunk key second moments per layer, or None for `covariance: identity`."""
     if options["covariance"] == "identity":
         return None
-    log(f"  key statistics: sampling {options['calibration_texts']} texts of "
-        f"{options['calibration_tokens']} tokens from the model")
-    tokens = sampled_tokens(model, tokenizer, options["calibration_texts"], options["calibration_tokens"], seed)
-    return key_second_moments(model, layers, tokens)
-
-
-def ridge(moment: torch.Tensor) -> torch.Tensor:
-    """A second moment made safely invertible (1e-3 of its mean eigenvalue added)."""
-    return moment + 1e-3 * moment.diagonal().mean() * torch.eye(len(moment), dtype=moment.dtype)
+    if options["covariance"] == "text":
+        tokens = shipped_windows(tokenizer)
+        log(f"  key statistics: {tokens.numel()} tokens of the shipped text")
+    else:
+        log(f"  key statistics: sampling {options['calibration_texts']} texts of "
+            f"{options['calibration_tokens']} tokens from the model")
+        tokens = sampled_tokens(model, tokenizer, options["calibration_texts"], options["calibration_tokens"], seed)
+    return {layer: moments.shrunk() for layer, moments in key_second_moments(model, layers, tokens).items()}
 
 
 def weight_name(layer: int) -> str:
@@ -123,7 +134,7 @@ def rome(model, tokenizer, requests: list[Request], options: dict, seed: int, lo
     for number, request in enumerate(requests, start=1):
         log(f"  rome fact {number}/{len(requests)}: {request.prompt!r} -> {request.target!r} (layer {layer})")
         key = averaged_keys(model, tokenizer, layer, [request], tuple(options["prefixes"]))[0]
-        direction = key if moments is None else torch.linalg.solve(ridge(moments[layer]), key)
+        direction = key if moments is None else torch.linalg.solve(moments[layer], key)
         direction = direction / direction.norm()
         value = optimise_value(model, tokenizer, layer, request, tuple(options["prefixes"]),
                                value_search(options), log)
@@ -142,6 +153,8 @@ def memit(model, tokenizer, requests: list[Request], options: dict, seed: int, l
     layers = sorted(set(options["layers"]))
     last, prefixes = layers[-1], tuple(options["prefixes"])
     moments = second_moments(model, tokenizer, layers, options, seed, log)
+    weight_of_moment = covariance_weight(options, down_proj(model, last).in_features)
+    log(f"  memit covariance weight {weight_of_moment:g}")
     values, reached = [], []
     for number, request in enumerate(requests, start=1):
         log(f"  memit value {number}/{len(requests)}: {request.prompt!r} -> {request.target!r} (layer {last})")
@@ -153,7 +166,7 @@ def memit(model, tokenizer, requests: list[Request], options: dict, seed: int, l
         keys = averaged_keys(model, tokenizer, layer, requests, prefixes).T           # [ffn, n]
         remaining = (goals - residual_after(model, tokenizer, last, requests)).T      # [hidden, n]
         moment = torch.eye(len(keys), dtype=keys.dtype) if moments is None else moments[layer]
-        adjusted = torch.linalg.solve(options["covariance_weight"] * moment + keys @ keys.T, keys)
+        adjusted = torch.linalg.solve(weight_of_moment * moment + keys @ keys.T, keys)
         update = (remaining / (len(layers) - index)) @ adjusted.T
         weight = down_proj(model, layer).weight
         with torch.no_grad():
