@@ -152,8 +152,8 @@ def test_key_statistics_stop_at_the_deepest_layer_without_changing_them(tiny):
             model(input_ids=tokens)
         keys = seen[0].flatten(0, 1).double()
         assert stats[layer].count == 35
-        assert torch.allclose(stats[layer].moment, keys.T @ keys / 35, rtol=1e-9, atol=1e-12)
-        assert stats[layer].fourth == pytest.approx(float(keys.norm(dim=1).pow(4).sum()), rel=1e-9)
+        assert torch.allclose(stats[layer].moment, keys.T @ keys / 35, rtol=1e-5, atol=1e-9)
+        assert stats[layer].fourth == pytest.approx(float(keys.norm(dim=1).pow(4).sum()), rel=1e-6)
     last_layer_calls = []
     handle = model.model.layers[5].register_forward_pre_hook(lambda *args: last_layer_calls.append(1))
     key_second_moments(model, [1], tokens)

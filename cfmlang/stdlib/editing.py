@@ -329,9 +329,9 @@ def key_second_moments(model, layers: list[int], tokens: torch.Tensor, batch_siz
             stack.callback(handle.remove)
             with contextlib.suppress(_Enough):
                 model.model(input_ids=tokens[start:start + batch_size])
-        for layer in layers:
-            keys = seen[layer][0].flatten(0, 1).double()
-            totals[layer] = totals.get(layer, 0) + keys.T @ keys
-            fourth[layer] = fourth.get(layer, 0.0) + float(keys.norm(dim=1).pow(4).sum())
+        for layer in layers:   # float32 products (as ROME's statistics), summed in float64
+            keys = seen[layer][0].flatten(0, 1)
+            totals[layer] = totals.get(layer, 0) + (keys.T @ keys).double()
+            fourth[layer] = fourth.get(layer, 0.0) + float(keys.double().norm(dim=1).pow(4).sum())
     return {layer: KeyMoments(total / tokens.numel(), tokens.numel(), fourth[layer])
             for layer, total in totals.items()}
