@@ -17,9 +17,9 @@ from cfmlang.stdlib.edit_report import render
 FACTS_BAR, UNCHANGED_BAR = 0.8, 0.9
 
 
-def edit(brick: Path, output: Path) -> dict:
+def edit(brick: Path, output: Path, **compile_options) -> dict:
     """Compile `brick` into `output`; return the edit report of its output node."""
-    result = cfmlang.compile(brick, output, log=lambda msg: None)
+    result = cfmlang.compile(brick, output, log=lambda msg: None, **compile_options)
     return result.manifest["update"]["report"]
 
 

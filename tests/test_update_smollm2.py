@@ -21,22 +21,19 @@ FACTS = [json.loads(line) for line in (EXAMPLES / "data" / "counterfacts.jsonl")
 example = runpy.run_path(str(EXAMPLES / "knowledge_edit.py"))
 
 
-ROME_SPECIFICITY = ("measured 2026-11-24: sequential ROME meets efficacy (10/10) but keeps only 28/50 "
-                    "unrelated completions; its defaults need tuning (kl_factor, clamp_norm, calibration)")
-
-
 @pytest.fixture(scope="module", params=["rome", "memit"])
 def edited(request, tmp_path_factory):
+    """One compile per method (no cache: the edit itself is what is tested), shared by the
+    tests below."""
     out = tmp_path_factory.mktemp(request.param) / "artifact"
-    report = example["edit"](EXAMPLES / f"{request.param}_smol.brick", out)
+    report = example["edit"](EXAMPLES / f"{request.param}_smol.brick", out, use_cache=False)
+    print(f"{request.param}:", example["render"](report), example["verdict"](report["summary"])[1], sep="\n")
     return request.param, out, report
 
 
 @pytest.mark.slow
-def test_the_edit_meets_the_bar(edited, request):
+def test_the_edit_meets_the_bar(edited):
     method, out, report = edited
-    if method == "rome":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ROME_SPECIFICITY))
     summary = report["summary"]
     assert summary["facts"] == 10 and summary["neighbourhood"] == 50
     assert sum(r["success"] for r in report["facts"]) >= 8
