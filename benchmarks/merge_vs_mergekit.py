@@ -648,11 +648,6 @@ def main() -> int:
     versions = {p: version(p) for p in ("cfmlang", "mergekit", "torch", "transformers", "safetensors")}
     log("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     log(f"host: {psutil.cpu_count()} cpus, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM")
-    import cfmlang.stdlib as stdlib
-    missing = [m.name for m in args.methods if not stdlib.lookup("merge", m.name).implemented]
-    if missing:
-        sys.exit(f"cfmlang does not implement merge method(s) {', '.join(missing)} yet")
-
     folders, model_bytes, largest = ensure_models(args)
     code = code_state()
     log(f"cfmlang source: {code['package']} at {code['head'] or '?'}"
