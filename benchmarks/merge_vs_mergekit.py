@@ -487,7 +487,7 @@ def run_method(method: Method, folders: list[Path], args) -> dict:
 
     commands = {
         "baseline": [sys.executable, "-c", "import time, torch; time.sleep(1.0)"],
-        "cfmlang": [str(BIN / "cfmc"), "compile", str(brick), "-o", str(ours_out), "-q"],
+        "cfmlang": [str(BIN / "cfmc"), "compile", str(brick), "-o", str(ours_out), "-q", "--no-cache"],
         "mergekit": [str(BIN / "mergekit-yaml"), str(yaml), str(mk_out), "--no-cuda",
                      "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
     }
