@@ -74,9 +74,14 @@ def token_windows(tokenizer, calibration: Calibration, span, model=None, seed: i
     if len(ids) < MIN_TOKENS:
         raise CalibrationError("E181", f"calibration text {describe(calibration)} has {len(ids)} tokens; at least "
                                f"{MIN_TOKENS} are needed", span, "give a longer text file")
+    return windows(ids)
+
+
+def windows(ids: list[int]) -> torch.Tensor:
+    """[windows, length]: `ids` cut into windows of WINDOW tokens (one shorter window when
+    there are fewer), the remainder dropped."""
     length = min(WINDOW, len(ids))
-    usable = len(ids) // length * length
-    return torch.tensor(ids[:usable]).view(-1, length)
+    return torch.tensor(ids[:len(ids) // length * length]).view(-1, length)
 
 
 def ffn_inputs(model, windows: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:

@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from cfmlang.moe.calibration import windows
+
 Log = Callable[[str], None]
 
 
@@ -259,16 +261,13 @@ SHIPPED_TEXT = (("cfmlang.moe", "data/calibration.txt"),) + tuple(
     for name in ("coding", "ethics", "knowledge", "linguistic", "math", "translation", "writing"))
 """Text written for the project and shipped with it: the MoE calibration corpus and the
 ability probe sets (prose, code, arithmetic, dialogue, facts, several languages)."""
-WINDOW = 256
 
 
 def shipped_windows(tokenizer) -> torch.Tensor:
-    """[windows, <= WINDOW] token ids of the shipped text (about 11k SmolLM2 tokens)."""
+    """[windows, <= 256] token ids of the shipped text (about 11k SmolLM2 tokens)."""
     text = "\n\n".join(resources.files(package).joinpath(name).read_text(encoding="utf-8")
                         for package, name in SHIPPED_TEXT)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    length = min(WINDOW, len(ids))
-    return torch.tensor(ids[:len(ids) // length * length]).view(-1, length)
+    return windows(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 CALIBRATION_OPENERS = ("The", "In", "A", "It", "When", "Many", "This", "One")
