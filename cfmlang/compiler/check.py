@@ -379,6 +379,15 @@ class _Checker(LoraChecks):
     def model_ref(self, entry: ast.Entry, role: str) -> str | None:
         return self.model_ref_value(entry.value, role)
 
+    def required_model_ref(self, body: ast.MapValue, key: str, missing: str, span: Span, hint: str,
+                           role: str) -> str | None:
+        """The model named under `key`; E014 (`missing` at `span`, with `hint`) when absent."""
+        entry = body.get(key)
+        if entry is None:
+            self.problems.append(error("E014", missing, span, hint))
+            return None
+        return self.model_ref(entry, role)
+
     def model_ref_value(self, value: ast.Value, role: str) -> str | None:
         if not isinstance(value, ast.Ref):
             self.problems.append(error("E033", f"the {role} must name a model, not {ast.describe(value)}",

@@ -46,12 +46,8 @@ def check_adapter_route(checker, declared: Declared, body: ast.MapValue, method)
 
 
 def _base(checker, decl: ast.Decl, body: ast.MapValue) -> str | None:
-    entry = body.get("base")
-    if entry is None:
-        checker.problems.append(error("E014", f"route `{decl.name}` needs `base:`", decl.name_span,
-                                      "name the model the adapters were trained on, e.g. `base: smol`"))
-        return None
-    return checker.model_ref(entry, "base model")
+    return checker.required_model_ref(body, "base", f"route `{decl.name}` needs `base:`", decl.name_span,
+                                      "name the model the adapters were trained on, e.g. `base: smol`", "base model")
 
 
 def _adapters(checker, decl: ast.Decl, body: ast.MapValue, method) -> list[tuple[str, list | None]] | None:

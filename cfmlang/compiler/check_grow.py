@@ -47,12 +47,8 @@ def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method: type[GrowMet
 
 
 def _from(checker, decl: ast.Decl, body: ast.MapValue, key: str = "from") -> str | None:
-    entry = body.get(key)
-    if entry is None:
-        checker.problems.append(error("E014", f"`grow {decl.name}` needs `{key}:`", decl.name_span,
-                                      f"name the model to grow, e.g. `{key}: base`"))
-        return None
-    return checker.model_ref(entry, "model to grow")
+    return checker.required_model_ref(body, key, f"`grow {decl.name}` needs `{key}:`", decl.name_span,
+                                      f"name the model to grow, e.g. `{key}: base`", "model to grow")
 
 
 # ---- block_expand ---------------------------------------------------------------------

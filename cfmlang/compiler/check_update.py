@@ -56,12 +56,8 @@ def _errors(checker) -> int:
 
 
 def _source(checker, decl: ast.Decl, body: ast.MapValue) -> str | None:
-    entry = body.get("from")
-    if entry is None:
-        checker.problems.append(error("E014", f"update `{decl.name}` needs `from:`", decl.name_span,
-                                      "name the model to edit, e.g. `from: smol`"))
-        return None
-    return checker.model_ref(entry, "`from` model")
+    return checker.required_model_ref(body, "from", f"update `{decl.name}` needs `from:`", decl.name_span,
+                                      "name the model to edit, e.g. `from: smol`", "`from` model")
 
 
 # ---- facts ------------------------------------------------------------------------------
