@@ -725,11 +725,12 @@ class _Importer:
     def final_stage(self, stages: list[_Merge]) -> _Merge:
         """mergekit-multi: the document without `name:`; mergekit-mega: the last one."""
         unnamed = [stage for stage in stages if stage.name is None]
-        if len(stages) > 1 and len(unnamed) < len(stages) and len(unnamed) > 1:
-            for stage in unnamed[1:]:
-                self.cannot(stage.root, f"{len(unnamed)} documents have no `name:`",
-                            "in a mergekit-multi config every document but the final merge has a `name:`")
-        return unnamed[0] if len(unnamed) == 1 and len(stages) > 1 else stages[-1]
+        if len(unnamed) == len(stages):        # one document, or mergekit-mega
+            return stages[-1]
+        for stage in unnamed[1:]:
+            self.cannot(stage.root, f"{len(unnamed)} documents have no `name:`",
+                        "in a mergekit-multi config every document but the final merge has a `name:`")
+        return unnamed[0] if unnamed else stages[-1]
 
     def node_names(self, stages: list[_Merge], final: _Merge) -> None:
         taken: set[str] = set()
