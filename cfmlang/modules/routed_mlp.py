@@ -12,9 +12,14 @@ dense model (which a neuron permutation does not change) stays loadable by trans
 Two formulations compute the same function (k = E gives the dense FFN up to float
 summation order):
 
-- gather (decode, few tokens): `embedding_bag` over the chosen experts' packed rows,
-  weighted by the token's hidden state (for gate/up) and by the activations (for down):
-  a fused gather-and-reduce that reads only k/E of the FFN weights and copies none.
+- gather (decode, few tokens): reads only k/E of the FFN weights. Down is an
+  `embedding_bag` over the chosen experts' rows weighted by the activations (a fused
+  gather-and-reduce that copies nothing). Gate/up depends on the expert size m: for
+  m >= ROWS_BELOW, an `embedding_bag` over the chosen experts' packed rows weighted by the
+  token's hidden state; for smaller experts (down to one neuron each, where those rows are
+  a few floats wide) the module keeps gate_up as rows, [E, 2m, d], and gathers each chosen
+  expert's [2m, d] block with `embedding` before one batched product. Chosen experts are
+  gathered in ascending order, so the weights stream from memory in order.
 - masked (prefill, many tokens): the dense FFN (one batched product per projection)
   with the activations of unchosen experts multiplied by a 0/1 mask.
 
@@ -29,8 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("similarity", "mlp", "oracle")
+ROUTERS = ("similarity", "mlp", "quantized", "oracle")
 FORMULATIONS = ("auto", "gather", "masked")
+DOWN_BAGS = (8, 4, 2, 1)  # each token's down rows are summed in this many bags (threads take bags)
+ROWS_BELOW = 8           # experts of fewer neurons gather gate/up as [2m, d] row blocks
+QUANT_GROUPS = (64, 32, 128, 256)   # group sizes the CPU int4 kernel takes, preferred first
+QUANT_LEVELS = 15        # 4 bits
+KERNEL_ROWS = 16         # the CPU int4 kernel takes row counts that are multiples of this
 
 
 def pack(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +91,84 @@ class MlpRouter(nn.Module):
         return torch.tanh(F.normalize(x, dim=-1) @ self.w1.t()) @ self.w2.t()
 
 
-def make_router(kind: str, tensors: dict[str, torch.Tensor]) -> nn.Module | None:
+def quantize_rows(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A 4-bit copy of `weight` [R, d] (an odd d padded with a zero column): per group of
+    inputs (the first of QUANT_GROUPS that divides d, else the whole row) a minimum and a
+    step; `codes` [R, d/2] holds two 4-bit codes per byte, low nibble first, and
+    w ~ mins + codes * scales."""
+    weight = F.pad(weight.float(), (0, weight.shape[1] % 2))
+    rows, width = weight.shape
+    group = next((g for g in QUANT_GROUPS if width % g == 0), width)
+    grouped = weight.reshape(rows, width // group, group)
+    mins, maxs = grouped.amin(-1), grouped.amax(-1)
+    scales = (maxs - mins).clamp_min(1e-12) / QUANT_LEVELS
+    codes = ((grouped - mins.unsqueeze(-1)) / scales.unsqueeze(-1)).round().clamp(0, QUANT_LEVELS)
+    codes = codes.to(torch.uint8).reshape(rows, width)
+    return {"codes": codes[:, 0::2] | (codes[:, 1::2] << 4), "scales": scales, "mins": mins}
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """[R, 2c] int32 codes from the packed [R, c] bytes."""
+    return torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1).to(torch.int32)
+
+
+class QuantizedRouter(nn.Module):
+    """Predicts each expert's activation mass sum_n |act(g_n.x) (u_n.x)| from a 4-bit copy
+    of its neurons' gate and up rows (`quantize_rows` of the gate rows of every neuron in
+    expert order, then the up rows). On CPU the product runs in the int4 kernel of torch
+    (`_weight_int4pack_mm_for_cpu`, bfloat16 activations: the scores only rank); elsewhere
+    the copy is dequantized for each call."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, act, count: int):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.act, self.count = act, count
+        self.width = codes.shape[1] * 2
+        self.group = self.width // scales.shape[1]
+        kernel = (self.group in QUANT_GROUPS and len(codes) % KERNEL_ROWS == 0
+                  and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_codes(codes), 1)
+                             if kernel else None, persistent=False)
+        self.register_buffer("scale_zero", torch.stack([scales.t(), (mins + 8 * scales).t()], dim=-1).to(
+            torch.bfloat16).contiguous() if kernel else None, persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        codes = unpack_codes(self.codes).float().view(len(self.codes), -1, self.group)
+        return (self.mins.float().unsqueeze(-1) + codes * self.scales.float().unsqueeze(-1)).view(len(self.codes), -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.width:
+            x = F.pad(x, (0, self.width - x.shape[-1]))
+        if self.packed is not None and x.device.type == "cpu":
+            pre = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16).contiguous(), self.packed, self.group, self.scale_zero).float()
+        else:
+            pre = x.float() @ self.dequantized().t()
+        gate, up = pre.chunk(2, dim=-1)
+        mass = (self.act(gate) * up).abs()
+        return mass if mass.shape[-1] == self.count else mass.view(x.shape[0], self.count, -1).sum(-1)
+
+
+def neuron_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """[2N, d]: the gate rows of every neuron in expert order, then the up rows, from
+    gate_up packed as [E, d, 2m]."""
+    count, hidden, double = gate_up.shape
+    rows = gate_up.permute(2, 0, 1)                     # [2m, E, d]
+    return torch.cat([rows[: double // 2].transpose(0, 1).reshape(-1, hidden),
+                      rows[double // 2:].transpose(0, 1).reshape(-1, hidden)])
+
+
+def make_router(kind: str, tensors: dict[str, torch.Tensor], act, count: int) -> nn.Module | None:
     """The router module of `kind` from its tensors (None for the oracle, which reads the
     FFN's own activations)."""
     if kind == "similarity":
         return SimilarityRouter(tensors["centres"])
     if kind == "mlp":
         return MlpRouter(tensors["w1"], tensors["w2"])
+    if kind == "quantized":
+        return QuantizedRouter(tensors["codes"], tensors["scales"], tensors["mins"], act, count)
     return None
 
 
@@ -95,10 +176,12 @@ class RoutedMLP(nn.Module):
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, router: nn.Module | None,
                  k: int, act, formulation: str = "auto"):
         super().__init__()
-        self.gate_up = nn.Parameter(gate_up, requires_grad=False)
+        self.count, self.size, self.hidden = down.shape
+        self.rows = self.size < ROWS_BELOW
+        self.gate_up = nn.Parameter(gate_up.transpose(1, 2).contiguous() if self.rows else gate_up,
+                                    requires_grad=False)
         self.down = nn.Parameter(down, requires_grad=False)
         self.router = router
-        self.count, self.size, self.hidden = down.shape
         self.k = k
         self.act = act
         self.formulation = formulation
@@ -111,16 +194,20 @@ class RoutedMLP(nn.Module):
                              mlp.down_proj.weight.detach(), count)
         return cls(gate_up, down, router, k, mlp.act_fn)
 
+    def columns(self) -> torch.Tensor:
+        """gate_up as `pack` lays it out, [E, d, 2m] (a view when the module keeps rows)."""
+        return self.gate_up.transpose(1, 2) if self.rows else self.gate_up
+
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         if self.router is None:
-            return expert_mass(flat, self.gate_up, self.act)
+            return expert_mass(flat, self.columns(), self.act)
         return self.router(flat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        chosen = self.scores(flat).topk(self.k, dim=-1).indices
+        chosen = self.scores(flat).topk(self.k, dim=-1, sorted=False).indices
         if self.uses_gather(flat.shape[0]):
-            out = self.gathered(flat, chosen)
+            out = self.gathered(flat, chosen.sort(dim=-1).values)
         else:
             out = self.masked(flat, chosen)
         return out.view(x.shape)
@@ -131,25 +218,39 @@ class RoutedMLP(nn.Module):
         return self.formulation == "gather"
 
     def gathered(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """Only the chosen experts' weights: for each (token, expert) a bag of the d rows
-        of its gate_up block weighted by the token's x, then for each token a bag of the
-        k*m rows of the chosen down blocks weighted by the activations."""
+        """Only the chosen experts' weights: their gate/up pre-activations, then for each
+        token a bag of the k*m rows of the chosen down blocks weighted by the activations."""
+        tokens = flat.shape[0]
+        pre = self.gathered_rows(flat, chosen) if self.rows else self.gathered_columns(flat, chosen)
+        gate, up = pre.split(self.size, dim=-1)
+        active = (self.act(gate) * up).reshape(tokens, self.k * self.size)
+        rows = chosen if self.size == 1 else (
+            chosen.unsqueeze(-1) * self.size + torch.arange(self.size, device=flat.device)).view(tokens, -1)
+        bags = next(b for b in DOWN_BAGS if (self.k * self.size) % b == 0)
+        out = F.embedding_bag(rows.view(tokens * bags, -1), self.down.view(self.count * self.size, self.hidden),
+                              per_sample_weights=active.view(tokens * bags, -1), mode="sum")
+        return out.view(tokens, bags, self.hidden).sum(1)
+
+    def gathered_columns(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """[T*k, 2m]: for each (token, expert) a bag of the d rows of its [d, 2m] gate_up
+        block weighted by the token's x."""
         tokens, hidden = flat.shape
         inputs = torch.arange(hidden, device=flat.device)
         rows = (chosen.unsqueeze(-1) * hidden + inputs).view(tokens * self.k, hidden)
         weights = flat.unsqueeze(1).expand(tokens, self.k, hidden).reshape(tokens * self.k, hidden)
-        pre = F.embedding_bag(rows, self.gate_up.view(self.count * hidden, -1),
-                              per_sample_weights=weights, mode="sum")          # [T*k, 2m]
-        gate, up = pre.split(self.size, dim=-1)
-        active = (self.act(gate) * up).view(tokens, self.k * self.size)
-        neurons = torch.arange(self.size, device=flat.device)
-        rows = (chosen.unsqueeze(-1) * self.size + neurons).view(tokens, self.k * self.size)
-        return F.embedding_bag(rows, self.down.view(self.count * self.size, hidden),
-                               per_sample_weights=active, mode="sum")
+        return F.embedding_bag(rows, self.gate_up.view(self.count * hidden, -1),
+                               per_sample_weights=weights, mode="sum")
+
+    def gathered_rows(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """[T, k, 2m]: each chosen expert's [2m, d] gate_up block times the token's x."""
+        tokens, hidden = flat.shape
+        blocks = F.embedding(chosen, self.gate_up.view(self.count, -1))          # [T, k, 2m*d]
+        return (blocks.view(tokens, self.k * 2 * self.size, hidden) @ flat.unsqueeze(-1)).view(
+            tokens, self.k, 2 * self.size)
 
     def masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The dense FFN with unchosen experts' activations zeroed."""
-        active = expert_activations(flat, self.gate_up, self.act)
+        active = expert_activations(flat, self.columns(), self.act)
         keep = torch.zeros(flat.shape[0], self.count, dtype=flat.dtype, device=flat.device)
         keep = keep.scatter(1, chosen, 1.0)
         active = active * keep.unsqueeze(-1)

@@ -23,8 +23,9 @@ def route_model(model, directory, routing: dict):
     tensors = load_file(Path(directory) / ROUTING_FILE)
     for layer in routing["layers"]:
         prefix = f"layers.{layer}.router."
-        router = make_router(routing["router"], {name[len(prefix):]: tensor.to(model.dtype)
-                                                  for name, tensor in tensors.items() if name.startswith(prefix)})
+        own = {name[len(prefix):]: tensor.to(model.dtype) if tensor.is_floating_point() else tensor
+               for name, tensor in tensors.items() if name.startswith(prefix)}
         block = model.model.layers[layer]
+        router = make_router(routing["router"], own, block.mlp.act_fn, routing["count"])
         block.mlp = RoutedMLP.from_dense(block.mlp, routing["count"], router, routing["k"])
     return model

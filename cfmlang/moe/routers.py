@@ -5,6 +5,9 @@
 - mlp: MoEfication's learned router, w2 tanh(w1 x^), w1 initialised with the centres and
   w2 with the identity, trained with binary cross-entropy to predict each expert's
   activation mass (scaled per token by its largest) on calibration hidden states.
+- quantized: a 4-bit copy of every neuron's gate and up rows; the router computes each
+  expert's activation mass from it (no data needed). With one neuron per expert it picks
+  nearly the true top-k neurons, at the cost of an eighth of gate/up's fp32 bytes.
 - oracle: no tensors; the routed FFN computes every expert's true mass (analysis only).
 """
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cfmlang.modules.routed_mlp import MlpRouter, SimilarityRouter, expert_mass
+from cfmlang.modules.routed_mlp import (MlpRouter, QuantizedRouter, SimilarityRouter, expert_mass,
+                                        neuron_rows, quantize_rows)
 
 BATCH = 256
 LEARNING_RATE = 0.01
@@ -53,6 +57,9 @@ def build_router(kind: str, gate_up: torch.Tensor, act, inputs: torch.Tensor | N
     if kind == "similarity":
         router = SimilarityRouter(start)
         tensors = {"centres": start}
+    elif kind == "quantized":
+        tensors = quantize_rows(neuron_rows(gate_up))
+        router = QuantizedRouter(**tensors, act=act, count=gate_up.shape[0])
     else:
         w1, w2 = train_mlp(inputs[:cut].float(), mass[:cut], start, epochs, seed)
         router = MlpRouter(w1, w2)

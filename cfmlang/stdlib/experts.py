@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from cfmlang.modules.routed_mlp import ROUTERS
 from cfmlang.stdlib.registry import Method, Params, register
 
 SPLITS = ("kmeans", "cooccurrence", "functional", "random")
@@ -44,10 +45,10 @@ class ExpertsBrick(Method):
 class TopkRoute(Method):
     keyword = "route"
     name = "topk"
-    summary = ("run only the `k` experts of `experts:` its `router` (similarity, mlp, oracle) "
-               "picks per token")
+    summary = ("run only the `k` experts of `experts:` its `router` (similarity, mlp, quantized, "
+               "oracle) picks per token")
 
     class Options(CalibrationOptions):
         k: Annotated[int, Field(ge=1)]
-        router: Literal["similarity", "mlp", "oracle"] = "mlp"
+        router: Literal[ROUTERS] = "mlp"
         epochs: Annotated[int, Field(ge=1)] = 30
