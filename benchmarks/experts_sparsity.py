@@ -40,8 +40,8 @@ import torch
 
 import cfmlang
 from cfmlang.compiler.weights import default_cache_dir
-from cfmlang.modules.routed_mlp import QuantizedRouter, RoutedMLP, SimilarityRouter, neuron_rows, quantize_rows
-from cfmlang.moe.routers import centres
+from cfmlang.modules.routed_mlp import RoutedMLP, make_router
+from cfmlang.moe.routers import build_router
 
 HERE = Path(__file__).parent
 HELDOUT = HERE / "data" / "heldout.txt"
@@ -81,14 +81,12 @@ def routed_layers(model) -> list[RoutedMLP]:
 
 def router_of(kind: str, mlp: RoutedMLP, compiled: str, own):
     """The router `kind` for one routed FFN: the artifact's own when it was compiled with
-    that kind, else built from the FFN's packed weights (similarity, quantized) or None."""
+    that kind, else what compiling with it would build from the FFN's packed weights
+    (similarity, quantized need no text; None for the oracle)."""
     if kind == compiled:
         return own
-    if kind == "similarity":
-        return SimilarityRouter(centres(mlp.columns()))
-    if kind == "quantized":
-        return QuantizedRouter(**quantize_rows(neuron_rows(mlp.columns())), act=mlp.act, count=mlp.count)
-    return None
+    built = build_router(kind, mlp.columns(), mlp.act, None, mlp.k, epochs=1, seed=0)
+    return make_router(kind, built.tensors, mlp.act, mlp.count)
 
 
 def set_router(model, kind: str, compiled: str, own_routers: list) -> None:
