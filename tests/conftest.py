@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,5 +53,8 @@ def session_cache(tmp_path_factory):
 def isolated_cache(tmp_path, tmp_path_factory, monkeypatch, session_cache):
     """Each test has a node cache of its own (so nothing it counts was done by another)
     and shares the converted SmolLM2."""
+    cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("CFM_TEST_TMP", str(tmp_path))
-    monkeypatch.setenv("CFM_CACHE_DIR", str(private_cache(tmp_path_factory.mktemp("cache") / "root")))
+    monkeypatch.setenv("CFM_CACHE_DIR", str(private_cache(cache / "root")))
+    yield
+    shutil.rmtree(cache, ignore_errors=True)  # up to 1.4 GB of SmolLM2 nodes per test
