@@ -3,7 +3,10 @@ against the eager model of the same artifact, on one device:
 
 - prefill logits and two single-token decode steps through the KV cache (max |diff|),
 - greedy tokens of `generate` against transformers' `generate` (chat prompt, 24 tokens),
-- for `export`, greedy tokens after `torch.export.load` in a fresh process (CPU only).
+- for `export`, greedy tokens after `torch.export.load` in a fresh process (CPU only),
+- for float32 programs on CPU, how far eager float32 and the lowered program each are from
+  the eager model run in float64 (prefill logits): the size of float32 rounding in this
+  model, to read the lowered program's difference against (reported, not a pass criterion).
 
 Prints one JSON object per target and a summary; exits 1 when a float32 program is off by
 more than --tolerance or its greedy tokens differ (float16/bfloat16 programs are reported,
@@ -60,10 +63,21 @@ def check_target(brick: Path, target: str, device: str, out: Path, precision: st
               "prefill_max_abs_logit_diff": prefill_worst, "decode_max_abs_logit_diff": decode_worst,
               "same_greedy_tokens": torch.equal(ours.cpu(), theirs.cpu()),
               "text": tokenizer.decode(ours[0, length:], skip_special_tokens=True)}
+    if device == "cpu" and lowered.dtype == torch.float32:
+        report.update(float64_distances(out / target, prompt[:, :length - 2], reference[:, :length - 2], lowered))
     if target == "export" and device == "cpu":
         expected = theirs[0, length:length + 12].tolist()      # transformers stops at end of turn
         report["fresh_process_same_tokens"] = fresh_process_tokens(out / target, prompt, 12)[:len(expected)] == expected
     return report
+
+
+def float64_distances(directory: Path, prompt: torch.Tensor, eager_logits: torch.Tensor, lowered) -> dict:
+    """Max |logit - float64 logit| over the prefill, for eager float32 and the lowered program."""
+    with torch.inference_mode():
+        exact = cfmlang.load(directory, target="eager", dtype=torch.float64).eval()(prompt).logits
+        logits, _ = lowered.prefill(prompt, prompt.shape[1] + 1)
+    return {"eager_float32_vs_float64_prefill": (eager_logits.double() - exact).abs().max().item(),
+            "lowered_vs_float64_prefill": (logits.double() - exact).abs().max().item()}
 
 
 def fresh_process_tokens(directory: Path, prompt: torch.Tensor, count: int) -> list[int]:
