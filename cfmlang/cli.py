@@ -182,6 +182,8 @@ def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--prompt-length", type=int, default=128, help="tensorrt: static prompt length (default 128)")
     sub.add_argument("--cache-length", type=int, default=512, help="tensorrt: static KV cache length (default 512)")
     sub.add_argument("--no-fp32-acc", action="store_true", help="tensorrt: float16 matmuls accumulate in float16")
+    sub.add_argument("--no-pack", action="store_true", help="inductor: keep float32 weights in the decode "
+                     "program even where they are exact GGUF block values")
 
 
 def lowering_options(args):
@@ -189,7 +191,7 @@ def lowering_options(args):
 
     return LowerOptions(target=args.target, device=args.device, precision=args.precision, batch=args.batch,
                         prompt_length=args.prompt_length, cache_length=args.cache_length,
-                        use_fp32_acc=not args.no_fp32_acc)
+                        use_fp32_acc=not args.no_fp32_acc, pack_weights=not args.no_pack)
 
 
 def cmd_check(args) -> int:

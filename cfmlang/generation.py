@@ -24,10 +24,12 @@ from cfmlang.diagnostics import CompileError, error
 DEFAULT_NEW_TOKENS = 20
 
 
-def for_length(programs: dict, length: int):
-    """The program for `length` new tokens: `decode` for one token when there is one
-    (routed models), else `prefill`, else the single `program`."""
-    if length == 1 and "decode" in programs:
+def for_step(programs: dict, ids: torch.Tensor, decode_max_batch: int | None = None):
+    """The program for a step over `ids` [batch, length]: `decode` for one token when
+    there is one (routed or packed models; packed ones up to `decode_max_batch` rows),
+    else `prefill`, else the single `program`."""
+    batch, length = ids.shape
+    if length == 1 and "decode" in programs and (decode_max_batch is None or batch <= decode_max_batch):
         return programs["decode"]
     return programs.get("prefill", programs.get("program"))
 
@@ -39,18 +41,20 @@ class InPlaceProgram:
         self.modules = {name: torch.export.load(path).module().to(device) for name, path in paths.items()}
 
     def step(self, ids, positions, cache):
-        return for_length(self.modules, ids.shape[1])(ids, positions, *cache), cache
+        return for_step(self.modules, ids)(ids, positions, *cache), cache
 
 
 class FunctionalProgram:
     """AOTInductor packages: return the updated caches. Their kernels assume the strides
     of contiguous inputs (a sliced prompt would be misread), hence `contiguous()`."""
 
-    def __init__(self, paths: dict[str, Path]):
+    def __init__(self, paths: dict[str, Path], decode_max_batch: int | None = None):
         self.runs = {name: torch._inductor.aoti_load_package(str(path)) for name, path in paths.items()}
+        self.decode_max_batch = decode_max_batch
 
     def step(self, ids, positions, cache):
-        logits, keys, values = for_length(self.runs, ids.shape[1])(ids.contiguous(), positions.contiguous(), *cache)
+        run = for_step(self.runs, ids, self.decode_max_batch)
+        logits, keys, values = run(ids.contiguous(), positions.contiguous(), *cache)
         return logits, (keys, values)
 
 
@@ -98,7 +102,7 @@ class LoweredModel:
         elif self.target == "export":
             self.program = InPlaceProgram(files, str(self.device))
         elif self.target == "inductor":
-            self.program = FunctionalProgram(files)
+            self.program = FunctionalProgram(files, entry.get("packing", {}).get("decode_max_batch"))
         else:
             self.program = StaticProgram.load(files, entry["static"])
 

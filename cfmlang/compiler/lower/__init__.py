@@ -22,7 +22,9 @@ LOWERED_DIR = "lowered"
 class LowerOptions:
     """`precision` casts the graph (default: the artifact's dtype; tensorrt: float16).
     `batch`, `prompt_length` and `cache_length` are the static shapes of the tensorrt
-    programs; export and inductor programs take any batch, prompt and cache length."""
+    programs; export and inductor programs take any batch, prompt and cache length.
+    `pack_weights`: the inductor decode program reads float32 weights that are exact GGUF
+    block values as their block codes (lossless; see `packing`)."""
 
     target: str = "eager"
     device: str = "cpu"
@@ -31,6 +33,7 @@ class LowerOptions:
     prompt_length: int = 128
     cache_length: int = 512
     use_fp32_acc: bool = True
+    pack_weights: bool = True
 
 
 def validate_target(target: str) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.export import Dim
 
 from cfmlang.compiler.lower.decoder import CachedDecoder, empty_cache
+from cfmlang.compiler.lower.packing import swapped
 from cfmlang.compiler.lower.passes import require_no_data_dependent_ops
 from cfmlang.diagnostics import CompileError, error
 from cfmlang.modules.routed_mlp import RoutedMLP
@@ -63,13 +64,16 @@ def formulation(model: nn.Module, kind: str | None):
             module.formulation = previous
 
 
-def export_programs(model: nn.Module, functional_cache: bool) -> dict[str, torch.export.ExportedProgram]:
-    """One dynamic program, or for routed models a masked prefill and a gather decode program."""
-    if not routed_layers(model):
+def export_programs(model: nn.Module, functional_cache: bool,
+                    packed: dict[str, nn.Module] | None = None) -> dict[str, torch.export.ExportedProgram]:
+    """One dynamic program; or, for routed models and when `packed` names layers to swap
+    in for decoding, a prefill program (routed layers masked) and a one-token decode
+    program (routed layers gathering, `packed` layers in place)."""
+    if not routed_layers(model) and not packed:
         return {"program": export_dynamic(model, functional_cache)}
     with formulation(model, "masked"):
         prefill = export_dynamic(model, functional_cache)
-    with formulation(model, "gather"):
+    with formulation(model, "gather"), swapped(model, packed or {}):
         decode = export_dynamic(model, functional_cache, one_token=True)
     return {"prefill": prefill, "decode": decode}
 

@@ -3,8 +3,12 @@
 The weights are frozen into the package (`freezing`: constant folding and prepacked
 weights on CPU). AOTInductor does not write back mutated inputs, so this program uses the
 functional cache: it returns the updated caches, which the caller passes to the next step.
-Saved as `lowered/model_inductor.pt2` (routed models: `prefill_inductor.pt2` and
-`decode_inductor.pt2`, see `export`), loaded with `torch._inductor.aoti_load_package`.
+
+Float32 linear layers whose weights are exact GGUF block values are packed for decoding
+(see `packing`): the package then holds a prefill program with float32 weights and a
+one-token decode program that reads the block codes. Saved as `lowered/model_inductor.pt2`,
+or `prefill_inductor.pt2` and `decode_inductor.pt2` (packed or routed models, see
+`export`); loaded with `torch._inductor.aoti_load_package`.
 """
 from __future__ import annotations
 
@@ -13,19 +17,36 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfmlang.compiler.lower.export import export_programs, program_facts
+from cfmlang.compiler.lower.export import export_programs, program_facts, routed_layers
+from cfmlang.compiler.lower.packing import PACKED_DECODE_MAX_BATCH, pack_linears
 from cfmlang.compiler.lower.passes import require_no_data_dependent_ops
 
 PACKAGE = "model_inductor.pt2"
 
 
 def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
+    packed, packing = packed_layers(model, options, log)
     files = {}
-    for name, program in export_programs(model, functional_cache=True).items():
+    for name, program in export_programs(model, functional_cache=True, packed=packed).items():
         require_no_data_dependent_ops(program, f"inductor ({name})")
         file = PACKAGE if name == "program" else f"{name}_inductor.pt2"
         log(f"compiling {file} with AOTInductor (weight freezing); minutes for a real model")
         torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / file),
                                                  inductor_configs={"freezing": True})
         files[name] = f"lowered/{file}"
-    return {"files": files, "cache": "functional", **program_facts(model)}
+    return {"files": files, "cache": "functional", **program_facts(model), **packing}
+
+
+def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
+    """The layers to pack for decoding, and the manifest's `packing` entry."""
+    if not options.pack_weights:
+        return {}, {}
+    packed, report = pack_linears(model)
+    log(f"weight packing: {report.describe()}")
+    if not packed:
+        return {}, {}
+    entry = {"q4_1": report.q4_1, "q8_0": report.q8_0, "float32": report.float32,
+             "decode_weight_bytes": report.packed_bytes, "float32_weight_bytes": report.float32_bytes}
+    if not routed_layers(model):
+        entry["decode_max_batch"] = PACKED_DECODE_MAX_BATCH
+    return packed, {"packing": entry}

@@ -1,0 +1,151 @@
+"""Weight packing: float32 weights that are exact block-quantized values, stored as their codes.
+
+A model converted from a GGUF file (SmolLM2 here) carries float32 weights that are, block
+of 32 by block, `d * q + m` (Q4_1) or `d * q` (Q8_0) with float16 `d`,
+`m` and small integer `q`. This pass recovers `d`, `m` and `q` from the float32 values and
+keeps a linear layer packed only when rebuilding every block from them gives back every
+weight bit for bit, so packing never changes a weight. Merged, edited or fine-tuned
+weights are not block values; their layers stay float32.
+
+Only the inductor decode program uses packed layers (see `PackedLinear`); the prefill
+program keeps the float32 layers, whose matrix products are faster over many tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cfmlang.modules.packed_linear import BLOCK, PackedLinear
+from cfmlang.modules.routed_mlp import RoutedMLP
+
+# Rebuilding weights from codes costs arithmetic per row of the batch, reading float32
+# weights does not: on the 2-core CPU the packed SmolLM2 decode step costs the same for 1
+# and 2 rows and grows linearly after, and float32 matrix products are faster from about
+# 5 rows on (`cfmc bench DIR --batch 1 2 4 6 8`). A dense model decodes larger batches with
+# its float32 prefill program; routed models always use their gather decode program.
+PACKED_DECODE_MAX_BATCH = 4
+
+
+@dataclass(frozen=True)
+class PackingReport:
+    """What the decode program reads per token for its linear layers, packed or not."""
+
+    q4_1: int
+    q8_0: int
+    float32: int
+    float32_bytes: int
+    packed_bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.q4_1 + self.q8_0} of {self.q4_1 + self.q8_0 + self.float32} linear weights are exact "
+                f"block values (Q4_1: {self.q4_1}, Q8_0: {self.q8_0}); the decode program reads "
+                f"{self.packed_bytes / 1e6:.0f} MB of them per token instead of {self.float32_bytes / 1e6:.0f} MB")
+
+
+def candidate_scales(estimate: torch.Tensor) -> list[torch.Tensor]:
+    """The float16 number nearest `estimate` (>= 0) and its two neighbours, as float32."""
+    bits = estimate.to(torch.float16).view(torch.int16).to(torch.int32)
+    return [(bits + step).clamp(0, 0x7BFF).to(torch.int16).view(torch.float16).to(torch.float32)
+            for step in (0, -1, 1)]
+
+
+def recover(blocks: torch.Tensor, estimate: torch.Tensor, offset: torch.Tensor | None,
+            low: int, high: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Codes in low..high and a float16 scale per block with `scale * q (+ offset) == blocks`
+    exactly; None when some block has none."""
+    base = blocks if offset is None else blocks - offset[..., None]
+    codes = torch.zeros_like(blocks, dtype=torch.int32)
+    scales = torch.zeros_like(estimate)
+    solved = torch.zeros(estimate.shape, dtype=torch.bool)
+    for scale in candidate_scales(estimate):
+        trial = torch.where(scale[..., None] > 0, base / scale[..., None], 0).round().clamp(low, high)
+        rebuilt = trial * scale[..., None] if offset is None else trial * scale[..., None] + offset[..., None]
+        exact = (rebuilt == blocks).all(-1) & ~solved
+        codes[exact], scales[exact] = trial[exact].to(torch.int32), scale[exact]
+        solved |= exact
+    return (codes, scales) if bool(solved.all()) else None
+
+
+def as_float16(values: torch.Tensor) -> torch.Tensor | None:
+    half = values.to(torch.float16)
+    return half if torch.equal(half.to(torch.float32), values) else None
+
+
+def q4_1_layer(weight: torch.Tensor, bias) -> PackedLinear | None:
+    rows, inputs = weight.shape
+    if inputs % (2 * BLOCK):
+        return None
+    blocks = weight.reshape(rows, inputs // BLOCK, BLOCK)
+    offset = blocks.min(-1).values          # the block's minimum is its code 0
+    if as_float16(offset) is None:
+        return None
+    found = recover(blocks, (blocks.max(-1).values - offset) / 15, offset, 0, 15)
+    if found is None:
+        return None
+    codes, scales = found
+    codes = codes.reshape(rows, inputs).to(torch.uint8)
+    half = inputs // 2
+    nibbles = codes[:, :half] | (codes[:, half:] << 4)
+    return PackedLinear("q4_1", nibbles.contiguous(), scales.to(torch.float16), offset.to(torch.float16), bias)
+
+
+def q8_0_layer(weight: torch.Tensor, bias) -> PackedLinear | None:
+    rows, inputs = weight.shape
+    if inputs % BLOCK:
+        return None
+    blocks = weight.reshape(rows, inputs // BLOCK, BLOCK)
+    found = recover(blocks, blocks.abs().max(-1).values / 127, None, -128, 127)
+    if found is None:
+        return None
+    codes, scales = found
+    return PackedLinear("q8_0", codes.reshape(rows, inputs).to(torch.int8), scales.to(torch.float16), None, bias)
+
+
+def packed_layer(linear: nn.Linear) -> PackedLinear | None:
+    """`linear` as a PackedLinear holding exactly its weight, or None."""
+    weight = linear.weight.detach()
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return q4_1_layer(weight, bias) or q8_0_layer(weight, bias)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's linear layers by name, leaving out those inside routed FFNs."""
+    routed = [name for name, module in model.named_modules() if isinstance(module, RoutedMLP)]
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not any(name.startswith(f"{prefix}.") for prefix in routed)}
+
+
+def pack_linears(model: nn.Module) -> tuple[dict[str, PackedLinear], PackingReport]:
+    layers = linear_layers(model)
+    packed = {name: layer for name, layer in ((name, packed_layer(linear)) for name, linear in layers.items())
+              if layer is not None}
+    kinds = [layer.kind for layer in packed.values()]
+    float32_bytes = sum(linear.weight.numel() * 4 for linear in layers.values())
+    unpacked_bytes = sum(linear.weight.numel() * 4 for name, linear in layers.items() if name not in packed)
+    report = PackingReport(q4_1=kinds.count("q4_1"), q8_0=kinds.count("q8_0"),
+                           float32=len(layers) - len(packed), float32_bytes=float32_bytes,
+                           packed_bytes=unpacked_bytes + sum(layer.weight_bytes() for layer in packed.values()))
+    return packed, report
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, replacements: dict[str, nn.Module]):
+    """`model` with the submodules named in `replacements` replaced while the block runs."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+    try:
+        for name, module in replacements.items():
+            set_submodule(model, name, module)
+        yield model
+    finally:
+        for name, module in originals.items():
+            set_submodule(model, name, module)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
