@@ -250,11 +250,14 @@ def test_tensorrt_compiles_and_generates_greedy_tokens(tiny_zoo, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def inductor_artifact(tmp_path_factory) -> Path:
+def inductor_artifact(tiny_zoo, tmp_path_factory) -> Path:
+    """The linear merge of two tiny Llamas as an AOTInductor package (random weights: not
+    block values, so nothing is packed and the package is one float32 program)."""
     folder = tmp_path_factory.mktemp("inductor")
-    model = tiny_model(folder / "model", seed=5, num_hidden_layers=2)
-    result = cfmlang.compile(f'model a:\n  source: hf "{model}"\noutput: a\n', folder / "out", target="inductor")
+    result = cfmlang.compile(MERGE.format(a=tiny_zoo["llama_a"], b=tiny_zoo["llama_b"]), folder / "out",
+                             target="inductor")
     assert result.manifest["lowered"]["files"] == {"program": "lowered/model_inductor.pt2"}
+    assert "packing" not in result.manifest["lowered"]
     return folder / "out"
 
 

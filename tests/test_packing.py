@@ -150,3 +150,24 @@ def test_no_pack_keeps_one_float32_program(block_model, tmp_path):
                  "--no-pack", "-q"]) == 0
     entry = cfmlang.load(tmp_path / "out").entry
     assert entry["files"] == {"program": "lowered/model_inductor.pt2"} and "packing" not in entry
+
+
+def test_a_routed_model_packs_its_attention_and_decodes_with_the_gather(block_model, tmp_path):
+    """Routed FFNs keep their float32 expert weights; attention and lm_head are packed in
+    the gather decode program, which decodes every batch size."""
+    routed = ('model m:\n  source: hf "{model}"\n'
+              "brick e:\n  kind: experts\n  from: m.layers[*].mlp\n  split: kmeans\n  count: 4\n"
+              "route r:\n  method: topk\n  experts: e\n  router: similarity\n  k: 2\n"
+              "output: r\n").format(model=block_model)
+    result = cfmlang.compile(routed, tmp_path / "out", target="inductor")
+    entry = result.manifest["lowered"]
+    assert (entry["packing"]["q4_1"], entry["packing"]["q8_0"], entry["packing"]["float32"]) == (8, 1, 0)
+    assert "decode_max_batch" not in entry["packing"]
+    lowered, eager = cfmlang.load(tmp_path / "out"), cfmlang.load(tmp_path / "out", target="eager")
+    prompt = torch.randint(3, 128, (6, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        reference = eager(prompt).logits
+        logits, cache = lowered.prefill(prompt[:, :8], 12)
+        assert (logits - reference[:, :8]).abs().max() < 1e-4
+        logits, cache = lowered.decode(prompt[:, 8], 8, cache)
+        assert (logits[:, 0] - reference[:, 8]).abs().max() < 1e-4

@@ -39,7 +39,7 @@ def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
 
 def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
     """The layers to pack for decoding, and the manifest's `packing` entry."""
-    if not options.pack_weights:
+    if not options.pack_weights or next(model.parameters()).dtype != torch.float32:
         return {}, {}
     packed, report = pack_linears(model)
     log(f"weight packing: {report.describe()}")
