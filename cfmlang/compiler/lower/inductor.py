@@ -64,8 +64,8 @@ def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
 
 
 @contextlib.contextmanager
-def aten_kernels(log, ops=EAGER_BIT_OPS):
-    """While compiling, `ops` run as calls to ATen's kernels (what eager runs) rather than
+def aten_kernels(log):
+    """While compiling, the EAGER_BIT_OPS run as calls to ATen's kernels (what eager runs) rather than
     as Inductor-generated code. Inductor has no public switch for this: the lowering table
     entries are replaced and restored, and a torch whose internals differ compiles with
     Inductor's own code (logged)."""
@@ -79,8 +79,8 @@ def aten_kernels(log, ops=EAGER_BIT_OPS):
             "from eager in the last bits")
         yield
         return
-    saved = {op: (table.get(op), op in realized) for op in ops}
-    for op in ops:
+    saved = {op: (table.get(op), op in realized) for op in EAGER_BIT_OPS}
+    for op in EAGER_BIT_OPS:
         realized.add(op)
         table[op] = handler(op, add_to_fallback_set=False)
     shim_warnings = logging.getLogger("torch._inductor.ir")   # "... has no c-shim": expected
