@@ -364,6 +364,28 @@ def test_routed_experts_lower_to_masked_prefill_and_gather_decode(tiny_zoo, tmp_
     assert any("embedding_bag" in op for op in ops) and data_dependent_ops(decode_program) == []
 
 
+
+def test_neuron_experts_decode_by_gathering_weight_rows(tiny_zoo, tmp_path):
+    """One neuron per expert (quantized router): the decode program gathers the chosen
+    neurons' gate and up rows from gate_up viewed [2 * neurons, hidden], one row per index,
+    which Inductor vectorizes (gathering [2 * hidden] blocks made it index through a modulo
+    and run scalar), and its logits are the eager routed model's."""
+    brick = (ROUTED.replace("split: kmeans", "split: random").replace("count: 8", "count: 64")
+             .replace("router: similarity", "router: quantized").format(model=tiny_zoo["llama_b"], k=16))
+    cfmlang.compile(brick, tmp_path / "routed", target="export")
+    lowered, eager = cfmlang.load(tmp_path / "routed"), cfmlang.load(tmp_path / "routed", target="eager")
+    prompt = prompt_of(1, 9, seed=4)
+    with torch.inference_mode():
+        reference = eager(prompt).logits
+        logits, cache = lowered.prefill(prompt[:, :8], 12)
+        logits, cache = lowered.decode(prompt[:, 8], 8, cache)
+        assert (logits[:, 0] - reference[:, 8]).abs().max() < 1e-4
+    decode_program = torch.export.load(tmp_path / "routed" / "lowered" / "decode.pt2")
+    gathers = [(tuple(node.args[0].meta["val"].shape), node.args[1].meta["val"].shape[-1])
+               for node in decode_program.graph.nodes if node.target == torch.ops.aten.embedding.default]
+    token_embedding = ((128, 32), 1)
+    assert gathers == [token_embedding] + [((128, 32), 32)] * 4   # 16 neurons: 32 rows per token
+
 def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh with DEVICE=cpu: the correctness check and the bench, in one go."""
     from models import tiny_tokenizer

@@ -242,11 +242,18 @@ class RoutedMLP(nn.Module):
                                per_sample_weights=weights, mode="sum")
 
     def gathered_rows(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        """[T, k, 2m]: each chosen expert's [2m, d] gate_up block times the token's x."""
+        """[T, k, 2m]: each chosen expert's [2m, d] gate_up block times the token's x.
+
+        The blocks are gathered as single rows of gate_up viewed [E*2m, d] (rows
+        e*2m .. e*2m+2m-1 for expert e). Gathering whole [2m*d] blocks copies the same
+        bytes, but Inductor, which fuses the gather into the product, then indexes each
+        weight through a modulo and cannot vectorize: the lowered decode FFN took 1.9x as
+        long (AOTInductor, SmolLM2, one neuron per expert, 50% active)."""
         tokens, hidden = flat.shape
-        blocks = F.embedding(chosen, self.gate_up.view(self.count, -1))          # [T, k, 2m*d]
-        return (blocks.view(tokens, self.k * 2 * self.size, hidden) @ flat.unsqueeze(-1)).view(
-            tokens, self.k, 2 * self.size)
+        width = 2 * self.size
+        rows = torch.add(torch.arange(width, device=flat.device), chosen.unsqueeze(-1), alpha=width)
+        blocks = F.embedding(rows.view(tokens, -1), self.gate_up.view(-1, hidden))   # [T, 2km, d]
+        return (blocks @ flat.unsqueeze(-1)).view(tokens, self.k, width)
 
     def masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The dense FFN with unchosen experts' activations zeroed."""
