@@ -122,9 +122,15 @@ def block_model(tmp_path_factory):
 
 
 def test_packed_inductor_decode_matches_eager_and_hf_greedy(block_model, tmp_path):
+    """Compiled with grad off, when Inductor would freeze the weights unless told not to:
+    freezing folds the rebuilt float32 weights into the package instead of the codes."""
     brick = tmp_path / "m.brick"
     brick.write_text(f'model a:\n  source: hf "{block_model}"\noutput: a\n')
-    assert main(["compile", str(brick), "-o", str(tmp_path / "out"), "--target", "inductor", "-q"]) == 0
+    with torch.no_grad():
+        assert main(["compile", str(brick), "-o", str(tmp_path / "out"), "--target", "inductor", "-q"]) == 0
+    decode_constants = torch._inductor.aoti_load_package(
+        str(tmp_path / "out" / "lowered" / "decode_inductor.pt2")).get_constant_fqns()
+    assert {"layers.0.mlp.gate_proj.codes", "lm_head.codes"} <= set(decode_constants)
     lowered, eager = cfmlang.load(tmp_path / "out"), cfmlang.load(tmp_path / "out", target="eager")
     entry = lowered.entry
     assert entry["files"] == {"prefill": "lowered/prefill_inductor.pt2", "decode": "lowered/decode_inductor.pt2"}

@@ -1,7 +1,11 @@
 """The `inductor` target: an AOTInductor package compiled from the exported program.
 
-The weights are frozen into the package (`freezing`: constant folding and prepacked
-weights on CPU). AOTInductor does not write back mutated inputs, so this program uses the
+The weights are stored in the package as they are, without Inductor's `freezing`
+(`INDUCTOR_CONFIGS`). Freezing (which Inductor applies whenever grad is off) would
+constant-fold every weight expression: a packed layer's codes would be rebuilt into
+float32 at compile time (SmolLM2's decode package grew from 215 MB to 656 MB), and its
+oneDNN-prepacked linears sum in another order than eager's (prefill logits no longer
+bit-identical). AOTInductor does not write back mutated inputs, so this program uses the
 functional cache: it returns the updated caches, which the caller passes to the next step.
 
 Float32 linear layers whose weights are exact GGUF block values are packed for decoding
@@ -32,6 +36,7 @@ from cfmlang.compiler.lower.passes import require_no_data_dependent_ops
 
 PACKAGE = "model_inductor.pt2"
 EAGER_BIT_OPS = (torch.ops.aten.mean.dim, torch.ops.aten.cos.default, torch.ops.aten.sin.default)
+INDUCTOR_CONFIGS = {"freezing": False}
 
 
 def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
@@ -40,10 +45,10 @@ def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
     for name, program in export_programs(model, functional_cache=True, packed=packed).items():
         require_no_data_dependent_ops(program, f"inductor ({name})")
         file = PACKAGE if name == "program" else f"{name}_inductor.pt2"
-        log(f"compiling {file} with AOTInductor (weight freezing); minutes for a real model")
+        log(f"compiling {file} with AOTInductor; minutes for a real model")
         with aten_kernels(log):
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / file),
-                                                     inductor_configs={"freezing": True})
+                                                     inductor_configs=INDUCTOR_CONFIGS)
         files[name] = f"lowered/{file}"
     return {"files": files, "cache": "functional", **program_facts(model), **packing}
 
