@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                              "embedding_bag's parallel path stalls when its threads are not all scheduled")
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--no-lowered", dest="lowered", action="store_false",
-                        help="skip the AOTInductor decode-pass timing (six compiles)")
+                        help="skip the AOTInductor decode-pass timing (eight compiles)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "experts_sparsity.json")
     args = parser.parse_args(argv)
     if args.threads:
