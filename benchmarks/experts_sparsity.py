@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 import cfmlang
-from cfmlang.compiler.lower.inductor import INDUCTOR_CONFIGS, aten_kernels
+from cfmlang.compiler.lower.inductor import INDUCTOR_CONFIGS, compile_package
 from cfmlang.compiler.lower.packing import pack_linears, swapped
 from cfmlang.compiler.weights import default_cache_dir
 from cfmlang.modules.routed_mlp import RoutedMLP, make_router
@@ -176,9 +176,7 @@ def lowered(module: nn.Module, x: torch.Tensor, package: Path, configs: dict = I
     model (its Inductor configs, ATen's means and cos/sin), loaded back."""
     start = time.perf_counter()
     with torch.no_grad():
-        program = torch.export.export(module, (x,))
-        with aten_kernels(print):
-            torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs=configs)
+        compile_package(torch.export.export(module, (x,)), package, print, configs)
     print(f"compiled {package.stem} in {time.perf_counter() - start:.0f} s", flush=True)
     return torch._inductor.aoti_load_package(str(package))
 

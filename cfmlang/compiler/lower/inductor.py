@@ -46,11 +46,15 @@ def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
         require_no_data_dependent_ops(program, f"inductor ({name})")
         file = PACKAGE if name == "program" else f"{name}_inductor.pt2"
         log(f"compiling {file} with AOTInductor; minutes for a real model")
-        with aten_kernels(log):
-            torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / file),
-                                                     inductor_configs=INDUCTOR_CONFIGS)
+        compile_package(program, out_dir / file, log)
         files[name] = f"lowered/{file}"
     return {"files": files, "cache": "functional", **program_facts(model), **packing}
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path, log, configs: dict = INDUCTOR_CONFIGS) -> None:
+    """AOTInductor package of `program` at `path`, with ATen's means and cos/sin."""
+    with aten_kernels(log):
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
 
 
 def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
