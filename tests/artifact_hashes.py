@@ -8,7 +8,8 @@ a change of the compiler's structure can be shown not to move any output.
 the SmolLM2 examples (tens of minutes on 2 cores) are verified with `--smollm2`, or in the
 suite with CFM_SMOLLM2_HASHES=1. Absolute paths of the build folders are replaced by
 placeholders before hashing, cfm.json's `created` is fixed by SOURCE_DATE_EPOCH, and its
-nodes' content keys (which hash cfmlang's own code) are left out."""
+nodes' content keys (which hash cfmlang's own code) and a stray top-level `verified`
+are left out."""
 from __future__ import annotations
 
 import argparse
@@ -120,9 +121,13 @@ def artifact_hashes(directory: Path, roots: dict[str, str]) -> dict[str, str]:
 
 
 def manifest_without_keys(data: bytes) -> bytes:
-    """cfm.json less the nodes' content keys: a key hashes the compiler's own code and
-    the absolute paths of the inputs, so it changes with every edit of cfmlang."""
+    """cfm.json less the nodes' content keys (a key hashes the compiler's own code and
+    the absolute paths of the inputs, so it changes with every edit of cfmlang) and less
+    a top-level `verified` key: the identity checks of grow nodes belong in their node
+    entries (`nodes.NAME.verify`), and manifests written before the operation refactor
+    also repeated them at the top level."""
     manifest = json.loads(data)
+    manifest.pop("verified", None)
     for entry in manifest.get("nodes", {}).values():
         entry.pop("key", None)
     return json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
