@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Latency of routing over LoRA adapters (cfmlang.modules.adapter_mixture) against the
+"""Latency of routing over LoRA adapters (cfmlang.runtime.adapter_mixture) against the
 base model, on SmolLM2-135M, measured in the same run:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adapter_route_overhead.py [--adapters 8]
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from cfmlang.compiler.weights import converted_gguf, default_cache_dir
-from cfmlang.modules.adapter_mixture import AdapterMixture
-from cfmlang.stdlib.lora import LoraFactors
+from cfmlang.io.weights import converted_gguf, default_cache_dir
+from cfmlang.runtime.adapter_mixture import AdapterMixture
+from cfmlang.ops.lora.factors import LoraFactors
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TARGET = 1.3

@@ -52,9 +52,9 @@ from torch import nn
 import cfmlang
 from cfmlang.compiler.lower.inductor import INDUCTOR_CONFIGS, compile_package
 from cfmlang.compiler.lower.packing import pack_linears, swapped
-from cfmlang.compiler.weights import default_cache_dir
-from cfmlang.modules.routed_mlp import RoutedMLP, make_router
-from cfmlang.moe.routers import build_router
+from cfmlang.io.weights import default_cache_dir
+from cfmlang.runtime.routed_mlp import RoutedMLP, make_router
+from cfmlang.ops.experts.routers import build_router
 
 HERE = Path(__file__).parent
 HELDOUT = HERE / "data" / "heldout.txt"

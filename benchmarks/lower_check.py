@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import cfmlang  # noqa: E402
 from cfmlang.compiler.lower import LowerOptions  # noqa: E402
-from cfmlang.runtime import encode  # noqa: E402
+from cfmlang.runtime.run import encode  # noqa: E402
 
 PROMPT = "What is the capital of France?"
 

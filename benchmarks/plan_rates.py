@@ -29,7 +29,7 @@ DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"
 
 
 def program(method: str, models: dict[str, Path]) -> str:
-    from cfmlang.stdlib import lookup
+    from cfmlang.ops import lookup
 
     base = lookup("merge", method).base
     lines = [f'model {n}:\n  source: hf "{p}"\n' for n, p in models.items()]
@@ -86,7 +86,7 @@ def main() -> None:
         return
     from models import tiny_model
 
-    from cfmlang.stdlib.merge_base import MERGEKIT_METHODS
+    from cfmlang.ops.merge.base import MERGEKIT_METHODS
 
     methods = args.methods.split(",") if args.methods else MERGEKIT_METHODS
     methods = ["linear"] + [m for m in methods if m != "linear"]

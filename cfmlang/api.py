@@ -16,18 +16,18 @@ from typing import Any, Callable
 import networkx as nx
 
 from cfmlang import __version__
-from cfmlang.compiler import ast
-from cfmlang.compiler.artifact import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
+from cfmlang.frontend import ast
+from cfmlang.artifact.write import (DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, atomic_directory, copy_support_files,
                                        held_producer, held_specs, nbytes, write_adapter, write_manifest, write_shard,
                                        write_sharded)
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.cache import Cache, link_entry, touch
-from cfmlang.compiler.adapters import AdapterProvider, OnTrainStep
+from cfmlang.ops.lora.providers import AdapterProvider, OnTrainStep
 from cfmlang.compiler.execute import (EditProvider, FinetuneProvider, MergeProvider, execute,
                                       make_provider, node_seed, stored_provider)
-from cfmlang.compiler.adapter_route import AdapterRouteProvider
-from cfmlang.compiler.execute_experts import RouteProvider
-from cfmlang.compiler.execute_grow import DepthProvider
+from cfmlang.ops.adapter_routes.providers import AdapterRouteProvider
+from cfmlang.ops.experts.providers import RouteProvider
+from cfmlang.ops.grow.providers import DepthProvider
 from cfmlang.compiler.graph import build_graph, execution_order, graph_summary, node_attributes
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.plan import (CACHED, RUN, SKIP, Plan, available_memory, describe_op, make_plan,
@@ -36,14 +36,14 @@ from cfmlang.compiler.lower import LowerOptions, lower_artifact, preflight, vali
 from cfmlang.compiler.ir import (AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode, FinetuneNode, GrowNode,
                                  LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, MergeNode, ModelNode,
                                  RouteNode)
-from cfmlang.compiler.resolve import read_source, resolve
-from cfmlang.compiler.to_ast import parse as parse_text
-from cfmlang.compiler.verify import verify_node, verify_provider
-from cfmlang.compiler.weights import WeightError
+from cfmlang.frontend.resolve import read_source, resolve
+from cfmlang.frontend.to_ast import parse as parse_text
+from cfmlang.ops.grow.verify import verify_node, verify_provider
+from cfmlang.io.weights import WeightError
 from cfmlang.diagnostics import CompileError, Diagnostic, did_you_mean, error
-from cfmlang.modules.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
-from cfmlang.modules.routed_model import ROUTING_FILE
-from cfmlang.stdlib.edit_report import render as render_report
+from cfmlang.runtime.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
+from cfmlang.runtime.routed_model import ROUTING_FILE
+from cfmlang.ops.update.report import render as render_report
 
 LANGUAGE_VERSION = "0"
 
@@ -589,7 +589,7 @@ def load(directory, target: str | None = None, device: str | None = None, **kwar
     if not (directory / "cfm.json").is_file():
         raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
                                   None, "compile one with `cfmc compile FILE -o DIR`")])
-    from cfmlang.generation import LoweredModel, lowered_entry
+    from cfmlang.runtime.generation import LoweredModel, lowered_entry
 
     lowered = lowered_entry(directory)
     if target is not None:
@@ -607,7 +607,7 @@ def load(directory, target: str | None = None, device: str | None = None, **kwar
 
 def load_eager(directory, manifest: dict | None = None, **kwargs):
     """The transformers model of an artifact directory: a PeftModel for adapters, routed
-    FFNs replaced by `cfmlang.modules.routed_mlp.RoutedMLP` for routed artifacts, an
+    FFNs replaced by `cfmlang.runtime.routed_mlp.RoutedMLP` for routed artifacts, an
     `AdapterMixture` around the base model for routes over lora bricks.
     `manifest` is the artifact's cfm.json content (read from the directory if not given)."""
     from transformers import AutoModelForCausalLM
@@ -621,11 +621,11 @@ def load_eager(directory, manifest: dict | None = None, **kwargs):
     manifest = manifest or json.loads((directory / "cfm.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     if manifest.get("kind") == "adapter-routed":
-        from cfmlang.modules.adapter_mixture import load_mixture
+        from cfmlang.runtime.adapter_mixture import load_mixture
 
         return load_mixture(model, directory, manifest["routing"])
     if manifest.get("kind") == "routed-topk":
-        from cfmlang.modules.routed_model import route_model
+        from cfmlang.runtime.routed_model import route_model
 
         return route_model(model, directory, manifest["routing"])
     return model

@@ -10,7 +10,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cfmlang.compiler.artifact import InterruptedAfterWrite
+from cfmlang.artifact.write import InterruptedAfterWrite
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 from cfmlang.diagnostics import CompileError, render_json, render_plain
 from cfmlang.analysis.probes import PROBE_TOKENS
@@ -352,7 +352,7 @@ class TrainingBar:
 
 
 def cmd_run(args) -> int:
-    from cfmlang.runtime import generate
+    from cfmlang.runtime.run import generate
 
     generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
              sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -363,7 +363,7 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from cfmlang.bench import bench, render_table
+    from cfmlang.runtime.bench import bench, render_table
 
     result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
                    new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against)
@@ -461,14 +461,14 @@ class StageLog:
 
 
 def cmd_methods(args) -> int:
-    from cfmlang.stdlib.catalogue import methods_markdown
+    from cfmlang.ops.catalogue import methods_markdown
 
     sys.stdout.write(methods_markdown() + "\n")
     return EXIT_OK
 
 
 def cmd_import(args) -> int:
-    from cfmlang.mergekit_import import import_file
+    from cfmlang.importers.mergekit import import_file
 
     text = import_file(args.file, args.output, force=args.force)
     if args.output is None:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import cfmlang
-from cfmlang.stdlib.edit_report import render
+from cfmlang.ops.update.report import render
 
 FACTS_BAR, UNCHANGED_BAR = 0.8, 0.9
 

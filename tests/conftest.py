@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from models import tiny_model  # noqa: E402
 
-from cfmlang.compiler.weights import default_cache_dir  # noqa: E402
+from cfmlang.io.weights import default_cache_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

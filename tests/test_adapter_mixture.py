@@ -1,4 +1,4 @@
-"""Routing over LoRA adapters at run time (cfmlang.modules.adapter_mixture), against PEFT:
+"""Routing over LoRA adapters at run time (cfmlang.runtime.adapter_mixture), against PEFT:
 adapters made with peft on a tiny Llama, mixed by fixed, retrieved and gated
 coefficients, exported with torch.export."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from models import tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from cfmlang.modules.adapter_mixture import (AdapterMixture, LoraFactors, new_gates, top_k_choice,
+from cfmlang.runtime.adapter_mixture import (AdapterMixture, LoraFactors, new_gates, top_k_choice,
                                              top_k_weights, train_gates)
 
 ADAPTERS = {   # name: (targets, rank, alpha, rslora)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.runtime import generate
+from cfmlang.runtime.run import generate
 
 SAMPLES = {"math": ["prove the equation", "add a number to the sum"],
            "poem": ["a poem of love", "verse and rhyme at night"]}

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
-from cfmlang.compiler.weights import default_cache_dir
-from cfmlang.modules.adapter_mixture import prompt_embedding
-from cfmlang.stdlib.lora_train import IGNORE, Sample, encode
+from cfmlang.io.weights import default_cache_dir
+from cfmlang.runtime.adapter_mixture import prompt_embedding
+from cfmlang.ops.lora.train import IGNORE, Sample, encode
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 VOICES = ("french", "pirate")

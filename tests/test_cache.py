@@ -190,7 +190,7 @@ def test_bad_cache_size_is_a_diagnostic(tiny_zoo, tmp_path, monkeypatch, capsys)
 
 KILL_WHILE_STORING = (
     "import os, signal, sys\n"
-    "import cfmlang.compiler.artifact as art\n"
+    "import cfmlang.artifact.write as art\n"
     "real = art.write_shard\n"
     "def dying(path, specs, produce, on_tensor, chunk_bytes):\n"
     "    def hook(spec):\n"

@@ -117,7 +117,7 @@ def test_console_script_sigint_leaves_nothing(merge_file, tmp_path):
     script = (
         "import os, signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"   # a background shell ignores SIGINT
-        "import cfmlang.compiler.artifact as art\n"
+        "import cfmlang.artifact.write as art\n"
         "real = art.write_shard\n"
         "def slow(path, specs, produce, on_tensor, chunk_bytes):\n"
         "    def hook(spec):\n"

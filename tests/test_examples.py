@@ -76,7 +76,7 @@ def test_smol_experts_example_checks():
 
 def test_method_reference_is_generated_from_the_registry():
     """docs/methods.md is `cfmc methods` output: regenerate it when methods change."""
-    from cfmlang.stdlib.catalogue import methods_markdown
+    from cfmlang.ops.catalogue import methods_markdown
 
     docs = (EXAMPLES.parent / "docs" / "methods.md").read_text()
     assert docs == methods_markdown() + "\n", "run: cfmc methods > docs/methods.md"

@@ -12,17 +12,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.modules.routed_mlp import (QuantizedRouter, RoutedMLP, SimilarityRouter, expert_mass, neuron_rows, pack,
+from cfmlang.runtime.routed_mlp import (QuantizedRouter, RoutedMLP, SimilarityRouter, expert_mass, neuron_rows, pack,
                                         quantize_rows)
 from cfmlang.analysis.funcscore import func_scores
 from cfmlang.analysis.probes import PROBE_TOKENS, read_probes, tokenize
-from cfmlang.moe.partition import (balanced_assign, cooccurrence_split, functional_split, kmeans_split, order_of,
+from cfmlang.ops.experts.partition import (balanced_assign, cooccurrence_split, functional_split, kmeans_split, order_of,
                                    random_split)
-from cfmlang.moe.routers import captured_mass, centres
+from cfmlang.ops.experts.routers import captured_mass, centres
 from models import tiny_model
 from planted import planted_model, write_probes
 
-CORPUS = Path(cfmlang.__file__).parent / "moe" / "data" / "calibration.txt"
+CORPUS = Path(cfmlang.__file__).parent / "ops" / "experts" / "data" / "calibration.txt"
 
 
 def save_char_tokenizer(folder: Path, vocab_size: int = 128) -> None:
@@ -309,7 +309,7 @@ def test_user_calibration_text_is_used(tiny, tmp_path):
 
 
 def test_generation_runs_through_the_runtime(tiny, tmp_path):
-    from cfmlang.runtime import generate
+    from cfmlang.runtime.run import generate
 
     routed_dir, dense_dir = tmp_path / "routed", tmp_path / "dense"
     cfmlang.compile(program(tiny, "kmeans", 8, 8, "similarity"), routed_dir)
@@ -402,8 +402,8 @@ def test_smollm2_routed_with_all_experts_is_the_dense_model(tmp_path):
     FFN's neurons in expert order. That is the same function, but float32 sums in another
     order: over 30 layers the reordering alone moves the logits by about 9e-5. So it is
     held to twice that against the original, and routing to 1e-4 against the reordered."""
-    from cfmlang.compiler.sources import resolve_source
-    from cfmlang.compiler.weights import converted_gguf, default_cache_dir
+    from cfmlang.io.sources import resolve_source
+    from cfmlang.io.weights import converted_gguf, default_cache_dir
 
     text = ('import "std/smollm2.brick"\n'
             "brick e:\n  kind: experts\n  from: smollm2.layers[*].mlp\n  split: random\n  count: 24\n"
@@ -481,7 +481,7 @@ def test_smollm2_neuron_experts_with_the_quantized_router_keep_perplexity(tmp_pa
     the quantized router. Held-out perplexity stays within 10% of the dense model's, while
     the similarity router at the same k (built from the same weights) loses more than 2x;
     decode (gather) and prefill (masked) agree on a layer's real inputs."""
-    from cfmlang.compiler.weights import default_cache_dir
+    from cfmlang.io.weights import default_cache_dir
 
     examples = Path(__file__).parent.parent / "examples"
     out = tmp_path / "neurons"

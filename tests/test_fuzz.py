@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from cfmlang.cli import main
 from cfmlang.compiler.check import MERGE_KEYS, MODEL_KEYS
-from cfmlang.stdlib import REGISTRY, names_for
+from cfmlang.ops import REGISTRY, names_for
 
 VALID = """# a valid program
 model a:

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib.grow import depth_config, expanded_layers
+from cfmlang.ops.grow.methods import depth_config, expanded_layers
 from mergekit_oracle import run_mergekit, tensors
 from models import tiny_model, tiny_tokenizer
 

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
-from cfmlang.compiler.sources import resolve_source
-from cfmlang.compiler.weights import converted_gguf, default_cache_dir
+from cfmlang.io.sources import resolve_source
+from cfmlang.io.weights import converted_gguf, default_cache_dir
 from mergekit_oracle import run_mergekit, tensors
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import yaml
 import cfmlang
 from cfmlang.cli import main
 from cfmlang.diagnostics import CompileError
-from cfmlang.mergekit_import import import_file, translate
+from cfmlang.importers.mergekit import import_file, translate
 from mergekit_oracle import run_mergekit, tensors
 
 MODELS = "models:\n  - model: /m/a\n  - model: /m/b\nparameters: {weight: 1}\n"

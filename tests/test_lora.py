@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib.lora_combine import SUMMARIES
+from cfmlang.ops.lora.combine import SUMMARIES
 from models import peft_adapter, tiny_model
 
 
@@ -109,7 +109,7 @@ def test_dare_masks_follow_peft(method):
     """Given the same random stream, cfmlang's DARE equals PEFT's merge_utils exactly."""
     from peft.utils import merge_utils
 
-    from cfmlang.stdlib.lora_combine import mix
+    from cfmlang.ops.lora.combine import mix
 
     tensors = [torch.randn(6, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     weights = torch.tensor([0.5, -0.3, 0.9])
@@ -290,8 +290,8 @@ def test_training_data_diagnostics(talker):
 def test_factorwise_merge_refuses_unequal_module_ranks():
     """Configs may agree on r while modules differ (extraction with a threshold): the
     executor reports it (E080) instead of failing inside torch.stack."""
-    from cfmlang.stdlib.lora import LoraAdapter, LoraFactors
-    from cfmlang.stdlib.lora_combine import combine
+    from cfmlang.ops.lora.factors import LoraAdapter, LoraFactors
+    from cfmlang.ops.lora.combine import combine
 
     config = {"r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}
     a = LoraAdapter({"m.q_proj": LoraFactors(torch.ones(4, 8), torch.ones(8, 4), 1.0)}, config)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib.lora import LINEAR_MODULES
+from cfmlang.ops.lora.factors import LINEAR_MODULES
 
 TRUE_RANK = 3
 

@@ -21,7 +21,7 @@ from cfmlang.compiler.lower import inductor as inductor_target
 from cfmlang.compiler.lower.passes import data_dependent_ops, dynamic_inputs, tensorrt_unconverted
 from cfmlang.compiler.lower.tensorrt import static_programs
 from cfmlang.diagnostics import CompileError
-from cfmlang.generation import LoweredModel, Sampler, StaticProgram
+from cfmlang.runtime.generation import LoweredModel, Sampler, StaticProgram
 
 MERGE = """model a:
   source: hf "{a}"

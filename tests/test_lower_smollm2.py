@@ -14,8 +14,8 @@ import torch
 
 import cfmlang
 from cfmlang.cli import main
-from cfmlang.compiler.weights import default_cache_dir
-from cfmlang.runtime import encode
+from cfmlang.io.weights import default_cache_dir
+from cfmlang.runtime.run import encode
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "smol.brick"
 FRESH_PROCESS = Path(__file__).parent / "reload_pt2.py"

@@ -7,9 +7,9 @@ import torch
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib import lookup
-from cfmlang.stdlib.merge_base import MergeContext
-from cfmlang.stdlib.merge_other import QUANTILE_SAMPLE_SIZE, outlier_threshold, require_input_count
+from cfmlang.ops import lookup
+from cfmlang.ops.merge.base import MergeContext
+from cfmlang.ops.merge.other import QUANTILE_SAMPLE_SIZE, outlier_threshold, require_input_count
 from mergekit_oracle import run_mergekit, tensors
 
 

@@ -16,9 +16,9 @@ from mergekit.sparsify import bernoulli, della_magprune, magnitude, magnitude_ou
 import cfmlang
 from cfmlang.compiler.ir import layer_index
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib import lookup
-from cfmlang.stdlib.merge_base import MergeContext
-from cfmlang.stdlib.merge_sparse import (keep_at_random, keep_by_magnitude_rank, keep_largest,
+from cfmlang.ops import lookup
+from cfmlang.ops.merge.base import MergeContext
+from cfmlang.ops.merge.sparse import (keep_at_random, keep_by_magnitude_rank, keep_largest,
                                          keep_magnitude_band, rank_fractions, sign_agreement)
 from mergekit_oracle import run_mergekit, tensors
 
@@ -486,7 +486,7 @@ def test_node_level_options_are_typed(tiny_zoo):
 
 def test_largest_mask_selection_equals_the_full_sort():
     """The kthvalue shortcut keeps exactly the argsort's set, with and without ties."""
-    from cfmlang.stdlib.merge_sparse import largest_mask
+    from cfmlang.ops.merge.sparse import largest_mask
 
     generator = torch.Generator().manual_seed(3)
     for values in (torch.rand(5000, generator=generator),

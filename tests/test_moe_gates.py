@@ -1,4 +1,4 @@
-"""Router initialisation of MoE-from-dense (cfmlang.moe.prompt_gates) against mergekit
+"""Router initialisation of MoE-from-dense (cfmlang.ops.grow.prompt_gates) against mergekit
 0.1.5's own functions on a tiny Llama with a word-level tokenizer."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from mergekit.moe.router import get_gate_params
 from models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cfmlang.moe.prompt_gates import prompted_gates, random_gates
+from cfmlang.ops.grow.prompt_gates import prompted_gates, random_gates
 
 PROMPTS = [  # (positive, negative) per expert
     (["write code for a loop", "print the function"], []),

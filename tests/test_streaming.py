@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cfmlang.compiler.artifact import held_producer, held_specs, write_shard
-from cfmlang.compiler.weights import WeightError
+from cfmlang.artifact.write import held_producer, held_specs, write_shard
+from cfmlang.io.weights import WeightError
 
 
 def state(count=4, rows=64, cols=48):

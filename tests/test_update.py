@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import cfmlang
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib.editing import KeyMoments, captured_keys, key_second_moments
-from cfmlang.stdlib.knowledge import covariance_weight
+from cfmlang.ops.update.editing import KeyMoments, captured_keys, key_second_moments
+from cfmlang.ops.update.knowledge import covariance_weight
 from models import tiny_model, tiny_tokenizer
 
 # A random model spreads attention evenly, so a change at the subject reaches the next

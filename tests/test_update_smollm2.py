@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cfmlang.compiler.sources import resolve_source
-from cfmlang.compiler.weights import converted_gguf, default_cache_dir
+from cfmlang.io.sources import resolve_source
+from cfmlang.io.weights import converted_gguf, default_cache_dir
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 FACTS = [json.loads(line) for line in (EXAMPLES / "data" / "counterfacts.jsonl").read_text().splitlines()]

@@ -8,7 +8,7 @@ from cfmlang.analysis.probes import read_probes, tokenize
 from cfmlang.analysis.report import refuse_foreign_output, require_matplotlib, write_files
 from cfmlang.analysis.run import DEFAULTS, SILENT, Analysis, Progress, Settings, analyze
 from cfmlang.analysis.target import open_model, parse_spec
-from cfmlang.compiler.artifact import atomic_directory
+from cfmlang.artifact.write import atomic_directory
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 
 

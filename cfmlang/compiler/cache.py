@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cfmlang.compiler.artifact import atomic_directory
-from cfmlang.compiler.weights import default_cache_dir, file_sha256
+from cfmlang.artifact.write import atomic_directory
+from cfmlang.io.weights import default_cache_dir, file_sha256
 from cfmlang.diagnostics import CompileError, error
 
 ENTRY_FILE = "cfm-entry.json"

@@ -13,20 +13,20 @@ from typing import Any
 import networkx as nx
 from pydantic import BaseModel, ValidationError, create_model
 
-from cfmlang.compiler import ast
-from cfmlang.compiler.check_adapter_route import check_adapter_route
-from cfmlang.compiler.check_grow import check_grow
-from cfmlang.compiler.check_experts import check_experts, check_route
-from cfmlang.compiler.check_lora import LoraChecks
-from cfmlang.compiler.check_update import edit_node, finetune_node
+from cfmlang.frontend import ast
+from cfmlang.ops.adapter_routes.check import check_adapter_route
+from cfmlang.ops.grow.check import check_grow
+from cfmlang.ops.experts.check import check_experts, check_route
+from cfmlang.ops.lora.check import LoraChecks
+from cfmlang.ops.update.check import edit_node, finetune_node
 from cfmlang.compiler.ir import (FLOAT_DTYPES, MERGEABLE_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode,
                                  ModelNode, Node)
-from cfmlang.compiler.resolve import Declared, Resolved
-from cfmlang.compiler.sources import SourceError, read_arch, resolve_source
+from cfmlang.frontend.resolve import Declared, Resolved
+from cfmlang.io.sources import SourceError, read_arch, resolve_source
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
-from cfmlang.stdlib import lookup, names_for
-from cfmlang.stdlib.merge_base import MergeMethod, input_count_problem
-from cfmlang.stdlib.registry import FILTER_DEFAULT, Gradient
+from cfmlang.ops import lookup, names_for
+from cfmlang.ops.merge.base import MergeMethod, input_count_problem
+from cfmlang.ops.registry import FILTER_DEFAULT, Gradient
 
 DTYPES = FLOAT_DTYPES
 MODEL_KEYS = ("source", "allow_pickle", "description")

@@ -10,24 +10,24 @@ from typing import Any, Callable, Protocol
 import networkx as nx
 import torch
 
-from cfmlang.compiler.adapter_route import AdapterRouteProvider
-from cfmlang.compiler.adapters import (AttachProvider, ExtractProvider, MergedAdapterProvider, OnTrainStep,
+from cfmlang.ops.adapter_routes.providers import AdapterRouteProvider
+from cfmlang.ops.lora.providers import (AttachProvider, ExtractProvider, MergedAdapterProvider, OnTrainStep,
                                       PeftSourceProvider, TrainProvider)
-from cfmlang.compiler.execute_experts import ExpertsProvider, RouteProvider
+from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import (FLOAT_DTYPES, AdapterRouteNode, AttachNode, CheckedProgram, EditNode, ExpertsNode,
                                  FinetuneNode, GrowNode, LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode,
                                  MergeNode, ModelNode, RouteNode, TensorSpec, layer_index)
-from cfmlang.compiler.materialise import materialise
-from cfmlang.compiler.sources import SourceError, weight_files
-from cfmlang.compiler.weights import TORCH_DTYPES, NodeStats, Rows, SafetensorsReader, WeightError, open_source
+from cfmlang.io.materialise import materialise
+from cfmlang.io.sources import SourceError, weight_files
+from cfmlang.io.weights import TORCH_DTYPES, NodeStats, Rows, SafetensorsReader, WeightError, open_source
 from cfmlang.diagnostics import CompileError
-from cfmlang.stdlib import lookup
-from cfmlang.stdlib.edit_report import measured
-from cfmlang.stdlib.editing import EditError, Request
-from cfmlang.stdlib.finetune import DataError, Training, finetune, read_texts
-from cfmlang.stdlib.merge_base import MergeContext, MergeError
-from cfmlang.stdlib.registry import evaluate
+from cfmlang.ops import lookup
+from cfmlang.ops.update.report import measured
+from cfmlang.ops.update.editing import EditError, Request
+from cfmlang.ops.update.finetune import DataError, Training, finetune, read_texts
+from cfmlang.ops.merge.base import MergeContext, MergeError
+from cfmlang.ops.registry import evaluate
 
 
 class Provider(Protocol):
@@ -260,7 +260,7 @@ def make_provider(program: CheckedProgram, node, providers: dict[str, Provider],
     if isinstance(node, AdapterRouteNode):
         return AdapterRouteProvider(node, providers[node.base], [providers[a] for a in node.adapters], on_train_step)
     if isinstance(node, GrowNode):
-        from cfmlang.compiler.execute_grow import grow_provider
+        from cfmlang.ops.grow.providers import grow_provider
 
         return grow_provider(node, providers, node_seed(program, node))
     dtype = node.dtype or program.dtype

@@ -32,8 +32,8 @@ from pydantic import BaseModel
 
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import CheckedProgram, Source
-from cfmlang.compiler.sources import SAFETENSORS_INDEX, weight_files
-from cfmlang.compiler.weights import SUPPORT_FILES
+from cfmlang.io.sources import SAFETENSORS_INDEX, weight_files
+from cfmlang.io.weights import SUPPORT_FILES
 from cfmlang.diagnostics import Span
 
 CACHE_FORMAT = 1

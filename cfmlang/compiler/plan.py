@@ -29,7 +29,7 @@ from cfmlang.compiler.cache import Cache, Entry
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import FLOAT_DTYPES, CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec
 from cfmlang.diagnostics import Diagnostic, error
-from cfmlang.stdlib import lookup
+from cfmlang.ops import lookup
 
 RUN, CACHED, READ, SKIP = "run", "cached", "read", "skip"
 BASELINE_BYTES = 400 * 1024**2
@@ -188,7 +188,7 @@ def output_specs(program: CheckedProgram, node) -> tuple[TensorSpec, ...]:
 
 
 def _adapter_specs(node: LoraExtractNode) -> tuple[TensorSpec, ...]:
-    from cfmlang.stdlib.lora import is_target
+    from cfmlang.ops.lora.factors import is_target
 
     return tuple(TensorSpec(s.name, (node.rank * (s.shape[0] + s.shape[1]),), s.dtype)
                  for s in node.arch.tensors if len(s.shape) == 2 and is_target(s.name, list(node.targets)))

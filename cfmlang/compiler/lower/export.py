@@ -21,7 +21,7 @@ from cfmlang.compiler.lower.decoder import CachedDecoder, empty_cache
 from cfmlang.compiler.lower.packing import swapped
 from cfmlang.compiler.lower.passes import require_no_data_dependent_ops
 from cfmlang.diagnostics import CompileError, error
-from cfmlang.modules.routed_mlp import RoutedMLP
+from cfmlang.runtime.routed_mlp import RoutedMLP
 
 PROGRAM = "model.pt2"
 MAX_BATCH = 1024

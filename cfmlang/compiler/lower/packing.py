@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cfmlang.modules.packed_linear import BLOCK, PackedLinear
-from cfmlang.modules.routed_mlp import RoutedMLP
+from cfmlang.runtime.packed_linear import BLOCK, PackedLinear
+from cfmlang.runtime.routed_mlp import RoutedMLP
 
 # Rebuilding weights from codes costs arithmetic per row of the batch, reading float32
 # weights does not: on the 2-core CPU the packed SmolLM2 decode step costs the same for 1

@@ -1,0 +1,1 @@
+"""The artifact: writing shards atomically, the manifest, loading."""

@@ -1,0 +1,1 @@
+"""The front end: grammar, parser, AST and import resolution."""

@@ -1,0 +1,1 @@
+"""Weight sources and readers: HF directories, safetensors, GGUF, packages."""

@@ -1,0 +1,231 @@
+"""Weight readers used while executing: one tensor at a time, straight from disk.
+
+Safetensors files are read with plain positioned reads into a fresh buffer (not mmap),
+so the bytes of tensors already processed never stay in the process's resident set.
+GGUF files are converted once to safetensors (through transformers) and cached by
+content hash.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cfmlang.compiler.ir import Source, TensorSpec
+from cfmlang.io.sources import SourceError, safetensors_header, weight_files
+
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_CODES = {v: k for k, v in TORCH_DTYPES.items()}
+SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                 "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+Rows = "tuple[int, int] | None"
+"""A range [start, stop) of a tensor's first dimension, or None for the whole tensor."""
+
+
+@dataclass
+class NodeStats:
+    """Tensors a node produced (each counted once, however many row blocks it took)."""
+
+    tensors: int = 0
+    last: str = ""
+
+    def count(self, name: str) -> None:
+        if name != self.last:
+            self.tensors += 1
+            self.last = name
+
+
+class WeightError(Exception):
+    """A problem found while reading or computing weights; names the tensor and file,
+    and carries the span of the statement that produced it when one is known."""
+
+    def __init__(self, message: str, span=None, help: str = ""):
+        super().__init__(message)
+        self.span = span
+        self.help = help
+
+
+class SafetensorsReader:
+    def __init__(self, files: list[Path]):
+        self.location: dict[str, tuple[Path, int, int]] = {}
+        self.specs: list[TensorSpec] = []
+        for path in files:
+            header, data_start = safetensors_header(path)
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.location[name] = (path, data_start + start, end - start)
+                self.specs.append(TensorSpec(name, tuple(info["shape"]), info["dtype"]))
+        self.spec_by_name = {s.name: s for s in self.specs}
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        """The tensor, or only rows [start, stop) of its first dimension."""
+        if name not in self.location:
+            raise WeightError(f"tensor `{name}` is missing")
+        path, offset, length = self.location[name]
+        spec = self.spec_by_name[name]
+        dtype = TORCH_DTYPES[spec.dtype]
+        expected = dtype.itemsize
+        for dim in spec.shape:
+            expected *= dim
+        if expected != length:
+            raise WeightError(f"tensor `{name}` in {path.name} has {length} bytes but its "
+                              f"shape {list(spec.shape)} and dtype {spec.dtype} need {expected}")
+        shape = spec.shape
+        if rows is not None:
+            row_bytes = length // shape[0] if shape[0] else 0
+            offset, length = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0],) + shape[1:]
+        buffer = torch.empty(length, dtype=torch.uint8)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                got = handle.readinto(buffer.numpy())
+        except OSError as exc:
+            raise WeightError(f"cannot read tensor `{name}` from {path}: {exc.strerror or exc}") from None
+        if got != length:
+            raise WeightError(f"tensor `{name}` in {path.name} is truncated "
+                              f"({got} of {length} bytes)")
+        return buffer.view(dtype).reshape(shape)
+
+
+class PickleReader:
+    """`pytorch_model*.bin` checkpoints, read only when the model sets allow_pickle, and
+    then only through torch's weights-only unpickler (tensors and plain containers: a
+    pickle that names any other callable is refused, and nothing in it runs)."""
+
+    def __init__(self, files: list[Path]):
+        self.tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            self.tensors.update(load_pickled_state(path))
+        self.specs = [TensorSpec(n, tuple(t.shape), DTYPE_CODES[t.dtype]) for n, t in self.tensors.items()]
+
+    def get(self, name: str, rows: Rows = None) -> torch.Tensor:
+        if name not in self.tensors:
+            raise WeightError(f"tensor `{name}` is missing")
+        tensor = self.tensors[name]
+        return (tensor if rows is None else tensor[rows[0]:rows[1]]).clone()
+
+
+def load_pickled_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch warns about pickle protocols it may not read
+            state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, RuntimeError, EOFError...)
+        raise SourceError("E145", f"{path.name} cannot be loaded safely: {_unpickling_reason(exc)}",
+                          "only tensors are read from pickles; convert the checkpoint to "
+                          "safetensors with a tool you trust") from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.dtype in DTYPE_CODES
+            for k, v in state.items()):
+        raise SourceError("E145", f"{path.name} does not hold a state dict of tensors",
+                          "a pytorch_model.bin holds {name: tensor}; convert the checkpoint to safetensors")
+    return state
+
+
+TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    telling = [line for line in lines if not line.startswith(TORCH_BOILERPLATE)]
+    return telling[0] if telling else lines[0]
+
+
+def open_source(source: Source, allow_pickle: bool, cache_dir: Path, log=print):
+    """(reader, directory holding config.json and tokenizer files) for a model source."""
+    if source.kind == "gguf":
+        folder = converted_gguf(Path(source.path), cache_dir, log)
+        return SafetensorsReader(weight_files(folder, False)), folder
+    if source.kind == "safetensors":
+        return SafetensorsReader([Path(source.path)]), Path(source.path).parent
+    folder = Path(source.path)
+    files = weight_files(folder, allow_pickle)
+    reader = PickleReader(files) if files[0].suffix == ".bin" else SafetensorsReader(files)
+    return reader, folder
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CFM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfmlang")
+    return Path(root)
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """Content hash of a file, remembered by (size, mtime) so it is computed once."""
+    stat = path.stat()
+    memo_path = cache_dir / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        memo[key] = digest.hexdigest()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
+        os.replace(tmp, memo_path)
+    return memo[key]
+
+
+def converted_gguf(path: Path, cache_dir: Path, log=print) -> Path:
+    """The cached HF directory converted from a GGUF file (converted on first use)."""
+    target = cache_dir / "gguf" / file_sha256(path, cache_dir)
+    if (target / "config.json").is_file():
+        with contextlib.suppress(OSError):   # last used: the cache evicts the least recently used
+            os.utime(target)
+        return target
+    log(f"converting {path.name} to safetensors once (cached in {target}) ...")
+    from cfmlang.artifact.write import atomic_directory, write_state_dict
+
+    with atomic_directory(target) as tmp:
+        model, tokenizer = load_gguf(path)
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        write_state_dict(tmp, state)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+    return target
+
+
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"   # transformers' GGUF dequantizer draws its own bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+    return model, tokenizer

@@ -1,1 +1,0 @@
-"""Torch modules that compiled artifacts need beyond what transformers provides."""

@@ -1,0 +1,73 @@
+"""The method catalogue: every registered method with its parameters, rendered from the
+registry itself so the reference can never drift from the code (docs/methods.md is this
+output; a test keeps it so)."""
+from __future__ import annotations
+
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from cfmlang.ops.registry import REGISTRY, Method
+
+KEYWORD_ORDER = ("merge", "adapter_merge", "brick", "grow", "route", "update")
+HEADINGS = {"adapter_merge": "merge over lora bricks (PEFT `add_weighted_adapter`)"}
+
+
+def parameter_rows(model: type[BaseModel] | None) -> list[str]:
+    if model is None:
+        return []
+    rows = []
+    for name, field in model.model_fields.items():
+        shown = field.alias or name
+        kind = _type_name(field.annotation)
+        default = "required" if field.default is PydanticUndefined else f"`{_plain(field.default)}`"
+        rows.append(f"`{shown}` ({kind}, {default})")
+    return rows
+
+
+def _type_name(annotation) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, UnionType):
+        if "dict[str" in str(annotation) and "list[float]" in str(annotation):
+            return "number, gradient or filter map"
+        rest = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in rest) + (" or null" if len(rest) < len(args) else "")
+    if origin is Literal:
+        return "one of " + " ".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return {bool: "bool", int: "int", float: "number", str: "string"}.get(annotation, str(annotation))
+
+
+def _plain(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def method_line(cls: type[Method]) -> str:
+    options = parameter_rows(cls.Options)
+    per_input = parameter_rows(getattr(cls, "Input", None))
+    parts = [f"| `{cls.name}` | {cls.summary or ''} "]
+    parts.append(f"| {getattr(cls, 'base', '—')} ")
+    parts.append(f"| {'<br>'.join(options) or '—'} | {'<br>'.join(per_input) or '—'} |")
+    return "".join(parts)
+
+
+def methods_markdown() -> str:
+    lines = ["# Method reference", "",
+             "Generated from the method registry (`cfmc methods`). Node options go at the "
+             "statement level; per-input parameters go under each input in `inputs:` (or at "
+             "statement level as defaults for every input). Numbers marked *gradient* also "
+             "take a list interpolated across layers or a map of tensor-name filters.", ""]
+    for keyword in KEYWORD_ORDER:
+        entries = sorted((c for (k, _), c in REGISTRY.items() if k == keyword), key=lambda c: c.name)
+        lines += [f"## {HEADINGS.get(keyword, keyword)}", ""]
+        if entries:
+            lines += ["| method | what it does | base | node options | per-input parameters |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [method_line(c) for c in entries]
+            lines.append("")
+    return "\n".join(lines)

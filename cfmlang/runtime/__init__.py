@@ -1,0 +1,1 @@
+"""Torch modules of routed and adapted models, generation, benchmarks."""
