@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cfmlang.io.weights import converted_gguf, default_cache_dir
+from cfmlang.io.gguf import converted_gguf
+from cfmlang.io.weights import default_cache_dir
 from cfmlang.runtime.adapter_mixture import AdapterMixture
 from cfmlang.ops.lora.factors import LoraFactors
 

@@ -8,7 +8,7 @@
 # Environment: PYTHON (default .venv/bin/python, else python3), DEVICE (default cuda),
 # BRICK (default examples/smol.brick), TARGETS (default: export inductor, plus tensorrt
 # when torch_tensorrt imports), OUT (default out/gpu_check), BENCH_ARGS (extra cfmc bench
-# arguments). With DEVICE=cpu the same steps run on CPU (tests/test_lower.py does so).
+# arguments). With DEVICE=cpu the same steps run on CPU (tests/lower/test_lower.py does so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

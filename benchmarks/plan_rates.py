@@ -8,7 +8,7 @@ own. Absolute speed depends on the machine's load, so each method's rate is prin
 ratio to `linear` measured in the same run, and the table at the end scales those ratios
 to `--linear-anchor`, the linear rate measured on an idle 2-core machine by
 benchmarks/merge_vs_mergekit.py (3 x 1.34 GB in 5.3 s). That table is what
-cfmlang/compiler/plan.py uses."""
+cfmlang/ops/merge/__init__.py uses."""
 from __future__ import annotations
 
 import argparse

@@ -4,7 +4,7 @@ a change of the compiler's structure can be shown not to move any output.
     python tests/artifact_hashes.py record [--smollm2]    # writes tests/golden/artifact_hashes.json
     python tests/artifact_hashes.py verify [--smollm2]    # prints every artifact that moved
 
-`tests/test_artifact_hashes.py` verifies the tiny-model programs in every run of the suite;
+`tests/compiler/test_artifact_hashes.py` verifies the tiny-model programs in every run of the suite;
 the SmolLM2 examples (tens of minutes on 2 cores) are verified with `--smollm2`, or in the
 suite with CFM_SMOLLM2_HASHES=1. Absolute paths of the build folders are replaced by
 placeholders before hashing, cfm.json's `created` is fixed by SOURCE_DATE_EPOCH, and its
@@ -63,7 +63,7 @@ def build_artifact_models(models: Path) -> None:
 
 
 def build_golden_models(models: Path) -> None:
-    sys.path.insert(0, str(TESTS))
+    sys.path[:0] = [str(TESTS), str(TESTS / "frontend")]
     from test_golden import build_models
 
     build_models(models)

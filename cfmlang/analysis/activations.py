@@ -1,7 +1,7 @@
 """FFN neuron activations of a transformers model, read and edited through hooks.
 
-A neuron's activation is an entry of a = act(gate_proj(x)) * up_proj(x), the input of
-`mlp.down_proj`; forward pre-hooks on every layer's `down_proj` observe or replace it.
+A neuron's activation is an entry of a = act(gate(x)) * up(x), the input of the FFN's
+down projection; forward pre-hooks on every layer's down projection observe or replace it.
 The model itself runs unchanged (no reimplementation of any architecture)."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cfmlang.analysis.probes import Probes
+from cfmlang.architectures import ArchitectureError, layer_module, of_model
 from cfmlang.diagnostics import CompileError, error
 
 Edit = Callable[[int, torch.Tensor], torch.Tensor]
@@ -27,15 +28,18 @@ class Batch:
 
 
 def ffn_sites(model: nn.Module) -> list[nn.Linear]:
-    """The `down_proj` of each layer's gated FFN, in layer order."""
-    sites = [(name, module) for name, module in model.named_modules()
-             if name.endswith("mlp.down_proj") and isinstance(module, nn.Linear)]
-    if not sites:
-        raise CompileError([error("E161", f"{type(model).__name__} has no gated FFN "
-                                  "(`mlp.down_proj` of a Llama/Mistral-style layer)", None,
-                                  "cfmc analyze supports decoder models whose MLP computes "
-                                  "down_proj(act(gate_proj(x)) * up_proj(x))")])
-    return [module for _, module in sites]
+    """The down projection of each layer's gated FFN, in layer order."""
+    try:
+        layout = of_model(model)
+    except ArchitectureError as exc:
+        raise CompileError([exc.diagnostic()]) from None
+    if not layout.gated_ffn:
+        raise CompileError([error("E161", f"{type(model).__name__} has no gated FFN (separate gate, up and "
+                                  f"down projections; {layout.model_type} layers hold "
+                                  f"{', '.join(role for role, _ in layout.members)})", None,
+                                  "cfmc analyze supports decoder models whose FFN computes "
+                                  "down(act(gate(x)) * up(x)), as Llama, Mistral and Qwen2 do")])
+    return [layer_module(model, layer, "ffn.down") for layer in range(layout.num_layers)]
 
 
 def down_weights(model: nn.Module) -> list[torch.Tensor]:

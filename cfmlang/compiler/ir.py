@@ -5,10 +5,12 @@ headers and GGUF metadata.
 """
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Union
 
+from cfmlang.architectures import Architecture
 from cfmlang.diagnostics import Diagnostic, Span
 
 FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -16,18 +18,9 @@ FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64
 MERGEABLE_DTYPES = tuple(FLOAT_DTYPES.values())
 """Safetensors dtypes a merge can read."""
 
-LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(tensor_name: str) -> int | None:
-    match = LAYER_RE.search(tensor_name)
-    return int(match.group(1)) if match else None
-
-
-def renumbered(tensor_name: str, index: int) -> str:
-    """The same tensor of layer `index`: `model.layers.3.mlp...` -> `model.layers.7.mlp...`."""
-    match = LAYER_RE.search(tensor_name)
-    return tensor_name[:match.start(1)] + str(index) + tensor_name[match.end(1):]
+ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+"""Bytes per element of each safetensors dtype code."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +28,15 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str          # safetensors dtype code: F32, F16, BF16, F64 ...
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor as stored (4 per element for an unknown dtype code)."""
+        return self.numel * ITEMSIZE.get(self.dtype, 4)
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,16 @@ class ArchInfo:
     tensors: tuple[TensorSpec, ...]
     new_layers: tuple[int, ...] = ()
     """Layers added by a grow method (block_expand), for statements that select them."""
+    layout: Architecture | None = None
+    """How the family names and groups its tensors (None: a family cfmlang cannot
+    describe; operations that need layers then refuse it)."""
 
     def tensor(self, name: str) -> TensorSpec | None:
         return next((t for t in self.tensors if t.name == name), None)
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """The layer a tensor belongs to (None outside the layers, or without a layout)."""
+        return self.layout.layer_of(tensor_name) if self.layout else None
 
 
 @dataclass(frozen=True)
@@ -65,14 +74,35 @@ class Source:
     path: str
 
 
+class NodeKind(str, Enum):
+    """What a node's output is: a model (tensors others may read), a LoRA adapter, expert
+    bricks (a partition, not a model), or a routed model (a model plus run-time routing)."""
+
+    MODEL = "model"
+    ADAPTER = "adapter"
+    EXPERTS = "experts"
+    ROUTED = "routed model"
+
+
 @dataclass(frozen=True)
-class ModelNode:
+class IRNode:
+    """What every node of the IR has: its name, its statement's span, the architecture of
+    its output (`arch`), its kind (`node_type`) and the names of the nodes it reads (`deps`)."""
+
     name: str
     span: Span
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class ModelNode(IRNode):
     source: Source
     allow_pickle: bool
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -87,9 +117,7 @@ class MergeInput:
 
 
 @dataclass(frozen=True)
-class MergeNode:
-    name: str
-    span: Span
+class MergeNode(IRNode):
     method: str
     base: str | None
     inputs: tuple[MergeInput, ...]
@@ -97,7 +125,7 @@ class MergeNode:
     dtype: str | None
     seed: int | None
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -108,11 +136,9 @@ class MergeNode:
 
 
 @dataclass(frozen=True)
-class LoraExtractNode:
+class LoraExtractNode(IRNode):
     """A LoRA adapter extracted from the difference `tuned - base`."""
 
-    name: str
-    span: Span
     tuned: str
     base: str
     rank: int
@@ -120,7 +146,7 @@ class LoraExtractNode:
     targets: tuple[str, ...]
     arch: ArchInfo
     modules: tuple[LoraModuleSpec, ...] = ()
-    node_type: str = "adapter"
+    node_type: NodeKind = NodeKind.ADAPTER
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -141,12 +167,10 @@ class Calibration:
 
 
 @dataclass(frozen=True)
-class ExpertsNode:
+class ExpertsNode(IRNode):
     """Emergent expert bricks: the FFN neurons of `layers` of `model` split into `count`
     equal groups."""
 
-    name: str
-    span: Span
     model: str
     layers: tuple[int, ...]
     split: str
@@ -154,7 +178,7 @@ class ExpertsNode:
     seed: int | None                 # None: the file-level seed
     calibration: Calibration
     arch: ArchInfo
-    node_type: str = "experts"
+    node_type: NodeKind = NodeKind.EXPERTS
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -173,11 +197,9 @@ class Fact:
 
 
 @dataclass(frozen=True)
-class EditNode:
+class EditNode(IRNode):
     """A knowledge edit (`update` with method rome or memit) of `model`."""
 
-    name: str
-    span: Span
     method: str
     model: str
     facts: tuple[Fact, ...]
@@ -185,7 +207,7 @@ class EditNode:
     options: tuple[tuple[str, Any], ...]
     seed: int | None
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -193,11 +215,9 @@ class EditNode:
 
 
 @dataclass(frozen=True)
-class RouteNode:
+class RouteNode(IRNode):
     """A model whose expert-split FFNs run only the top-`k` experts per token."""
 
-    name: str
-    span: Span
     method: str
     experts: str
     router: str
@@ -206,7 +226,7 @@ class RouteNode:
     seed: int | None                 # None: the file-level seed
     calibration: Calibration
     arch: ArchInfo
-    node_type: str = "routed model"
+    node_type: NodeKind = NodeKind.ROUTED
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -214,12 +234,10 @@ class RouteNode:
 
 
 @dataclass(frozen=True)
-class AdapterRouteNode:
+class AdapterRouteNode(IRNode):
     """A model that mixes lora bricks per input: `retrieve` (per sequence, keyed by each
     adapter's `samples`) or `gate` (per token; trained on `data` when given)."""
 
-    name: str
-    span: Span
     method: str
     base: str
     adapters: tuple[str, ...]
@@ -227,7 +245,7 @@ class AdapterRouteNode:
     options: tuple[tuple[str, Any], ...]      # top_k, temperature, mix / training settings
     data: str | None                          # resolved path of the gate's training text
     arch: ArchInfo
-    node_type: str = "routed model"
+    node_type: NodeKind = NodeKind.ROUTED
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -235,19 +253,17 @@ class AdapterRouteNode:
 
 
 @dataclass(frozen=True)
-class FinetuneNode:
+class FinetuneNode(IRNode):
     """`update` with method finetune: train the tensors under `train` (name prefixes such
     as `model.layers.4.`) of `model` on the texts of `data`; everything else is frozen."""
 
-    name: str
-    span: Span
     model: str
     train: tuple[str, ...]
     data: str
     options: tuple[tuple[str, Any], ...]
     seed: int | None
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -270,17 +286,15 @@ class LoraModuleSpec:
 
 
 @dataclass(frozen=True)
-class LoraSourceNode:
+class LoraSourceNode(IRNode):
     """A PEFT adapter directory, checked against its base from headers only."""
 
-    name: str
-    span: Span
     source: Source
     base: str
     config: dict              # adapter_config.json as read
     modules: tuple[LoraModuleSpec, ...]
     arch: ArchInfo
-    node_type: str = "adapter"
+    node_type: NodeKind = NodeKind.ADAPTER
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -295,17 +309,15 @@ class TrainData:
 
 
 @dataclass(frozen=True)
-class LoraTrainNode:
+class LoraTrainNode(IRNode):
     """A new adapter fine-tuned on `data` from `base`."""
 
-    name: str
-    span: Span
     base: str
     data: TrainData
     options: tuple[tuple[str, Any], ...]      # steps, rank, alpha, lr, seed, targets ...
     modules: tuple[LoraModuleSpec, ...]
     arch: ArchInfo
-    node_type: str = "adapter"
+    node_type: NodeKind = NodeKind.ADAPTER
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -313,11 +325,9 @@ class LoraTrainNode:
 
 
 @dataclass(frozen=True)
-class LoraMergeNode:
+class LoraMergeNode(IRNode):
     """A merge over LoRA bricks with PEFT `add_weighted_adapter` semantics."""
 
-    name: str
-    span: Span
     combination: str
     inputs: tuple[MergeInput, ...]
     options: tuple[tuple[str, Any], ...]      # density, majority_sign_method, svd_rank, svd_clamp
@@ -325,7 +335,7 @@ class LoraMergeNode:
     base: str
     modules: tuple[LoraModuleSpec, ...]
     arch: ArchInfo
-    node_type: str = "adapter"
+    node_type: NodeKind = NodeKind.ADAPTER
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -333,15 +343,13 @@ class LoraMergeNode:
 
 
 @dataclass(frozen=True)
-class AttachNode:
+class AttachNode(IRNode):
     """A model with static adapters fused into its weights: W + scale * B @ A."""
 
-    name: str
-    span: Span
     model: str
     adapters: tuple[str, ...]
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -362,14 +370,12 @@ class LayerSource:
 
 
 @dataclass(frozen=True)
-class GrowNode:
+class GrowNode(IRNode):
     """A model grown from `inputs` (one, or the models of `stack` slices, in order).
 
     `layers` is the origin of every output layer for depth methods (empty for widen and
     upcycle); `tolerance` is set when identity verification runs, against `inputs[0]`."""
 
-    name: str
-    span: Span
     method: str
     inputs: tuple[str, ...]
     layers: tuple[LayerSource, ...]
@@ -377,7 +383,7 @@ class GrowNode:
     tolerance: float | None
     seed: int | None
     arch: ArchInfo
-    node_type: str = "model"
+    node_type: NodeKind = NodeKind.MODEL
 
     @property
     def deps(self) -> tuple[str, ...]:

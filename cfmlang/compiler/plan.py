@@ -27,30 +27,13 @@ import networkx as nx
 
 from cfmlang.compiler.cache import Cache, Entry
 from cfmlang.compiler.graph import execution_order
-from cfmlang.compiler.ir import FLOAT_DTYPES, CheckedProgram, LoraExtractNode, MergeNode, ModelNode, TensorSpec
+from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.diagnostics import Diagnostic, error
-from cfmlang.ops import lookup
+from cfmlang.ops.base import input_specs, operation_of
 
 RUN, CACHED, READ, SKIP = "run", "cached", "read", "skip"
 BASELINE_BYTES = 400 * 1024**2
 """Resident memory of the compiler process before any weight (python, torch, transformers)."""
-ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-BYTES_PER_SECOND = {
-    # bytes of input merged per second on the 2-core reference machine: each method's
-    # speed relative to linear, measured by benchmarks/plan_rates.py (on a loaded machine:
-    # ratios are good to perhaps +-30%), times linear's rate in benchmarks/README.md
-    "linear": 760e6, "slerp": 840e6, "nuslerp": 460e6, "multislerp": 280e6, "karcher": 78e6,
-    "task_arithmetic": 230e6, "ties": 66e6, "dare_ties": 130e6, "dare_linear": 120e6,
-    "breadcrumbs": 120e6, "breadcrumbs_ties": 94e6, "della": 64e6, "della_linear": 110e6,
-    "model_stock": 620e6, "sce": 180e6, "nearswap": 230e6, "arcee_fusion": 98e6, "ram": 260e6,
-    "ramplus_tl": 260e6, "passthrough": 740e6,
-}
-GGUF_BYTES_PER_SECOND = 27e6
-"""Converted (float32) bytes written per second when a GGUF file is converted (SmolLM2:
-540 MB in about 20 s)."""
-
-
 @dataclass(frozen=True)
 class NodePlan:
     name: str
@@ -105,8 +88,10 @@ def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | 
     nodes = []
     for name in execution_order(graph):
         node = program.node(name)
+        operation = operation_of(node)
+        source = operation.source_cost(node, cache)
         status = (SKIP if name not in needed else CACHED if name in entries
-                  else READ if isinstance(node, ModelNode) else RUN)
+                  else READ if source is not None else RUN)
         nodes.append(_estimate(program, graph, node, keys[name], status, cache, chunk_bytes, use_cache))
     return Plan(program.output, tuple(nodes), not use_cache,
                 {name: entry for name, entry in entries.items() if name in needed})
@@ -118,7 +103,8 @@ def _reusable(program, graph, keys, cache: Cache, shard_bytes: int) -> dict[str,
     the shard layout asked for."""
     found = {}
     for name in graph.nodes:
-        if keys[name] is None or isinstance(program.node(name), ModelNode):
+        node = program.node(name)
+        if keys[name] is None or operation_of(node).source_cost(node, cache) is not None:
             continue
         entry = cache.lookup(keys[name])
         if entry is None:
@@ -146,79 +132,22 @@ def _estimate(program, graph, node, key, status, cache: Cache, chunk_bytes: int,
     op = describe_op(graph.nodes[node.name])
     if status not in (RUN, READ):
         return NodePlan(node.name, op, key, status, 0, 0, 0, 0.0)
-    if isinstance(node, ModelNode):
-        return _source_estimate(node, op, key, cache)
-    read = sum(_bytes(output_specs(program, program.node(d))) for d in node.deps)
+    operation = operation_of(node)
+    source = operation.source_cost(node, cache)
+    if source is not None:
+        return NodePlan(node.name, f"{op}, {source.note}" if source.note else op, key, READ, source.bytes_read,
+                        source.bytes_written, source.peak_bytes, source.seconds)
+    read = sum(s.nbytes for d in node.deps for s in input_specs(program, d))
     stored = node.name == program.output or (use_cache and getattr(node, "node_type", None) == "model")
-    written = _bytes(output_specs(program, node)) if stored else 0
-    peak = _working_set(program, node, chunk_bytes)
-    rate = BYTES_PER_SECOND.get(node.method) if isinstance(node, MergeNode) else None
+    written = sum(s.nbytes for s in operation.output_specs(program, node)) if stored else 0
+    peak = operation.working_set(program, node, chunk_bytes)
+    rate = operation.rate(node)
     return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)
 
 
 def describe_op(attributes: dict) -> str:
     """`merge ties`, `model`, `route topk` ...: a graph node's operation and method."""
     return " ".join(str(attributes[k]) for k in ("op", "method") if k in attributes)
-
-
-def _source_estimate(node: ModelNode, op: str, key, cache: Cache) -> NodePlan:
-    """A source is read by its consumers; a GGUF file not yet converted is converted once
-    (the whole model in float32, about twice over, while it is converted)."""
-    size = _bytes(node.arch.tensors)
-    if node.source.kind != "gguf" or _converted(node, cache):
-        return NodePlan(node.name, op, key, READ, 0, 0, 0, 0.0)
-    return NodePlan(node.name, f"{op}, converted once", key, READ, Path(node.source.path).stat().st_size,
-                    size, 2 * size, size / GGUF_BYTES_PER_SECOND)
-
-
-def _converted(node: ModelNode, cache: Cache) -> bool:
-    return (cache.root / "gguf" / cache.file_hash(Path(node.source.path)) / "config.json").is_file()
-
-
-def output_specs(program: CheckedProgram, node) -> tuple[TensorSpec, ...]:
-    """The tensors a node produces (as far as the checker knows them)."""
-    if isinstance(node, MergeNode):
-        dtype = node.dtype or program.dtype
-        code = FLOAT_DTYPES[dtype] if dtype else None
-        return tuple(TensorSpec(s.name, s.shape, code or s.dtype) for s in node.arch.tensors)
-    if isinstance(node, LoraExtractNode):
-        return _adapter_specs(node)
-    arch = getattr(node, "arch", None)
-    return arch.tensors if arch is not None else ()
-
-
-def _adapter_specs(node: LoraExtractNode) -> tuple[TensorSpec, ...]:
-    from cfmlang.ops.lora.factors import is_target
-
-    return tuple(TensorSpec(s.name, (node.rank * (s.shape[0] + s.shape[1]),), s.dtype)
-                 for s in node.arch.tensors if len(s.shape) == 2 and is_target(s.name, list(node.targets)))
-
-
-def _working_set(program: CheckedProgram, node, chunk_bytes: int) -> int:
-    largest = max((_numel(s) for s in node.arch.tensors), default=0) * 4 if hasattr(node, "arch") else 0
-    if isinstance(node, LoraExtractNode):
-        # tuned and base in float32, the delta, its SVD factors and residual in float64,
-        # and the adapter held whole until it is written
-        return 2 * largest + 4 * 2 * largest + _bytes(_adapter_specs(node))
-    inputs = len(node.deps)
-    if not isinstance(node, MergeNode):
-        # kinds that run the model (edits, training, expert splits, routers): its inputs
-        # whole in float32, four times over (weights, gradients, optimiser moments)
-        return 4 * sum(_numel(s) * 4 for d in node.deps for s in output_specs(program, program.node(d)))
-    if lookup("merge", node.method).elementwise:
-        return (2 * inputs + 3) * min(chunk_bytes, largest)
-    return (3 * inputs + 4) * largest
-
-
-def _numel(spec: TensorSpec) -> int:
-    count = 1
-    for dim in spec.shape:
-        count *= dim
-    return count
-
-
-def _bytes(specs) -> int:
-    return sum(_numel(s) * ITEMSIZE.get(s.dtype, 4) for s in specs)
 
 
 def available_memory() -> int | None:

@@ -321,7 +321,7 @@ class _Importer:
         return merge
 
     def method(self, node) -> str | None:
-        from cfmlang.ops import lookup, names_for
+        from cfmlang.ops.registry import lookup, names_for
 
         name = self.string(node, "`merge_method`")
         if name is None:

@@ -10,6 +10,7 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+from cfmlang.architectures import ArchitectureError, describe, gguf_tensor_name, num_layers_key
 from cfmlang.compiler.ir import ArchInfo, Source, TensorSpec
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error
 
@@ -123,18 +124,69 @@ def read_config(folder: Path) -> dict:
 
 
 def arch_from_config(config: dict, tensors: tuple[TensorSpec, ...]) -> ArchInfo:
+    """What the checker knows of a model from its config.json and tensor headers: sizes
+    read through the family's own config keys (`n_layer`, `n_embd` for GPT-2 ...) and the
+    family's tensor layout. A family cfmlang cannot describe keeps its sizes, without a
+    layout."""
+    arch = _arch_from_keys(config, tensors)    # E051 when the sizes are missing or not numbers
+    try:
+        layout = describe(config)
+    except ArchitectureError:
+        return arch
+    stored = {layout.layer_of(t.name) for t in tensors} - {None}
+    if stored and stored != set(range(layout.num_layers)):
+        raise SourceError("E051", f"config.json says {layout.num_layers} layers (`{layout.keys.num_layers}`) but the "
+                          f"weights hold layers {_ranges(sorted(stored))}",
+                          "the config does not belong to these weights; use the config.json saved with them")
+    return ArchInfo(model_type=layout.model_type, num_layers=layout.num_layers, hidden_size=layout.hidden_size,
+                    vocab_size=layout.vocab_size, intermediate_size=layout.intermediate_size, tensors=tensors,
+                    layout=layout)
+
+
+def _arch_from_keys(config: dict, tensors: tuple[TensorSpec, ...]) -> ArchInfo:
+    """Sizes read from the config's own keys, checked to be positive integers."""
     text = config.get("text_config", config)
     try:
-        return ArchInfo(
-            model_type=str(config.get("model_type", "unknown")),
-            num_layers=int(text["num_hidden_layers"]),
-            hidden_size=int(text["hidden_size"]),
-            vocab_size=int(text["vocab_size"]),
-            intermediate_size=int(text.get("intermediate_size", 0)),
-            tensors=tensors)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError("E051", f"config.json lacks or mangles {exc}",
+        keys = (num_layers_key(config), _first_key(text, HIDDEN_KEYS), _first_key(text, ("vocab_size",)))
+    except KeyError as exc:
+        raise SourceError("E051", f"config.json lacks or mangles a size: it has no {exc.args[0]}",
                           "expected a decoder-only model config (num_hidden_layers, hidden_size, vocab_size)") from None
+    except ArchitectureError as exc:
+        raise SourceError("E051", f"config.json lacks or mangles a size: {exc}",
+                          "expected a decoder-only model config (num_hidden_layers, hidden_size, vocab_size)") from None
+    limits = dict(zip(keys, (MAX_LAYERS, MAX_SIZE, MAX_SIZE)))
+    bad = [key for key in keys if isinstance(text[key], bool) or not isinstance(text[key], int)
+           or not 0 < text[key] <= limits[key]]
+    if bad:
+        raise SourceError("E051", f"config.json lacks or mangles `{bad[0]}`: {text[bad[0]]!r} is not a plausible size",
+                          f"`{bad[0]}` must be a whole number between 1 and {limits[bad[0]]}")
+    width = text.get("intermediate_size")
+    return ArchInfo(model_type=str(config.get("model_type", "unknown")), num_layers=text[keys[0]],
+                    hidden_size=text[keys[1]], vocab_size=text[keys[2]],
+                    intermediate_size=width if isinstance(width, int) and not isinstance(width, bool) else 0,
+                    tensors=tensors)
+
+
+HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+MAX_LAYERS, MAX_SIZE = 4096, 2**24
+"""Larger counts and sizes are damaged configs, not models."""
+
+
+def _first_key(section: dict, keys: tuple[str, ...]) -> str:
+    found = next((key for key in keys if key in section), None)
+    if found is None:
+        raise KeyError(" or ".join(f"`{key}`" for key in keys))
+    return found
+
+
+def _ranges(indices: list[int]) -> str:
+    """`[0, 1, 2, 5]` -> `0-2, 5`."""
+    runs, start = [], indices[0]
+    for previous, current in zip(indices, indices[1:] + [None]):
+        if current != previous + 1:
+            runs.append(f"{start}-{previous}" if previous > start else str(start))
+            start = current
+    return ", ".join(runs)
 
 
 def hf_dir_specs(folder: Path, allow_pickle: bool) -> tuple[TensorSpec, ...]:
@@ -233,25 +285,6 @@ def safetensors_header_specs(path: Path) -> list[TensorSpec]:
             for name, info in header.items() if name != "__metadata__"]
 
 
-# GGUF (llama.cpp) tensor names -> HF Llama names; GGUF lists dims innermost first.
-GGUF_TO_HF = {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
-
-def gguf_tensor_name(name: str) -> str | None:
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in GGUF_TO_HF:
-        return f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in GGUF_TO_HF:
-        return f"{GGUF_TO_HF[parts[0]]}.{parts[1]}"
-    return None
-
-
 def gguf_arch(path: Path) -> ArchInfo:
     """The architecture in a GGUF file's metadata. Reading it walks every metadata array
     (a 49k-token vocabulary takes seconds), so it is remembered per file version."""
@@ -270,17 +303,24 @@ def _gguf_arch(path_name: str, size: int, mtime_ns: int) -> ArchInfo:
         field = lambda key: int(_gguf_field(reader, f"{arch}.{key}"))  # noqa: E731
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else field("vocab_size")
+        config = {"model_type": arch, "num_hidden_layers": field("block_count"),
+                  "hidden_size": field("embedding_length"), "intermediate_size": field("feed_forward_length"),
+                  "vocab_size": vocab, "num_attention_heads": field("attention.head_count"),
+                  "num_key_value_heads": field("attention.head_count_kv")}
+        layout = describe(config)
         specs = []
         for tensor in reader.tensors:
-            hf_name = gguf_tensor_name(tensor.name)
+            hf_name = gguf_tensor_name(layout, tensor.name)
             if hf_name:
                 shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
                 specs.append(TensorSpec(hf_name, shape, "F32"))
-        return ArchInfo(model_type=arch, num_layers=field("block_count"),
-                        hidden_size=field("embedding_length"), vocab_size=vocab,
-                        intermediate_size=field("feed_forward_length"), tensors=tuple(specs))
+        return ArchInfo(model_type=arch, num_layers=layout.num_layers, hidden_size=layout.hidden_size,
+                        vocab_size=vocab, intermediate_size=layout.intermediate_size, tensors=tuple(specs),
+                        layout=layout)
     except SourceError:
         raise
+    except ArchitectureError as exc:
+        raise SourceError("E051", f"{path.name}: {exc}", exc.help) from None
     except Exception as exc:  # gguf raises plain ValueError/KeyError on bad files
         raise SourceError("E051", f"{path.name} is not a readable GGUF file ({exc})") from None
 

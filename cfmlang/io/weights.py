@@ -7,7 +7,6 @@ content hash.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from cfmlang.compiler.ir import Source, TensorSpec
-from cfmlang.io.sources import SourceError, safetensors_header, weight_files
+from cfmlang.compiler.ir import TensorSpec
+from cfmlang.io.sources import SourceError, safetensors_header
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -147,19 +146,6 @@ def _unpickling_reason(exc: Exception) -> str:
     return telling[0] if telling else lines[0]
 
 
-def open_source(source: Source, allow_pickle: bool, cache_dir: Path, log=print):
-    """(reader, directory holding config.json and tokenizer files) for a model source."""
-    if source.kind == "gguf":
-        folder = converted_gguf(Path(source.path), cache_dir, log)
-        return SafetensorsReader(weight_files(folder, False)), folder
-    if source.kind == "safetensors":
-        return SafetensorsReader([Path(source.path)]), Path(source.path).parent
-    folder = Path(source.path)
-    files = weight_files(folder, allow_pickle)
-    reader = PickleReader(files) if files[0].suffix == ".bin" else SafetensorsReader(files)
-    return reader, folder
-
-
 def default_cache_dir() -> Path:
     root = os.environ.get("CFM_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfmlang")
@@ -186,46 +172,3 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
         tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
         os.replace(tmp, memo_path)
     return memo[key]
-
-
-def converted_gguf(path: Path, cache_dir: Path, log=print) -> Path:
-    """The cached HF directory converted from a GGUF file (converted on first use)."""
-    target = cache_dir / "gguf" / file_sha256(path, cache_dir)
-    if (target / "config.json").is_file():
-        with contextlib.suppress(OSError):   # last used: the cache evicts the least recently used
-            os.utime(target)
-        return target
-    log(f"converting {path.name} to safetensors once (cached in {target}) ...")
-    from cfmlang.artifact.write import atomic_directory, write_state_dict
-
-    with atomic_directory(target) as tmp:
-        model, tokenizer = load_gguf(path)
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        write_state_dict(tmp, state)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        tokenizer.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-    return target
-
-
-def load_gguf(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"   # transformers' GGUF dequantizer draws its own bar
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = previous
-    return model, tokenizer

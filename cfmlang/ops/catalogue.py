@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from cfmlang.ops.experts.routers import ROUTER_BUILDERS
 from cfmlang.ops.registry import REGISTRY, Method
 
 KEYWORD_ORDER = ("merge", "adapter_merge", "brick", "grow", "route", "update")
@@ -40,6 +41,10 @@ def _type_name(annotation) -> str:
         return "one of " + " ".join(map(str, args))
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields = ", ".join(f"{f.alias or name}: {_type_name(f.annotation)}"
+                           for name, f in annotation.model_fields.items())
+        return f"map {{{fields}}}"
     return {bool: "bool", int: "int", float: "number", str: "string"}.get(annotation, str(annotation))
 
 
@@ -70,4 +75,13 @@ def methods_markdown() -> str:
                       "| --- | --- | --- | --- | --- |"]
             lines += [method_line(c) for c in entries]
             lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _routers())
+
+
+def _routers() -> list[str]:
+    """The routers a `topk` route may name, with what each builds."""
+    lines = ["## routers of `route` `topk`", "", "| router | what it does |", "| --- | --- |"]
+    for name, build in ROUTER_BUILDERS.items():
+        summary = (build.__doc__ or "").strip().splitlines()[0] if build.__doc__ else ""
+        lines.append(f"| `{name}` | {summary} |")
+    return lines + [""]

@@ -79,3 +79,8 @@ def lookup(keyword: str, name: str) -> type[Method] | None:
 def names_for(keyword: str) -> list[str]:
     return sorted(name for kw, name in REGISTRY if kw == keyword)
 
+
+
+def aliases(model: type[BaseModel]) -> list[str]:
+    """The parameter names a user writes (a field's alias, else its name)."""
+    return [f.alias or name for name, f in model.model_fields.items()]

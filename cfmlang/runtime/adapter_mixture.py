@@ -30,7 +30,7 @@ from cfmlang.ops.lora.factors import LoraFactors
 MIXES = ("softmax", "uniform")
 
 Adapter = dict[str, LoraFactors]
-"""Factors by module path (e.g. `model.layers.0.self_attn.q_proj`): the `modules` of a
+"""Factors by module path (e.g. the adapted linear's path in the base, e.g. `<layers>.0.<query projection>`): the `modules` of a
 compiled lora brick (`cfmlang.ops.lora.factors.LoraAdapter`)."""
 
 

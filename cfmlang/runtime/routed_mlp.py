@@ -30,11 +30,12 @@ data-dependent shape: the expert indices come from `topk` (static k), selection 
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("similarity", "mlp", "quantized", "oracle")
 FORMULATIONS = ("auto", "gather", "masked")
 DOWN_BAGS = (8, 4, 2, 1)  # each token's down rows are summed in this many bags (threads take bags)
 ROWS_BELOW = 8           # experts of fewer neurons gather gate/up as [2m, d] row blocks
@@ -160,16 +161,26 @@ def neuron_rows(gate_up: torch.Tensor) -> torch.Tensor:
                       rows[double // 2:].transpose(0, 1).reshape(-1, hidden)])
 
 
+RouterLoader = Callable[[dict[str, torch.Tensor], Callable, int], Optional[nn.Module]]
+"""(tensors stored for a layer, the FFN's activation, expert count) -> the router module
+(None: the FFN computes every expert's true mass, as the oracle does)."""
+ROUTER_LOADERS: dict[str, RouterLoader] = {
+    "similarity": lambda tensors, act, count: SimilarityRouter(tensors["centres"]),
+    "mlp": lambda tensors, act, count: MlpRouter(tensors["w1"], tensors["w2"]),
+    "quantized": lambda tensors, act, count: QuantizedRouter(tensors["codes"], tensors["scales"],
+                                                             tensors["mins"], act, count),
+    "oracle": lambda tensors, act, count: None,
+}
+"""Routers of top-k routes by name; `cfmlang.ops.experts.routers.register_router` adds one."""
+
+
 def make_router(kind: str, tensors: dict[str, torch.Tensor], act, count: int) -> nn.Module | None:
     """The router module of `kind` from its tensors (None for the oracle, which reads the
     FFN's own activations)."""
-    if kind == "similarity":
-        return SimilarityRouter(tensors["centres"])
-    if kind == "mlp":
-        return MlpRouter(tensors["w1"], tensors["w2"])
-    if kind == "quantized":
-        return QuantizedRouter(tensors["codes"], tensors["scales"], tensors["mins"], act, count)
-    return None
+    if kind not in ROUTER_LOADERS:
+        raise KeyError(f"router `{kind}` is not registered (known: {', '.join(ROUTER_LOADERS)}); "
+                       "import the module that registers it before loading the artifact")
+    return ROUTER_LOADERS[kind](tensors, act, count)
 
 
 class RoutedMLP(nn.Module):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from cfmlang.architectures import layer_module
 from cfmlang.runtime.routed_mlp import RoutedMLP, make_router
 
 ROUTING_FILE = "routing.safetensors"
@@ -25,7 +26,7 @@ def route_model(model, directory, routing: dict):
         prefix = f"layers.{layer}.router."
         own = {name[len(prefix):]: tensor.to(model.dtype) if tensor.is_floating_point() else tensor
                for name, tensor in tensors.items() if name.startswith(prefix)}
-        block = model.model.layers[layer]
+        block = layer_module(model, layer)
         router = make_router(routing["router"], own, block.mlp.act_fn, routing["count"])
         block.mlp = RoutedMLP.from_dense(block.mlp, routing["count"], router, routing["k"])
     return model

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cfmlang.artifact.load import load_eager
 from cfmlang.diagnostics import CompileError, error
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -121,8 +122,6 @@ def empty_cache(config, batch: int, length: int, dtype: torch.dtype, device="cpu
 
 def load_for_lowering(directory: Path, manifest: dict, options) -> nn.Module:
     """The artifact's model in eval mode, LoRA adapters fused, cast to the lowering precision."""
-    from cfmlang.api import load_eager
-
     model = load_eager(directory, manifest)
     if hasattr(model, "merge_and_unload"):      # a PEFT adapter: fuse the static LoRA
         model = model.merge_and_unload()

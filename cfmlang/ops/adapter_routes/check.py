@@ -13,6 +13,7 @@ from cfmlang.compiler.ir import AdapterRouteNode
 from cfmlang.frontend.resolve import Declared
 from cfmlang.diagnostics import error
 from cfmlang.ops.adapter_routes.methods import Retrieve
+from cfmlang.ops.lora.check import adapter_ref
 from cfmlang.ops.update.finetune import DataError, read_texts
 
 ROUTE_KEYS = ("method", "base", "inputs", "description")
@@ -72,7 +73,7 @@ def _adapters(checker, decl: ast.Decl, body: ast.MapValue, method) -> list[tuple
         return None
     adapters = []
     for ref, params in pairs:
-        name = checker.adapter_ref(ref, "route input")
+        name = adapter_ref(checker, ref, "route input")
         samples = None
         if method is Retrieve:
             validated = checker.input_params(method, params, {}, ref.span)

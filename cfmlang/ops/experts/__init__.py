@@ -1,2 +1,70 @@
-"""Expert bricks (FFN neuron partitions) and top-k routes over them."""
+"""Expert bricks (`brick NAME: {kind: experts}`: the FFN neurons of a model split into
+equal groups) and top-k routes over them (`route NAME: {method: topk}`)."""
+from __future__ import annotations
+
+from cfmlang.compiler.ir import ExpertsNode, RouteNode
+from cfmlang.diagnostics import Diagnostic, error
+from cfmlang.io.weights import NodeStats
+from cfmlang.ops.base import Operation, method_word, referenced, register_operation
 from cfmlang.ops.experts import methods  # noqa: F401  (registers the methods)
+from cfmlang.ops.experts.check import check_experts, check_route
+from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
+from cfmlang.ops.experts.writer import calibration_record, write_routed
+
+
+class ExpertsOperation(Operation):
+    name = "experts"
+    nodes = (ExpertsNode, RouteNode)
+    fallback = True     # claims every route; routes over lora bricks belong to adapter_routes
+
+    def claims(self, checker, decl, body) -> bool:
+        if decl.keyword == "brick":
+            return method_word(body, "kind") == "experts"
+        return decl.keyword == "route"
+
+    def references(self, body) -> list[str]:
+        return referenced(body, "from", "experts")
+
+    def check(self, checker, declared, body):
+        method = checker.method_of(declared.decl, body)
+        if method is None:
+            return None
+        check_node = check_experts if declared.decl.keyword == "brick" else check_route
+        return check_node(checker, declared, body, method)
+
+    def attributes(self, node) -> dict:
+        if isinstance(node, ExpertsNode):
+            return {"op": "experts", "from": node.model, "split": node.split, "count": node.count,
+                    "layers": len(node.layers)}
+        return {"op": "route", "method": node.method, "experts": node.experts, "router": node.router, "k": node.k}
+
+    def label(self, name: str, attributes: dict) -> str:
+        if attributes["op"] == "experts":
+            return f"{name}\\nexperts {attributes['split']} x{attributes['count']}"
+        return f"{name}\\nroute {attributes['method']} k={attributes['k']} ({attributes['router']})"
+
+    def refuse_output(self, node) -> Diagnostic | None:
+        if not isinstance(node, ExpertsNode):
+            return None
+        return error("E182", f"`{node.name}` is an experts brick, which is not a model to compile", node.span,
+                     f"route it and compile the route: `route r: {{method: topk, experts: {node.name}, k: ...}}`, "
+                     f"`output: r`")
+
+    def provider(self, context, node, providers):
+        if isinstance(node, ExpertsNode):
+            return ExpertsProvider(node, providers[node.model], context.seed(node), NodeStats())
+        return RouteProvider(node, providers[node.experts], context.seed(node), NodeStats())
+
+    def write(self, node, provider, folder, sizes, progress, log):
+        return write_routed(node, provider, folder, sizes, progress, log)
+
+    def manifest(self, program, node, verified) -> dict:
+        seed = program.seed if node.seed is None else node.seed
+        if isinstance(node, ExpertsNode):
+            return {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
+                    "count": node.count, "seed": seed, "calibration": calibration_record(node.calibration)}
+        return {"op": "route", "method": node.method, "experts": node.experts, "router": node.router,
+                "k": node.k, "epochs": node.epochs, "seed": seed, "calibration": calibration_record(node.calibration)}
+
+
+register_operation(ExpertsOperation())

@@ -15,9 +15,10 @@ import torch
 
 from cfmlang.analysis.probes import read_probes
 from cfmlang.compiler.ir import Calibration
+from cfmlang.architectures import layer_module
+from cfmlang.io.text import WINDOW, sampled_tokens, windows
 from cfmlang.io.weights import WeightError
 
-WINDOW = 256
 MIN_TOKENS = 64
 
 
@@ -49,7 +50,6 @@ def calibration_ids(tokenizer, calibration: Calibration, model, seed: int) -> li
     sequences of WINDOW tokens, seeded."""
     if calibration.origin != "generated":
         return tokenizer(corpus_text(calibration), add_special_tokens=False)["input_ids"][: calibration.tokens]
-    from cfmlang.ops.update.editing import sampled_tokens
 
     sequences = -(-calibration.tokens // WINDOW)
     return sampled_tokens(model, tokenizer, sequences, WINDOW - 1, seed).reshape(-1)[: calibration.tokens].tolist()
@@ -77,17 +77,10 @@ def token_windows(tokenizer, calibration: Calibration, span, model=None, seed: i
     return windows(ids)
 
 
-def windows(ids: list[int]) -> torch.Tensor:
-    """[windows, length]: `ids` cut into windows of WINDOW tokens (one shorter window when
-    there are fewer), the remainder dropped."""
-    length = min(WINDOW, len(ids))
-    return torch.tensor(ids[:len(ids) // length * length]).view(-1, length)
-
-
 def ffn_inputs(model, windows: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
     """The input of each selected layer's FFN on every calibration token: {layer: [T, d]}."""
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    hooks = [model.model.layers[layer].mlp.register_forward_pre_hook(
+    hooks = [layer_module(model, layer, "ffn.up").register_forward_pre_hook(
         lambda module, args, layer=layer: captured[layer].append(args[0].reshape(-1, args[0].shape[-1]).float()))
         for layer in layers]
     try:

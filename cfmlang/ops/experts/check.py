@@ -16,7 +16,8 @@ from cfmlang.diagnostics import CompileError, did_you_mean, error
 EXPERTS_KEYS = ("kind", "from", "description")
 ROUTE_KEYS = ("method", "experts", "description")
 FFN_SELECTOR_HELP = "select FFNs as `m.layers[*].mlp`, `m.layers[3].mlp` or `m.layers[0:12].mlp`"
-FFN_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+FFN_ROLES = ("ffn.gate", "ffn.up", "ffn.down")
+"""A gated FFN: separate gate, up and down projections."""
 SHIPPED_PROBES = "probes"     # `calibration: probes`: the shipped probe prompts as calibration text
 
 
@@ -148,13 +149,18 @@ def gated_ffns(checker, arch: ArchInfo, model: str, layers: tuple[int, ...], spa
     """Every selected layer has a gated FFN (gate, up, down projections) without biases."""
     if not arch.tensors:
         return True   # pickled checkpoints: the executor checks while loading
+    layout = checker.layout_of(model, "an experts brick", span)
+    if layout is None:
+        return False
     names = {t.name for t in arch.tensors}
     for layer in layers:
-        prefix = f"model.layers.{layer}.mlp."
-        missing = [t for t in FFN_TENSORS if prefix + t not in names]
-        biased = [n for n in names if n.startswith(prefix) and n.endswith(".bias")]
+        wanted = [layout.module(layer, role) + ".weight" if layout.member(role) else f"{role} of layer {layer}"
+                  for role in FFN_ROLES]
+        missing = [name for name in wanted if name not in names]
+        biased = [n for n in names if layout.layer_of(n) == layer and layout.role_of(n) in FFN_ROLES
+                  and n.endswith(".bias")]
         if missing or biased:
-            what = f"has no `{prefix}{missing[0]}`" if missing else f"has a bias `{biased[0]}`"
+            what = f"has no `{missing[0]}`" if missing else f"has a bias `{biased[0]}`"
             checker.problems.append(error(
                 "E165", f"layer {layer} of `{model}` {what}", span,
                 "experts need gated FFNs without biases (gate_proj, up_proj, down_proj: "

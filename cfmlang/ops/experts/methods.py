@@ -3,12 +3,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
-from cfmlang.runtime.routed_mlp import ROUTERS
+from cfmlang.ops.experts.routers import ROUTER_BUILDERS
 from cfmlang.ops.registry import Method, Params, register
 
 SPLITS = ("kmeans", "cooccurrence", "functional", "random")
+
+
+def registered_router(name: str) -> str:
+    """A router name registered with `register_router` (similarity, mlp, quantized, oracle ...)."""
+    if name not in ROUTER_BUILDERS:
+        raise ValueError(f"unknown router `{name}`; routers: {', '.join(ROUTER_BUILDERS)}")
+    return name
+
+
+RouterName = Annotated[str, AfterValidator(registered_router)]
 CALIBRATED_SPLITS = ("cooccurrence", "functional")
 
 
@@ -45,10 +55,10 @@ class ExpertsBrick(Method):
 class TopkRoute(Method):
     keyword = "route"
     name = "topk"
-    summary = ("run only the `k` experts of `experts:` its `router` (similarity, mlp, quantized, "
-               "oracle) picks per token")
+    summary = ("run only the `k` experts of `experts:` its `router` picks per token (similarity, "
+               "mlp, quantized, oracle, and any router a module registers with `register_router`)")
 
     class Options(CalibrationOptions):
         k: Annotated[int, Field(ge=1)]
-        router: Literal[ROUTERS] = "mlp"
+        router: RouterName = "mlp"
         epochs: Annotated[int, Field(ge=1)] = 30

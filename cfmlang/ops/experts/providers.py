@@ -10,7 +10,6 @@ routers (`routing_tensors`) for routing.safetensors.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from cfmlang.io.weights import Rows
 from cfmlang.runtime.routed_mlp import pack
 from cfmlang.ops.experts.calibration import dense_model, ffn_inputs, load_tokenizer, token_windows
 from cfmlang.ops.experts.partition import cooccurrence_split, functional_split, kmeans_split, order_of, random_split
-from cfmlang.ops.experts.routers import BuiltRouter, build_router
+from cfmlang.ops.experts.routers import NEEDS_DATA, BuiltRouter, build_router
 
-FFN_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+FFN_ROLES = {"gate_proj": "ffn.gate", "up_proj": "ffn.up", "down_proj": "ffn.down"}
+"""The FFN projections an expert split permutes, by the names routers and RoutedMLP use."""
 
 
 def activation_function(folder: Path):
@@ -52,7 +52,7 @@ class ExpertsProvider:
         self.act = activation_function(self.support_dir)
 
     def weight(self, layer: int, projection: str) -> torch.Tensor:
-        return self.model.get(f"model.layers.{layer}.mlp.{projection}.weight")
+        return self.model.get(ffn_weight(self.node.arch.layout, layer, projection))
 
     def order(self, layer: int) -> torch.Tensor:
         """The permutation of this layer's neurons that lists them expert by expert."""
@@ -109,23 +109,29 @@ class RouteProvider:
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         """The tensor; routed FFN weights with their neurons in expert order."""
         self.stats.count(name)
-        match = FFN_TENSOR.match(name)
-        if match is None or int(match.group(1)) not in self.routed:
+        layout = self.experts.node.arch.layout
+        layer, role = layout.layer_of(name), layout.role_of(name)
+        if layer not in self.routed or role not in FFN_ROLES.values() or not name.endswith(".weight"):
             return self.experts.model.get(name, rows)
         tensor = self.experts.model.get(name)
-        order = self.experts.order(int(match.group(1)))
-        permuted = tensor[:, order] if match.group(2) == "down_proj" else tensor[order]
+        order = self.experts.order(layer)
+        permuted = tensor[:, order] if role == "ffn.down" else tensor[order]
         return permuted if rows is None else permuted[rows[0]:rows[1]]
 
     def packed_gate_up(self, layer: int) -> torch.Tensor:
         """[E, d, 2m]: the layer's gate and up weights packed as RoutedMLP packs them."""
-        gate, up, down = (self.get(f"model.layers.{layer}.mlp.{p}.weight").float()
-                          for p in ("gate_proj", "up_proj", "down_proj"))
+        layout = self.experts.node.arch.layout
+        gate, up, down = (self.get(ffn_weight(layout, layer, p)).float() for p in FFN_ROLES)
         return pack(gate, up, down, self.experts.node.count)[0]
 
     def routers(self) -> dict[int, BuiltRouter]:
         node = self.node
-        inputs = self.experts.ffn_inputs(node.calibration) if node.router == "mlp" else {}
+        inputs = self.experts.ffn_inputs(node.calibration) if node.router in NEEDS_DATA else {}
         return {layer: build_router(node.router, self.packed_gate_up(layer), self.experts.act,
                                     inputs.get(layer), node.k, node.epochs, self.seed + layer)
                 for layer in self.experts.node.layers}
+
+
+def ffn_weight(layout, layer: int, projection: str) -> str:
+    """The weight name of a layer's FFN projection (`gate_proj`, `up_proj`, `down_proj`)."""
+    return layout.module(layer, FFN_ROLES[projection]) + ".weight"

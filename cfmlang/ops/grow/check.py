@@ -4,39 +4,58 @@ without reading a weight. Part of the check stage (called by check.py)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Annotated
+
+from pydantic import Field
 
 from cfmlang.frontend import ast
-from cfmlang.compiler.ir import ArchInfo, GrowNode, LayerSource, TensorSpec, layer_index
+from cfmlang.architectures import upcycled
+from cfmlang.compiler.ir import ArchInfo, GrowNode, LayerSource, TensorSpec
 from cfmlang.diagnostics import error, warning
 from cfmlang.ops.grow.prompt_gates import PROMPTED_MODES
-from cfmlang.ops.grow.methods import (MLP_MODULES, BlockExpand, GrowMethod, Moe, Stack, Upcycle, Widen, cast_spec,
-                                 depth_origins,
-                                 every_positions, expanded_layers, missing_output_projections, sliced_layers,
-                                 upcycled_specs, widened_spec)
+from cfmlang.ops.registry import Gradient, Params
+from cfmlang.ops.grow.shapes import (FFN_ROLES, cast_spec, depth_origins, every_positions, expanded_layers,
+                                     missing_output_projections, sliced_layers, upcycled_specs, widened_spec)
 
 GROW_KEYS = ("method", "from", "seed", "description")
+
+
+class Slice(Params):
+    """Per-slice parameters of `stack`, mergekit's passthrough parameters."""
+
+    scale: Gradient | None = None
+
+
+class Expert(Params):
+    """Per-expert parameters of `moe`, mergekit-moe's names."""
+
+    positive_prompts: list[str] = []
+    negative_prompts: list[str] = []
+    noise_scale: Annotated[float, Field(ge=0)] | None = None
+    residual_scale: float | None = None
+
+
+
+class _ExpertInputs:
+    """What `checker.merge_inputs` binds moe's `inputs:` with."""
+
+    Input = Expert
 STACK_KEYS = ("method", "slices", "seed", "description")
 MOE_KEYS = ("method", "base", "inputs", "seed", "description")
 UPCYCLE_TYPES = ("llama", "mistral")
 
 
-def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method: type[GrowMethod]) -> GrowNode | None:
-    """The GrowNode of `decl`, or None after reporting why it cannot be built."""
-    keys = {Stack: STACK_KEYS, Moe: MOE_KEYS}.get(method, GROW_KEYS)
+def check_grow(checker, decl: ast.Decl, body: ast.MapValue, method) -> GrowNode | None:
+    """The GrowNode of `decl` (planned by the method's `plan`), or None after reporting
+    why it cannot be built."""
+    keys = method.keys
     option_names = [f.alias or n for n, f in method.Options.model_fields.items()]
     checker.unknown_keys(body, keys + tuple(option_names), f"grow `{decl.name}` (method {method.name})")
     before = len(checker.problems)
     entries = tuple(e for e in body.entries if e.key in option_names)
     options = checker.validate(method.Options, ast.MapValue(entries, body.span), body.span)
     seed = checker.seed(body.get("seed").value) if body.get("seed") else None
-    if method is Stack:
-        planned = None if options is None else _stack(checker, decl, body, options)
-    elif method is Moe:
-        planned = None if options is None else _moe(checker, decl, body, options)
-    else:
-        source = _from(checker, decl, body)
-        planned = None if source is None or options is None else \
-            _PLANNERS[method](checker, decl, body, options, source)
+    planned = None if options is None else method.plan(checker, decl, body, options)
     if planned is None or options is None or any(p.is_error for p in checker.problems[before:]):
         return None
     inputs, layers, arch, *expert_specs = planned
@@ -56,19 +75,21 @@ def _from(checker, decl: ast.Decl, body: ast.MapValue, key: str = "from") -> str
 def _block_expand(checker, decl, body, options, source: str):
     arch = checker.nodes[source].arch
     positions = _positions(checker, decl, body, options, arch.num_layers)
-    if positions is None:
+    layout = checker.layout_of(source, "block_expand", body.get("method").value.span)
+    if positions is None or layout is None:
         return None
     missing = [(p, what) for p in sorted(set(positions))
-               for what in missing_output_projections(list(arch.tensors), p)] if arch.tensors else []
+               for what in missing_output_projections(list(arch.tensors), p, layout)] if arch.tensors else []
     if missing:
         layer, what = missing[0]
         checker.problems.append(error(
             "E113", f"block_expand cannot zero the {what} of layer {layer} of `{source}`: "
             "no such tensor", body.get("method").value.span,
-            "block_expand needs Llama-style blocks (self_attn.o_proj, mlp.down_proj)"))
+            "a new block is the identity only when every projection that writes into the residual "
+            f"stream is zeroed; `{source}` ({arch.model_type}) lacks one"))
         return None
     layers = expanded_layers(source, arch.num_layers, positions)
-    return (source,), layers, _depth_arch(arch, layers, {source: list(arch.tensors)})
+    return (source,), layers, depth_arch(arch, layers, {source: list(arch.tensors)})
 
 
 def _positions(checker, decl, body, options, num_layers: int) -> list[int] | None:
@@ -116,16 +137,18 @@ def _checked_positions(checker, value: ast.ListValue, positions: list[int], num_
     return positions if ok else None
 
 
-def _depth_arch(arch: ArchInfo, layers: tuple[LayerSource, ...],
+def depth_arch(arch: ArchInfo, layers: tuple[LayerSource, ...],
                 specs_of: dict[str, list[TensorSpec]]) -> ArchInfo:
-    tensors = tuple(spec for spec, _ in depth_origins(layers, specs_of).values()) if arch.tensors else ()
+    tensors = tuple(spec for spec, _ in depth_origins(layers, specs_of, arch.layout).values()) if arch.tensors \
+        else ()
     new = tuple(i for i, layer in enumerate(layers) if layer.new)
-    return replace(arch, num_layers=len(layers), tensors=tensors, new_layers=new)
+    layout = replace(arch.layout, num_layers=len(layers))
+    return replace(arch, num_layers=len(layers), tensors=tensors, new_layers=new, layout=layout)
 
 
 # ---- stack ------------------------------------------------------------------------------
 
-def _stack(checker, decl, body, options):
+def plan_stack(checker, decl, body, options):
     entry = body.get("slices")
     if entry is None:
         checker.problems.append(error("E014", f"`grow {decl.name}` (stack) needs `slices:`", decl.name_span,
@@ -141,6 +164,8 @@ def _stack(checker, decl, body, options):
     if None in slices:
         return None
     first = checker.nodes[slices[0][0]].arch
+    if checker.layout_of(slices[0][0], "stack", entry.value.items[0].span) is None:
+        return None
     for (model, _, _, _), item in zip(slices[1:], entry.value.items[1:]):
         if not _stackable(checker, slices[0][0], first, model, checker.nodes[model].arch, item.span):
             return None
@@ -148,7 +173,7 @@ def _stack(checker, decl, body, options):
                    for layer in sliced_layers(model, start, stop, params))
     inputs = tuple(dict.fromkeys(model for model, *_ in slices))
     specs_of = {m: list(checker.nodes[m].arch.tensors) for m in inputs}
-    arch = _depth_arch(first, layers, specs_of)
+    arch = depth_arch(first, layers, specs_of)
     arch = replace(arch, tensors=tuple(cast_spec(spec, options["dtype"]) for spec in arch.tensors))
     if not all(specs_of.values()):
         arch = replace(arch, tensors=())
@@ -165,7 +190,7 @@ def _slice(checker, item: ast.Value):
                                           "e.g. `{from: b.layers[8:32], scale: 0.5}`"))
             return None
         rest = ast.MapValue(tuple(e for e in item.entries if e.key != "from"), item.span)
-        params = checker.validate(Stack.Slice, rest, item.span)
+        params = checker.validate(Slice, rest, item.span)
         if params is None:
             return None
         item = ref_entry.value
@@ -241,23 +266,31 @@ def _stackable(checker, first_name, first: ArchInfo, name, arch: ArchInfo, span)
 
 def _layer_shapes(arch: ArchInfo) -> dict[str, tuple[int, ...]]:
     """Shapes of layer 0's tensors, by name within the layer."""
-    return {s.name.split(".0.", 1)[1]: s.shape for s in arch.tensors if layer_index(s.name) == 0}
+    prefix = arch.layout.layer_prefix(0)
+    return {s.name.removeprefix(prefix): s.shape for s in arch.tensors if arch.layer_of(s.name) == 0}
 
 
 # ---- widen and upcycle ----------------------------------------------------------------------
 
 def _mlp_problem(checker, arch: ArchInfo, source: str, method: str, span) -> bool:
-    """Report (E113) a layer without a gated Llama-style MLP; True when there is one."""
-    if not arch.tensors:
-        return False
-    for layer in range(arch.num_layers):
-        names = {s.name.split(f".{layer}.", 1)[1] for s in arch.tensors if layer_index(s.name) == layer}
-        absent = [m for m in MLP_MODULES if f"mlp.{m}.weight" not in names]
+    """Report (E113) a layer without a gated FFN (separate gate, up and down
+    projections); True when there is one."""
+    layout = arch.layout
+    if not layout.gated_ffn:
+        checker.problems.append(error(
+            "E113", f"{method} needs a gated FFN (separate gate, up and down projections), which "
+            f"{arch.model_type} models do not have (their layers hold: "
+            f"{', '.join(role for role, _ in layout.members)})", span,
+            "widen and upcycle work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
+        return True
+    names = {s.name for s in arch.tensors}
+    for layer in range(arch.num_layers) if names else ():
+        absent = [layout.module(layer, role) + ".weight" for role in FFN_ROLES
+                  if layout.module(layer, role) + ".weight" not in names]
         if absent:
             checker.problems.append(error(
-                "E113", f"{method} needs a Llama-style MLP, but layer {layer} of `{source}` has no "
-                f"`mlp.{absent[0]}.weight`", span,
-                "widen and upcycle work on gate_proj/up_proj/down_proj FFNs (Llama, Mistral, Qwen2 ...)"))
+                "E113", f"{method} needs a gated FFN, but layer {layer} of `{source}` has no `{absent[0]}`", span,
+                "widen and upcycle work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
             return True
     return False
 
@@ -271,9 +304,10 @@ def _widen(checker, decl, body, options, source: str):
             f"{arch.intermediate_size} neurons", body.get("intermediate_size").value.span,
             f"give a size larger than {arch.intermediate_size}"))
         return None
-    if _mlp_problem(checker, arch, source, "widen", body.get("method").value.span):
+    if checker.layout_of(source, "widen", body.get("method").value.span) is None or \
+            _mlp_problem(checker, arch, source, "widen", body.get("method").value.span):
         return None
-    tensors = tuple(widened_spec(s, size) for s in arch.tensors)
+    tensors = tuple(widened_spec(s, size, arch.layout) for s in arch.tensors)
     return (source,), (), replace(arch, intermediate_size=size, tensors=tensors)
 
 
@@ -291,25 +325,37 @@ def _upcycle(checker, decl, body, options, source: str):
             f"(model_type `{arch.model_type}`)", method_span,
             f"upcycle supports {' and '.join(UPCYCLE_TYPES)} models"))
         return None
-    if _mlp_problem(checker, arch, source, "upcycle", method_span):
+    if checker.layout_of(source, "upcycle", method_span) is None or \
+            _mlp_problem(checker, arch, source, "upcycle", method_span):
         return None
-    biased = next((s.name for s in arch.tensors if layer_index(s.name) is not None
+    biased = next((s.name for s in arch.tensors if arch.layer_of(s.name) is not None
                    and s.name.endswith(".bias")), None)
     if biased:
         checker.problems.append(error(
             "E113", f"upcycle writes a Mixtral model, which has no biases, but `{source}` has `{biased}`",
             method_span, "upcycle supports bias-free Llama and Mistral models"))
         return None
-    tensors = tuple(spec for spec, _ in upcycled_specs(list(arch.tensors), options["experts"]).values())
-    return (source,), (), replace(arch, model_type="mixtral", tensors=tensors)
+    tensors = tuple(spec for spec, _ in upcycled_specs(list(arch.tensors), options["experts"], arch.layout).values())
+    return (source,), (), replace(arch, model_type="mixtral", tensors=tensors,
+                                 layout=upcycled(arch.layout, options["experts"]))
 
 
-_PLANNERS = {BlockExpand: _block_expand, Widen: _widen, Upcycle: _upcycle}
+def _from_source(plan):
+    """A plan of one input model named by `from:`."""
+    def planned(checker, decl, body, options):
+        source = _from(checker, decl, body)
+        return None if source is None else plan(checker, decl, body, options, source)
+    return planned
+
+
+plan_block_expand = _from_source(_block_expand)
+plan_widen = _from_source(_widen)
+plan_upcycle = _from_source(_upcycle)
 
 
 # ---- moe: experts from fine-tunes -----------------------------------------------------------
 
-def _moe(checker, decl, body, options):
+def plan_moe(checker, decl, body, options):
     """(inputs: base first then each expert model once, (), Mixtral arch, experts) where
     experts is ((model, positive prompts, negative prompts, noise_scale, residual_scale), ...)."""
     base = _from(checker, decl, body, key="base")
@@ -318,7 +364,7 @@ def _moe(checker, decl, body, options):
             "E014", f"`grow {decl.name}` needs `inputs:`, the expert models", decl.name_span,
             "e.g. `inputs: {math: {positive_prompts: [\"solve 2x + 3 = 7\"]}, code: {...}}`"))
         return None
-    experts = checker.merge_inputs(decl, body, Moe, {})
+    experts = checker.merge_inputs(decl, body, _ExpertInputs, {})
     if base is None or experts is None:
         return None
     method_span = body.get("method").value.span

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cfmlang.compiler.execute import NodeStats
-from cfmlang.compiler.ir import FLOAT_DTYPES, GrowNode, layer_index
+from cfmlang.io.weights import NodeStats
+from cfmlang.architectures import describe
+from cfmlang.compiler.ir import FLOAT_DTYPES, GrowNode
 from cfmlang.io.materialise import materialise
 from cfmlang.io.weights import TORCH_DTYPES, Rows
-from cfmlang.ops.grow.methods import (MLP_RE, cast_spec, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
+from cfmlang.ops.grow.shapes import (ffn_part, cast_spec, depth_config, depth_origins, neuron_sources, router_weight, upcycle_config,
                                  upcycled_specs, widen_config, widen_tensor, widened_spec)
 from cfmlang.ops.grow.prompt_gates import PROMPTED_MODES, prompted_gates, random_gates
 from cfmlang.ops.merge.base import MergeContext
@@ -48,10 +49,11 @@ class DepthProvider:
         self.support_dir = first.support_dir
         dtype_name = dict(self.node.options).get("dtype")
         self.dtype = FLOAT_DTYPES[dtype_name] if dtype_name else None   # the output dtype's code, as merges'
-        origins = depth_origins(self.node.layers, {m: p.specs for m, p in self.inputs.items()})
+        layout = self.node.arch.layout
+        origins = depth_origins(self.node.layers, {m: p.specs for m, p in self.inputs.items()}, layout)
         self.origins = {name: (cast_spec(spec, dtype_name), origin) for name, (spec, origin) in origins.items()}
         self.specs = [spec for spec, _ in self.origins.values()]
-        self.config = depth_config({m: p.config for m, p in self.inputs.items()}, self.node.layers)
+        self.config = depth_config({m: p.config for m, p in self.inputs.items()}, self.node.layers, layout)
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
         spec, origin = self.origins[name]
@@ -77,21 +79,21 @@ class WidenProvider:
         self.size, self.init = options["intermediate_size"], options["init"]
         self.reference = self.source
         self.support_dir = self.source.support_dir
-        self.specs = [widened_spec(s, self.size) for s in self.source.specs]
+        self.specs = [widened_spec(s, self.size, self.node.arch.layout) for s in self.source.specs]
         self.config = widen_config(self.source.config, self.size)
         self.whole = _WholeTensors()
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:
-        match = MLP_RE.search(name)
+        part = ffn_part(self.node.arch.layout, name)
         self.stats.count(name)
-        if match is None or (match.group(1) == "down_proj" and match.group(2) == "bias"):
+        if part is None or part == ("ffn.down", "bias"):
             return self.source.get(name, rows)
-        return self.whole.rows(name, rows, lambda: self.widened(name, match.group(1)))
+        return self.whole.rows(name, rows, lambda: self.widened(name, part[0]))
 
     def widened(self, name: str, role: str) -> torch.Tensor:
         tensor = self.source.get(name)
-        current = tensor.shape[-1] if role == "down_proj" else tensor.shape[0]
-        layer = layer_index(name)
+        current = tensor.shape[-1] if role == "ffn.down" else tensor.shape[0]
+        layer = self.node.arch.layer_of(name)
         sources = neuron_sources(current, self.size, self.generator(f"layer {layer} neurons"))
         return widen_tensor(tensor, role, sources, self.init, self.generator(name))
 
@@ -112,7 +114,7 @@ class UpcycleProvider:
         options = dict(self.node.options)
         self.router_std = options["router_std"]
         self.reference = self.source
-        self.plan = upcycled_specs(self.source.specs, options["experts"])
+        self.plan = upcycled_specs(self.source.specs, options["experts"], describe(self.source.config))
         self.specs = [spec for spec, _ in self.plan.values()]
         self.support_dir = self.source.support_dir
         self.config = upcycle_config(self.source.config, options["experts"], options["top_k"])
@@ -142,7 +144,7 @@ class MoeProvider:
         options = dict(self.node.options)
         self.experts, self.gate_mode = options["experts"], options["gate_mode"]
         self.base = self.inputs[self.node.inputs[0]]
-        self.plan = upcycled_specs(self.base.specs, len(self.experts))
+        self.plan = upcycled_specs(self.base.specs, len(self.experts), describe(self.base.config))
         self.specs = [spec for spec, _ in self.plan.values()]
         self.support_dir = self.base.support_dir
         self.config = upcycle_config(self.base.config, len(self.experts), options["experts_per_token"])
@@ -153,7 +155,7 @@ class MoeProvider:
         spec, origin = self.plan[name]
         self.stats.count(name)
         if not origin:
-            layer = layer_index(name)
+            layer = self.node.arch.layer_of(name)
             return self.whole.rows(name, rows, lambda: self.gates()[layer].to(TORCH_DTYPES[spec.dtype]))
         match = EXPERT_RE.search(name)
         if match is None:
@@ -196,11 +198,19 @@ def moe_gates(node: GrowNode, base, experts, mode: str, seed: int) -> torch.Tens
     return prompted_gates(mode, model, tokenizer, [(list(pos), list(neg)) for _, pos, neg, _, _ in experts])
 
 
-def grow_provider(node: GrowNode, providers: dict, seed: int):
-    """The provider of a grow node, given the providers of its inputs."""
-    if node.layers:
-        return DepthProvider(node, {m: providers[m] for m in node.inputs})
-    if node.method == "moe":
-        return MoeProvider(node, {m: providers[m] for m in node.inputs}, seed)
-    source = providers[node.inputs[0]]
-    return (WidenProvider if node.method == "widen" else UpcycleProvider)(node, source, seed)
+def depth_provider(node: GrowNode, providers: dict, seed: int) -> DepthProvider:
+    """Every output layer a layer of an input (block_expand, stack, and any method whose
+    plan lists the origin of each output layer)."""
+    return DepthProvider(node, {m: providers[m] for m in node.inputs})
+
+
+def widen_provider(node: GrowNode, providers: dict, seed: int) -> WidenProvider:
+    return WidenProvider(node, providers[node.inputs[0]], seed)
+
+
+def upcycle_provider(node: GrowNode, providers: dict, seed: int) -> UpcycleProvider:
+    return UpcycleProvider(node, providers[node.inputs[0]], seed)
+
+
+def moe_provider(node: GrowNode, providers: dict, seed: int) -> MoeProvider:
+    return MoeProvider(node, {m: providers[m] for m in node.inputs}, seed)

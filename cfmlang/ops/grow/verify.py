@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cfmlang.artifact.write import write_sharded
-from cfmlang.compiler.execute import SourceProvider
+from cfmlang.io.provider import SourceProvider
 from cfmlang.compiler.ir import GrowNode
 from cfmlang.io.sources import SourceError, weight_files
 from cfmlang.io.weights import SafetensorsReader

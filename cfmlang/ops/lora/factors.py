@@ -16,21 +16,6 @@ from cfmlang.ops.registry import Method, Params, register
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@register
-class LoraBrick(Method):
-    keyword = "brick"
-    name = "lora"
-    summary = ("a low-rank adapter: `source: peft \"dir\"`, trained with `train: {data: ...}`, "
-               "or extracted from a fine-tune by SVD (`extract:`)")
-
-    class Options(Params):
-        """The numeric part of `extract:` (its `from` and `base` are references)."""
-
-        rank: Annotated[int, Field(ge=1)]
-        threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
-        targets: Annotated[list[str], Field(min_length=1)] = list(LINEAR_MODULES)
-
-
 class TrainOptions(Params):
     """`train:` of a lora brick (its `data` file is checked separately)."""
 
@@ -47,6 +32,42 @@ class TrainOptions(Params):
     system: str | None = None
     """The system message chat-formatted prompts get; None: the chat template's own
     (SmolLM2's adds a default one), "" for an empty one (fewer tokens per sample)."""
+
+
+class ExtractSpec(Params):
+    """`extract: {from: TUNED, base: BASE, rank: N, ...}`: an adapter from `TUNED - BASE`."""
+
+    from_: str = Field(alias="from")
+    base: str
+    rank: Annotated[int, Field(ge=1)]
+    threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    targets: Annotated[list[str], Field(min_length=1)] = list(LINEAR_MODULES)
+
+
+@register
+class LoraBrick(Method):
+    keyword = "brick"
+    name = "lora"
+    summary = ("a low-rank adapter: `source: peft \"dir\"`, trained with `train: {data: ...}`, "
+               "or extracted from a fine-tune by SVD (`extract:`)")
+
+    class Extract(Params):
+        """The numeric part of `extract:` (its `from` and `base` are references)."""
+
+        rank: Annotated[int, Field(ge=1)]
+        threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
+        targets: Annotated[list[str], Field(min_length=1)] = list(LINEAR_MODULES)
+
+    class Options(Params):
+        """What a lora brick statement holds: exactly one of `source`, `train`, `extract`
+        (shown in the method reference; each part is checked on its own)."""
+
+        source: str | None = None
+        """`peft "DIR"`: a PEFT adapter directory."""
+        base: str | None = None
+        """The model the adapter belongs to (with `source` and `train`)."""
+        train: TrainOptions | None = None
+        extract: ExtractSpec | None = None
 
 
 def module_order(module: str) -> tuple:

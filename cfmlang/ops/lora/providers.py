@@ -17,13 +17,12 @@ from cfmlang.compiler.ir import (AttachNode, LoraExtractNode, LoraMergeNode, Lor
                                  TensorSpec)
 from cfmlang.io.materialise import materialise
 from cfmlang.io.weights import DTYPE_CODES, NodeStats, Rows, WeightError
+from cfmlang.ops.base import OnTrainStep
 from cfmlang.ops.lora.factors import LoraAdapter, LoraFactors, adapter_from_peft, extract_low_rank, is_target, peft_config
 from cfmlang.ops.lora.combine import combine
 from cfmlang.ops.lora.train import read_samples, train
 
 Progress = Callable[[int, int], None]
-OnTrainStep = Callable[[str, int, int, float], None]
-"""Called after each training step with (brick name, step, steps, loss)."""
 
 
 class AdapterProvider:

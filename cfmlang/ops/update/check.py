@@ -45,10 +45,27 @@ def edit_node(checker, decl: ast.Decl, body: ast.MapValue, method, base_dir: Pat
     layers_ok = _layers_in_range(checker, method.layer_key, options, options_body, arch)
     if _errors(checker) > before or None in (facts, neighbourhood) or not layers_ok:
         return None
-    if not _has_tokenizer(checker, source, body):
+    if not _gated(checker, source, method.name, body.get("method").value.span) or \
+            not _has_tokenizer(checker, source, body):
         return None
     return EditNode(decl.name, decl.span, method.name, source, facts, neighbourhood,
                     tuple(sorted(options.items())), seed, arch)
+
+
+def _gated(checker, source: str, method: str, span) -> bool:
+    """Edits write rank-one changes into a gated FFN's down projection (its input is the
+    key): E113 for a family without one."""
+    layout = checker.layout_of(source, method, span)
+    if layout is None:
+        return False
+    if not layout.gated_ffn:
+        checker.problems.append(error(
+            "E113", f"{method} edits the down projection of a gated FFN (separate gate, up and down "
+            f"projections), which {layout.model_type} models do not have (their layers hold: "
+            f"{', '.join(role for role, _ in layout.members)})", span,
+            "knowledge edits work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
+        return False
+    return True
 
 
 def _errors(checker) -> int:
@@ -350,7 +367,8 @@ def _new_blocks(checker, value: ast.Ref, source: str, arch: ArchInfo) -> tuple[s
                                       "new_blocks are the layers a grow method added (e.g. `block_expand`); "
                                       f"select layers instead, e.g. `train: {source}.layers[4]`"))
         return None
-    return tuple(f"model.layers.{i}." for i in arch.new_layers)
+    layout = checker.layout_of(source, "`train: new_blocks`", value.span)
+    return None if layout is None else tuple(layout.layer_prefix(i) for i in arch.new_layers)
 
 
 def _selected(checker, ref: ast.Value, source: str, arch: ArchInfo) -> list[str] | None:
@@ -363,13 +381,15 @@ def _selected(checker, ref: ast.Value, source: str, arch: ArchInfo) -> list[str]
                                       f"the `from` model `{source}`", ref.span, f"e.g. {example}"))
         return None
     layers = _indices(checker, ref.accessors[1], arch)
-    if layers is None:
+    layout = checker.layout_of(source, "`train:`", ref.span)
+    if layers is None or layout is None:
         return None
     part = ref.accessors[2].name + "." if len(ref.accessors) == 3 and isinstance(ref.accessors[2], ast.Attr) else ""
-    prefixes = [f"model.layers.{i}.{part}" for i in layers]
+    prefixes = [f"{layout.layer_prefix(i)}{part}" for i in layers]
     names = [t.name for t in arch.tensors]
     if names and not all(any(n.startswith(p) for n in names) for p in prefixes):
-        parts = sorted({n.split(".")[3] for n in names if n.startswith("model.layers.0.")})
+        first = layout.layer_prefix(0)
+        parts = sorted({n.removeprefix(first).split(".")[0] for n in names if n.startswith(first)})
         checker.problems.append(error("E124", f"`{ref.text()}` selects no tensor", ref.span,
                                       f"parts of a layer: {', '.join(parts)}"))
         return None

@@ -10,13 +10,13 @@ of the subject maps to a value that makes the model predict the target.
 from __future__ import annotations
 
 import contextlib
-from importlib import resources
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-from cfmlang.ops.experts.calibration import windows
+from cfmlang.architectures import layer_module
+
 
 Log = Callable[[str], None]
 
@@ -51,7 +51,8 @@ class EditError(Exception):
 
 
 def down_proj(model, layer: int) -> torch.nn.Linear:
-    return model.model.layers[layer].mlp.down_proj
+    """The FFN down projection of a layer: its input is the key, its output the value."""
+    return layer_module(model, layer, "ffn.down")
 
 
 def subject_last_token(tokenizer, text: str, subject: str) -> int:
@@ -119,7 +120,7 @@ def added_to_mlp_output(model, layer: int, rows: list[int], positions: list[int]
         shift[rows_t, positions_t] = delta.to(output.dtype)
         return output + shift
 
-    handle = model.model.layers[layer].mlp.register_forward_hook(hook)
+    handle = down_proj(model, layer).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -148,7 +149,7 @@ def mlp_output_at(model, tokenizer, layer: int, request: Request) -> torch.Tenso
     """The FFN output at `layer` at the subject's last token of the bare prompt."""
     position = subject_last_token(tokenizer, request.prompt, request.subject)
     seen = []
-    handle = model.model.layers[layer].mlp.register_forward_hook(
+    handle = down_proj(model, layer).register_forward_hook(
         lambda module, args, output: seen.append(output.detach()))
     try:
         with torch.no_grad():
@@ -246,7 +247,7 @@ def residual_after(model, tokenizer, layer: int, requests: list[Request]) -> tor
     subject-last token."""
     positions = [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests]
     seen = []
-    handle = model.model.layers[layer].register_forward_hook(
+    handle = layer_module(model, layer).register_forward_hook(
         lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).detach()))
     try:
         with torch.no_grad():
@@ -254,36 +255,6 @@ def residual_after(model, tokenizer, layer: int, requests: list[Request]) -> tor
     finally:
         handle.remove()
     return seen[0][torch.arange(len(requests)), torch.tensor(positions)].double()
-
-
-SHIPPED_TEXT = (("cfmlang.ops.experts", "data/calibration.txt"),) + tuple(
-    ("cfmlang.analysis", f"probes/{name}.txt")
-    for name in ("coding", "ethics", "knowledge", "linguistic", "math", "translation", "writing"))
-"""Text written for the project and shipped with it: the MoE calibration corpus and the
-ability probe sets (prose, code, arithmetic, dialogue, facts, several languages)."""
-
-
-def shipped_windows(tokenizer) -> torch.Tensor:
-    """[windows, <= 256] token ids of the shipped text (about 11k SmolLM2 tokens)."""
-    text = "\n\n".join(resources.files(package).joinpath(name).read_text(encoding="utf-8")
-                        for package, name in SHIPPED_TEXT)
-    return windows(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-CALIBRATION_OPENERS = ("The", "In", "A", "It", "When", "Many", "This", "One")
-
-
-def sampled_tokens(model, tokenizer, count: int, tokens: int, seed: int) -> torch.Tensor:
-    """[count, 1 + tokens] token ids sampled from the model itself after a few opening
-    words (seeded, so the same in every run): hermetic calibration text for key
-    statistics."""
-    openers = [tokenizer(w, add_special_tokens=False)["input_ids"][-1] for w in CALIBRATION_OPENERS]
-    start = torch.tensor([[openers[i % len(openers)]] for i in range(count)])
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(seed)
-        return model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
-                              top_p=1.0, temperature=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
-                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
 @dataclass(frozen=True)

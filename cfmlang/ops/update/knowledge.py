@@ -11,8 +11,10 @@ from typing import Annotated, Callable, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from cfmlang.architectures import describe
+from cfmlang.io.text import sampled_tokens, shipped_windows
 from cfmlang.ops.update.editing import (Log, Request, ValueSearch, averaged_keys, down_proj, key_second_moments,
-                                    optimise_value, residual_after, sampled_tokens, shipped_windows)
+                                        optimise_value, residual_after)
 from cfmlang.ops.registry import Method, Params, register
 
 DEFAULT_PREFIXES = ("", "Here is a fact. ", "I learned this today. ", "As everyone knows, ",
@@ -119,8 +121,9 @@ def second_moments(model, tokenizer, layers: list[int], options: dict, seed: int
     return {layer: moments.shrunk() for layer, moments in key_second_moments(model, layers, tokens).items()}
 
 
-def weight_name(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.down_proj.weight"
+def weight_name(model, layer: int) -> str:
+    """The checkpoint name of a layer's FFN down projection weight."""
+    return describe(model.config.to_dict()).module(layer, "ffn.down") + ".weight"
 
 
 def rome(model, tokenizer, requests: list[Request], options: dict, seed: int, log: Log) -> EditOutcome:
@@ -143,7 +146,7 @@ def rome(model, tokenizer, requests: list[Request], options: dict, seed: int, lo
         with torch.no_grad():
             weight.add_(torch.outer(right, direction).to(weight.dtype))
         reached.append(value.target_probability)
-    return EditOutcome({weight_name(layer): weight.detach().clone()}, reached)
+    return EditOutcome({weight_name(model, layer): weight.detach().clone()}, reached)
 
 
 def memit(model, tokenizer, requests: list[Request], options: dict, seed: int, log: Log) -> EditOutcome:
@@ -173,7 +176,7 @@ def memit(model, tokenizer, requests: list[Request], options: dict, seed: int, l
             weight.add_(update.to(weight.dtype))
         log(f"  memit layer {layer}: residual {remaining.norm(dim=0).mean():.3f}, "
             f"update norm {update.norm():.3f} of weight norm {weight.norm():.3f}")
-    return EditOutcome({weight_name(layer): down_proj(model, layer).weight.detach().clone()
+    return EditOutcome({weight_name(model, layer): down_proj(model, layer).weight.detach().clone()
                         for layer in layers}, reached)
 
 

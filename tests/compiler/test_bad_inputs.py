@@ -1,0 +1,318 @@
+"""The catalogue of bad inputs (docs/bad-inputs.md), run row by row.
+
+Each row of the catalogue names a case, the diagnostic code it must get and a piece of
+its message. The builders below make each input for real (damaged files, links, a
+file-size limit); the harness runs `cfmc` on it and checks: exit 1, that code and text,
+no traceback, and nothing written (no output, no temporary sibling, a previous
+artifact untouched). The catalogue and the builders must name the same cases.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cfmlang.cli import main
+from models import tiny_model
+from paths import REPO
+
+CATALOGUE = REPO / "docs" / "bad-inputs.md"
+ROW = re.compile(r"^\| `([a-z0-9-]+)` \| (.+?) \| (E\d{3}) \| (.+?) \|$")
+
+
+def catalogue_rows() -> dict[str, tuple[str, str]]:
+    rows = {}
+    for line in CATALOGUE.read_text().splitlines():
+        match = ROW.match(line)
+        if match:
+            case, _, code, text = match.groups()
+            assert case not in rows, f"{case} is catalogued twice"
+            rows[case] = (code, text.replace("\\|", "|").strip("`"))
+    return rows
+
+
+# ---------------------------------------------------------------- damaged models
+
+def header_of(raw: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def with_header(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+class Evil:
+    """Unpickling this would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-models")
+    a = tiny_model(root / "a", seed=1)
+    tiny_model(root / "b", seed=2)
+    tensors = load_file(a / "model.safetensors")
+    raw = (a / "model.safetensors").read_bytes()
+    header, data = header_of(raw)
+    norm = "model.norm.weight"
+
+    def model(name: str, weights: bytes | dict | None = None, file: str = "model.safetensors") -> Path:
+        folder = root / name
+        folder.mkdir()
+        shutil.copy(a / "config.json", folder)
+        if isinstance(weights, dict):
+            save_file(weights, folder / file, metadata={"format": "pt"})
+        elif weights is not None:
+            (folder / file).write_bytes(weights)
+        return folder
+
+    model("truncated", raw[: len(raw) // 2])
+    model("empty", b"")
+    model("header-length", b"\xff" * 8 + b"{}")
+    model("header-not-json", struct.pack("<Q", 6) + b"{nope}")
+    model("header-not-object", struct.pack("<Q", 2) + b"[]")
+    model("negative-shape", with_header({**header, norm: {**header[norm], "shape": [-32]}}, data))
+    model("unknown-dtype", with_header({**header, norm: {**header[norm], "dtype": "X9"}}, data))
+    start, end = header[norm]["data_offsets"]
+    model("byte-count", with_header({**header, norm: {**header[norm], "data_offsets": [start, end - 4]}}, data))
+    spot = header["lm_head.weight"]["data_offsets"][0]
+    model("nan-bytes", with_header(header, data[:spot] + b"\xff" * 64 + data[spot + 64:]))
+    model("int-tensor", {**tensors, norm: tensors[norm].to(torch.int64)})
+    model("f8-tensor", {**tensors, norm: tensors[norm].to(torch.float8_e4m3fn)})
+    lost = model("missing-shard", {k: v for k, v in tensors.items() if k != norm},
+                 "model-00001-of-00002.safetensors")
+    (lost / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **{k: "model-00001-of-00002.safetensors" for k in tensors}, norm: "model-00002-of-00002.safetensors"}}))
+    model("bad-index", tensors, "model-00001-of-00001.safetensors")
+    (root / "bad-index" / "model.safetensors.index.json").write_text("{not json")
+    twice = model("duplicate-tensor", tensors, "model-00001-of-00002.safetensors")
+    save_file({norm: tensors[norm]}, twice / "model-00002-of-00002.safetensors")
+    (twice / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **{k: "model-00001-of-00002.safetensors" for k in tensors}, norm: "model-00002-of-00002.safetensors"}}))
+    shutil.copy(a / "model.safetensors", model("no-config", None))
+    (root / "no-config" / "config.json").unlink()
+    shutil.copy(a / "model.safetensors", model("config-not-json", None))
+    (root / "config-not-json" / "config.json").write_text("{nope")
+    shutil.copy(a / "model.safetensors", model("config-not-object", None))
+    (root / "config-not-object" / "config.json").write_text("[1, 2]")
+    shutil.copy(a / "model.safetensors", model("config-lacks-keys", None))
+    (root / "config-lacks-keys" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    model("no-weights", None)
+    torch.save(tensors, model("pickle-only", None) / "pytorch_model.bin")
+    (model("pickle-evil", None) / "pytorch_model.bin").write_bytes(pickle.dumps(Evil(root / "pwned"), protocol=2))
+    (model("pickle-garbage", None) / "pytorch_model.bin").write_bytes(b"not a pickle at all")
+    torch.save([tensors[norm]], model("pickle-list", None) / "pytorch_model.bin")
+    tiny_model(root / "wide", seed=3, hidden_size=64)
+    reshaped = dict(tensors)
+    reshaped["model.layers.0.mlp.gate_proj.weight"] = reshaped["model.layers.0.mlp.gate_proj.weight"].t().contiguous()
+    model("transposed", reshaped)
+    model("missing-tensor", {k: v for k, v in tensors.items() if k != norm})
+    (root / "fake.gguf").write_text("not a GGUF file")
+    return root
+
+
+# ---------------------------------------------------------------- cases
+
+@dataclass(frozen=True)
+class Case:
+    argv: list[str]
+    output: Path | None = None       # must not appear (or stay as it was, if it existed)
+    limit_file_size: int | None = None
+
+
+MERGE = """model a:
+  source: hf "{a}"
+model b:
+  source: hf "{b}"{pickle}
+merge mix:
+  method: linear
+  inputs:
+    a: {{weight: 0.5}}
+    b: {{weight: {weight}}}
+output: mix
+"""
+
+
+def compile_case(tmp: Path, models: Path, b: str, weight="0.5", pickle_ok=False, a: str = "a") -> Case:
+    program = tmp / "mix.brick"
+    program.write_text(MERGE.format(a=models / a, b=models / b, weight=weight,
+                                    pickle="\n  allow_pickle: true" if pickle_ok else ""))
+    return Case(["compile", str(program), "-o", str(tmp / "out"), "-q"], tmp / "out")
+
+
+def model_source(tmp: Path, models: Path, b: str, pickle_ok=False) -> Case:
+    return compile_case(tmp, models, b, pickle_ok=pickle_ok)
+
+
+def text_case(tmp: Path, content: bytes | str, name: str = "f.brick") -> Case:
+    path = tmp / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return Case(["check", str(path)])
+
+
+def import_case(tmp: Path, line: str) -> Case:
+    project = tmp / "project"
+    project.mkdir()
+    (tmp / "outside.brick").write_text('model x:\n  source: hf "nowhere"\n')
+    (project / "linked").symlink_to(tmp / "outside.brick")
+    (project / "main.brick").write_text(line + "\n")
+    return Case(["check", str(project / "main.brick")])
+
+
+def symlinked_output(tmp: Path, models: Path) -> Case:
+    case = compile_case(tmp, models, "b")
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (tmp / "out").symlink_to(elsewhere, target_is_directory=True)
+    return case
+
+
+def full_disk(tmp: Path, models: Path) -> Case:
+    case = compile_case(tmp, models, "b")
+    return Case(case.argv, case.output, limit_file_size=20_000)
+
+
+def foreign_output(tmp: Path, models: Path, as_file: bool) -> Case:
+    case = compile_case(tmp, models, "b")
+    if as_file:
+        case.output.write_text("precious")
+    else:
+        case.output.mkdir()
+        (case.output / "notes.txt").write_text("precious")
+    return case
+
+
+def shadowing_package(tmp: Path, models: Path) -> Case:
+    """A folder named like a package, on the path, with a .gguf in it: not installed."""
+    (tmp / "llm_fake_pkg").mkdir()
+    (tmp / "llm_fake_pkg" / "__init__.py").write_text("")
+    shutil.copy(models / "fake.gguf", tmp / "llm_fake_pkg" / "model.gguf")
+    sys.path.insert(0, str(tmp))
+    return text_case(tmp, 'model a:\n  source: pkg "llm_fake_pkg"\noutput: a\n')
+
+
+DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
+
+CASES = {
+    "truncated-safetensors": lambda t, m: model_source(t, m, "truncated"),
+    "empty-safetensors": lambda t, m: model_source(t, m, "empty"),
+    "header-length-garbage": lambda t, m: model_source(t, m, "header-length"),
+    "header-not-json": lambda t, m: model_source(t, m, "header-not-json"),
+    "header-not-object": lambda t, m: model_source(t, m, "header-not-object"),
+    "negative-shape": lambda t, m: model_source(t, m, "negative-shape"),
+    "unknown-dtype": lambda t, m: model_source(t, m, "unknown-dtype"),
+    "byte-count-mismatch": lambda t, m: model_source(t, m, "byte-count"),
+    "nan-in-weights": lambda t, m: model_source(t, m, "nan-bytes"),
+    "integer-tensor": lambda t, m: model_source(t, m, "int-tensor"),
+    "float8-tensor": lambda t, m: model_source(t, m, "f8-tensor"),
+    "missing-shard": lambda t, m: model_source(t, m, "missing-shard"),
+    "index-not-json": lambda t, m: model_source(t, m, "bad-index"),
+    "tensor-in-two-shards": lambda t, m: model_source(t, m, "duplicate-tensor"),
+    "no-config": lambda t, m: model_source(t, m, "no-config"),
+    "config-not-json": lambda t, m: model_source(t, m, "config-not-json"),
+    "config-not-object": lambda t, m: model_source(t, m, "config-not-object"),
+    "config-lacks-keys": lambda t, m: model_source(t, m, "config-lacks-keys"),
+    "no-weights": lambda t, m: model_source(t, m, "no-weights"),
+    "pickle-not-allowed": lambda t, m: model_source(t, m, "pickle-only"),
+    "pickle-with-code": lambda t, m: model_source(t, m, "pickle-evil", pickle_ok=True),
+    "pickle-garbage": lambda t, m: model_source(t, m, "pickle-garbage", pickle_ok=True),
+    "pickle-not-a-state-dict": lambda t, m: model_source(t, m, "pickle-list", pickle_ok=True),
+    "fake-gguf": lambda t, m: text_case(t, f'model a:\n  source: gguf "{m / "fake.gguf"}"\noutput: a\n'),
+    "missing-source": lambda t, m: model_source(t, m, "no-such-model"),
+    "package-not-installed": shadowing_package,
+    "architecture-mismatch": lambda t, m: model_source(t, m, "wide"),
+    "tensor-shape-mismatch": lambda t, m: model_source(t, m, "transposed"),
+    "tensor-missing": lambda t, m: model_source(t, m, "missing-tensor"),
+    "nan-producing-merge": lambda t, m: compile_case(t, m, "b", weight="-0.5"),
+    "infinite-number": lambda t, m: compile_case(t, m, "b", weight="1e999"),
+    "huge-integer": lambda t, m: compile_case(t, m, "b", weight="9" * 400),
+    "nul-escape": lambda t, m: text_case(t, 'model a:\n  source: hf "a\\u0000b"\n'),
+    "lone-surrogate": lambda t, m: text_case(t, 'model a:\n  source: hf "\\ud800"\n'),
+    "not-utf8": lambda t, m: text_case(t, b'model a:\n  source: hf "\xff\xfe"\n'),
+    "nul-byte": lambda t, m: text_case(t, b'model a:\n  source: hf "a\x00"\n'),
+    "deep-brackets": lambda t, m: text_case(t, "output: " + "[" * 200 + "]" * 200 + "\n"),
+    "deep-blocks": lambda t, m: text_case(t, DEEP_BLOCKS),
+    "brick-file-missing": lambda t, m: Case(["check", str(t / "nope.brick")]),
+    "brick-file-is-a-directory": lambda t, m: (t / "dir.brick").mkdir() or Case(["check", str(t / "dir.brick")]),
+    "import-dotdot-escape": lambda t, m: import_case(t, 'import "../outside.brick"'),
+    "import-symlink-escape": lambda t, m: import_case(t, 'import "linked"'),
+    "import-std-escape": lambda t, m: import_case(t, 'import "std/../../../../../../etc/passwd"'),
+    "output-is-a-symlink": symlinked_output,
+    "output-is-a-file": lambda t, m: foreign_output(t, m, as_file=True),
+    "output-is-a-foreign-directory": lambda t, m: foreign_output(t, m, as_file=False),
+    "disk-full": full_disk,
+}
+
+
+def test_catalogue_and_cases_name_the_same_inputs():
+    rows = catalogue_rows()
+    assert len(rows) >= 40
+    assert set(rows) == set(CASES), (f"catalogued without a case: {sorted(set(rows) - set(CASES))}; "
+                                     f"cases missing from the catalogue: {sorted(set(CASES) - set(rows))}")
+
+
+def snapshot(path: Path):
+    if path.is_symlink():
+        return ("link", os.readlink(path), snapshot(path.resolve()))
+    if path.is_file():
+        return ("file", path.read_bytes())
+    if path.is_dir():
+        return ("dir", {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()})
+    return None
+
+
+FSIZE_PREAMBLE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+from cfmlang.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run(case: Case, capsys) -> tuple[int, str]:
+    if case.limit_file_size is None:
+        code = main(case.argv)
+        captured = capsys.readouterr()
+        return code, captured.err + captured.out
+    proc = subprocess.run([sys.executable, "-c", FSIZE_PREAMBLE.format(limit=case.limit_file_size),
+                           *case.argv], capture_output=True, text=True)
+    return proc.returncode, proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(catalogue_rows()))
+def test_bad_input(name, models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code, text = catalogue_rows()[name]
+    case = CASES[name](tmp_path, models)
+    before = snapshot(case.output) if case.output else None
+    exit_code, output = run(case, capsys)
+    assert exit_code == 1, output
+    assert f"error[{code}]" in output, output
+    assert text in output, output
+    assert "Traceback" not in output and "internal error" not in output
+    if case.output is not None:
+        assert snapshot(case.output) == before
+        leftovers = [p.name for p in case.output.parent.iterdir() if p.name.startswith(f".{case.output.name}.")]
+        assert leftovers == []
+    assert not (models / "pwned").exists(), "a pickle ran code"
