@@ -1,0 +1,39 @@
+"""`cfmc`: the command line. Thin: every command calls the public API.
+
+Exit codes: 0 ok, 1 user error (diagnostics printed), 2 internal error. The parser is in
+parser.py, the commands in commands.py, progress display in progress.py.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+from cfmlang.artifact.write import InterruptedAfterWrite
+from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
+from cfmlang.cli.parser import build_parser
+from cfmlang.diagnostics import CompileError
+
+__all__ = ["main", "build_parser"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CompileError as exc:
+        report(exc.diagnostics, args)
+        return EXIT_USER
+    except InterruptedAfterWrite as exc:
+        print(f"interrupted after {exc.target} was written in full", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: never show a traceback by default
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        else:
+            print(f"internal error: {type(exc).__name__}: {exc}\n"
+                  "This is a bug in cfmlang. Please report it with the command you ran; "
+                  "rerun with --debug for the traceback.", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,0 +1,182 @@
+"""The `cfmc` commands: each calls the public API and prints its result."""
+from __future__ import annotations
+
+import sys
+import time
+
+from cfmlang.cli.progress import ProgressBar, StageLog, TrainingBar, short_value
+from cfmlang.diagnostics import render_json, render_plain
+
+EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
+
+
+def report(diagnostics, args) -> None:
+    if getattr(args, "format", "text") == "json":
+        print(render_json(diagnostics))
+    elif diagnostics:
+        print(render_plain(diagnostics), file=sys.stderr)
+
+
+def lowering_options(args):
+    from cfmlang.compiler.lower import LowerOptions
+
+    return LowerOptions(target=args.target, device=args.device, precision=args.precision, batch=args.batch,
+                        prompt_length=args.prompt_length, cache_length=args.cache_length,
+                        use_fp32_acc=not args.no_fp32_acc, pack_weights=not args.no_pack)
+
+
+def cmd_check(args) -> int:
+    from cfmlang.api import check
+    from cfmlang.compiler.graph import build_graph
+
+    program = check(args.file)
+    _, dropped = build_graph(program)
+    report(program.warnings + tuple(dropped), args)
+    if args.format == "text":
+        print(f"{args.file}: ok ({len(program.nodes)} nodes)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from cfmlang.api import check
+    from cfmlang.compiler.graph import build_graph, to_dot, to_json, to_mermaid
+
+    graph, dropped = build_graph(check(args.file))
+    if dropped:
+        print(render_plain(dropped), file=sys.stderr)
+    render = {"dot": to_dot, "mermaid": to_mermaid, "json": to_json}[args.format]
+    sys.stdout.write(render(graph))
+    return EXIT_OK
+
+
+def cmd_compile(args) -> int:
+    from cfmlang.api import compile
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    with ProgressBar(enabled=not args.quiet and args.format == "text") as bar, \
+            TrainingBar(enabled=not args.quiet and args.format == "text", log=log) as training:
+        result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
+                         progress=bar.update, log=log, on_train_step=training.step,
+                         lowering=lowering_options(args))
+    artifact = result.manifest["artifact"]
+    ran = [n.name for n in result.plan.nodes if n.status == "run"]
+    cached = [n.name for n in result.plan.nodes if n.status == "cached"]
+    if args.format == "json":
+        import json
+        print(json.dumps({"output": str(args.output), **artifact, "lowered": result.manifest.get("lowered"), "ran": ran, "cached": cached,
+                          "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
+        return EXIT_OK
+    report(result.warnings, args)
+    if not args.quiet:
+        print(f"wrote {args.output}: {artifact['tensors']} tensors, "
+              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s); "
+              f"ran {len(ran)} node(s), {len(cached)} from the cache", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    from cfmlang.api import plan
+    from cfmlang.compiler.plan import plan_json, plan_table
+
+    build_plan = plan(args.file, cache_dir=args.cache_dir, use_cache=not args.no_cache, force=args.force,
+                      max_memory=args.max_memory)
+    if args.format == "json":
+        import json
+        print(json.dumps(plan_json(build_plan), indent=2))
+    else:
+        sys.stdout.write(plan_table(build_plan))
+    return EXIT_OK
+
+
+def cmd_cache(args) -> int:
+    from cfmlang.compiler.cache import Cache
+    from cfmlang.compiler.plan import human
+
+    cache = Cache(args.cache_dir)
+    if args.action == "clear":
+        freed = cache.clear()
+        print(f"cleared {cache.root} ({human(freed)} freed)", file=sys.stderr)
+        return EXIT_OK
+    entries = cache.entries()
+    if args.format == "json":
+        import json
+        print(json.dumps({"root": str(cache.root), "limit": cache.limit, "entries": [
+            {"category": e.category, "name": e.name, "bytes": e.bytes, "last_used": e.last_used,
+             "what": e.what} for e in entries]}, indent=2))
+        return EXIT_OK
+    for e in sorted(entries, key=lambda e: -e.last_used):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.category}/{e.name[:16]}  {human(e.bytes):>10}  {used}  {e.what}")
+    total = sum(e.bytes for e in entries)
+    print(f"{len(entries)} entries, {human(total)} of {human(cache.limit)} in {cache.root}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    from cfmlang.runtime.run import generate
+
+    generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+             sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+             stream=sys.stdout, target=args.target, device=args.device)
+    return EXIT_OK
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from cfmlang.runtime.bench import bench, render_table
+
+    result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
+                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against)
+    print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
+    return EXIT_OK
+
+
+def cmd_analyze(args) -> int:
+    import json
+
+    from cfmlang.analysis import Settings, analyze_model
+    from cfmlang.analysis.run import DEFAULT_CETT_TARGETS, DEFAULT_LEVELS
+
+    settings = Settings(levels=args.levels or DEFAULT_LEVELS, cett_targets=args.cett or DEFAULT_CETT_TARGETS,
+                        eval_per_ability=args.eval_per_ability, cett_tokens=args.cett_tokens,
+                        top_fraction=args.top / 100, seed=args.seed, max_batch_tokens=args.batch_tokens)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    run = analyze_model(args.model, args.output, probes_dir=args.probes, settings=settings,
+                        max_prompts=args.max_prompts, max_tokens=args.max_tokens, cache_dir=args.cache_dir, progress=progress, log=log)
+    progress.close()
+    headline = run.analysis.report["headline"]
+    if args.format == "json":
+        print(json.dumps({"output": str(args.output), "headline": headline,
+                          "diagnostics": [d.to_json() for d in run.warnings]}, indent=2))
+        return EXIT_OK
+    report(run.warnings, args)
+    if not args.quiet:
+        print(f"wrote {args.output}/report.html and analysis.json", file=sys.stderr)
+        for key, value in headline.items():
+            print(f"  {key}: {short_value(value)}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_methods(args) -> int:
+    from cfmlang.ops.catalogue import methods_markdown
+
+    sys.stdout.write(methods_markdown() + "\n")
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    from cfmlang.importers.mergekit import import_file
+
+    text = import_file(args.file, args.output, force=args.force)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,163 @@
+"""The `cfmc` argument parser: one sub-command per command of commands.py."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cfmlang.analysis.probes import PROBE_TOKENS
+from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_graph, cmd_import,
+                                  cmd_methods, cmd_plan, cmd_run)
+from cfmlang.compiler.lower import PRECISIONS, TARGETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfmc", description="compile configurable foundation models")
+    parser.add_argument("--version", action="version", version=f"cfmc {__import__('cfmlang').__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, run, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("check", cmd_check, "check a .brick file; exit 0 when valid")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+
+    sub = command("compile", cmd_compile, "compile a .brick file into an artifact directory")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("-o", "--output", type=Path, required=True, help="artifact directory (replaced atomically)")
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+    cache_options(sub)
+    memory_options(sub, "compile even when the estimated peak memory exceeds the limit")
+    sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_lowering_arguments(sub)
+
+    sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("text", "json"), default="text")
+    cache_options(sub)
+    memory_options(sub, "show the plan even when its estimated peak memory exceeds the limit")
+
+    sub = command("cache", cmd_cache, "list or clear the build cache")
+    sub.add_argument("action", choices=("ls", "clear"))
+    sub.add_argument("--cache-dir", type=Path, help="the cache (default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text")
+
+    sub = command("graph", cmd_graph, "print the dependency graph of a .brick file")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--format", choices=("dot", "mermaid", "json"), default="dot")
+
+    sub = command("run", cmd_run, "generate text with a compiled artifact")
+    sub.add_argument("directory", type=Path)
+    sub.add_argument("--prompt", required=True)
+    sub.add_argument("--max-new-tokens", type=int, default=64)
+    sub.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    sub.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sub.add_argument("--temperature", type=float, default=0.7)
+    sub.add_argument("--top-p", type=float, default=0.9)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
+                     "(default: the lowered one when there is one, else eager)")
+    sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
+
+    sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager "
+                  "(or against another artifact's lowered program)")
+    sub.add_argument("directory", type=Path)
+    sub.add_argument("--against", type=Path, help="anchor: another artifact's lowered program (default: HF eager "
+                     "on the same weights)")
+    sub.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    sub.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (default 64)")
+    sub.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    sub.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
+    sub.add_argument("--device", help="device (default: the one the program was lowered for)")
+    sub.add_argument("--format", choices=("text", "json"), default="text")
+
+    sub = command("analyze", cmd_analyze, "find the emergent bricks of a model: sparse activation, "
+                  "functional specialization, perturbation and partitions of its FFN neurons")
+    sub.add_argument("model", help="FILE.brick (its output), FILE.brick:NODE, or a model directory")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="report directory (replaced atomically)")
+    sub.add_argument("--probes", type=Path, help="probe directory: one ABILITY.txt per ability, prompts "
+                     "separated by `---` lines (default: the shipped seven abilities)")
+    sub.add_argument("--max-prompts", type=int, help="use at most this many prompts per ability")
+    sub.add_argument("--max-tokens", type=int, default=PROBE_TOKENS, help=f"tokens kept per prompt (default {PROBE_TOKENS})")
+    sub.add_argument("--levels", type=_percentages, default=None,
+                     help="masked percentages for the loss curves (default 0,10,...,90,95)")
+    sub.add_argument("--cett", type=_fractions, default=None, help="CETT targets (default 0.05,0.1,0.2,0.3)")
+    sub.add_argument("--eval-per-ability", type=int, default=6,
+                     help="prompts per ability for the sparse-activation losses (default 6)")
+    sub.add_argument("--cett-tokens", type=int, default=512, help="tokens calibrating the CETT thresholds")
+    sub.add_argument("--top", type=float, default=5.0,
+                     help="percent of each layer's neurons attributed to an ability (default 5)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline and random control")
+    sub.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per forward pass")
+    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is "
+                     "faster on a machine whose cores are already busy)")
+    sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text",
+                     help="json: print the headline numbers and diagnostics as JSON on stdout")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
+    sub.add_argument("--format", choices=("md",), default="md")
+
+    sub = command("import", cmd_import, "translate a mergekit YAML config into a .brick program")
+    sub.add_argument("file", type=Path, help="the mergekit config (YAML)")
+    sub.add_argument("-o", "--output", type=Path, help="write the .brick file here (default: stdout)")
+    sub.add_argument("--force", action="store_true", help="replace an existing output file")
+    sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
+    return parser
+
+
+def memory_options(sub: argparse.ArgumentParser, forced: str) -> None:
+    sub.add_argument("--max-memory", type=size_argument, metavar="SIZE", help="refuse a plan whose "
+                     "estimated peak memory exceeds SIZE (500M, 8G ...; default: the available memory)")
+    sub.add_argument("--force", action="store_true", help=forced)
+
+
+def size_argument(text: str) -> int:
+    from cfmlang.compiler.cache import parse_size
+
+    size = parse_size(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (500M, 8G, 1T ...)")
+    return size
+
+
+def cache_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--cache-dir", type=Path, help="the build cache: node outputs and converted GGUF "
+                     "files (default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--no-cache", action="store_true", help="neither reuse nor store node outputs: "
+                     "stream the whole graph into the output")
+
+
+def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--target", choices=TARGETS, default="eager",
+                     help="also lower the model: a torch.export program, an AOTInductor package, "
+                     "or TensorRT engines (default: eager, weights only)")
+    sub.add_argument("--device", default="cpu", help="device the program is lowered for (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS,
+                     help="cast the graph (default: the artifact's dtype; float16 for tensorrt)")
+    sub.add_argument("--batch", type=int, default=1, help="tensorrt: static batch size (default 1)")
+    sub.add_argument("--prompt-length", type=int, default=128, help="tensorrt: static prompt length (default 128)")
+    sub.add_argument("--cache-length", type=int, default=512, help="tensorrt: static KV cache length (default 512)")
+    sub.add_argument("--no-fp32-acc", action="store_true", help="tensorrt: float16 matmuls accumulate in float16")
+    sub.add_argument("--no-pack", action="store_true", help="inductor: keep float32 weights in the decode "
+                     "program even where they are exact GGUF block values")
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _percentages(text: str) -> tuple[float, ...]:
+    return tuple(value / 100 for value in _numbers(text))
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    return _numbers(text)
