@@ -49,7 +49,7 @@ for target in $TARGETS; do
     # shellcheck disable=SC2086  # BENCH_ARGS and batches are word lists
     "$PYTHON" -m cfmlang bench "$OUT/artifacts/$target" --device "$DEVICE" --format json $batches $BENCH_ARGS \
       > "$OUT/bench_$target.json" || status=1
-    "$PYTHON" -c "import json, sys; from cfmlang.bench import render_table; \
+    "$PYTHON" -c "import json, sys; from cfmlang.runtime.bench import render_table; \
 print(render_table(json.load(open(sys.argv[1]))))" "$OUT/bench_$target.json" | tee "$OUT/bench_$target.txt"
   fi
 done

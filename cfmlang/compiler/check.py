@@ -21,8 +21,8 @@ from cfmlang.ops.base import Operation, operation_for
 from cfmlang.ops.registry import Gradient, aliases, names_for
 
 DTYPES = FLOAT_DTYPES
-METHOD_KEY = {"brick": "kind", "route": "method", "grow": "method", "update": "method",
-              "merge": "method"}
+METHOD_KEYS = {"brick": "kind"}
+"""The key naming a statement's method, where it is not `method` (a brick names its kind)."""
 
 
 def check(resolved: Resolved) -> CheckedProgram:
@@ -125,7 +125,7 @@ class _Checker:
     def method_name(self, decl: ast.Decl, body: ast.MapValue, keyword: str | None = None) -> str | None:
         """The method a statement names, among those registered under `keyword` (the
         statement's keyword by default)."""
-        key = METHOD_KEY.get(decl.keyword, "method")
+        key = METHOD_KEYS.get(decl.keyword, "method")
         entry = body.get(key)
         known = names_for(keyword or decl.keyword)
         if entry is None:
