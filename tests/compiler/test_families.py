@@ -234,3 +234,29 @@ def test_docs_matrix_is_what_the_code_does(tmp_path):
     if os.environ.get("CFM_WRITE_DOCS") == "1":
         MATRIX.write_text(text)
     assert MATRIX.read_text() == text, "regenerate: CFM_WRITE_DOCS=1 pytest tests/compiler/test_families.py"
+
+
+def test_a_family_cfmlang_cannot_describe_merges_but_refuses_what_needs_its_layers(tmp_path):
+    """A config transformers does not know: merges without gradients work, a gradient or
+    a grow that needs the layers stops with E056 at the statement, naming the family."""
+    from cfmlang.diagnostics import CompileError
+    from models import tiny_model
+
+    for name, seed in (("a", 1), ("b", 2)):
+        folder = tiny_model(tmp_path / name, seed=seed)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "mystery_lm"}))
+    head = 'model a:\n  source: hf "a"\nmodel b:\n  source: hf "b"\n'
+    plain = tmp_path / "plain.brick"
+    plain.write_text(head + "merge m:\n  method: linear\n  inputs: [a, b]\n  weight: 0.5\noutput: m\n")
+    merged = tensors(cfmlang.compile(plain, tmp_path / "out").output_dir)
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert all(torch.allclose(v, (a[k] + b[k]) / 2) for k, v in merged.items())
+    for body, line in (("merge m:\n  method: linear\n  inputs:\n    a: {weight: [0.1, 0.9]}\n    b: {weight: 0.5}\n", 5),
+                       ("grow m:\n  method: block_expand\n  from: a\n  every: 2\n", 6)):   # the method
+        program = tmp_path / "layers.brick"
+        program.write_text(head + body + "output: m\n")
+        with pytest.raises(CompileError) as info:
+            cfmlang.check(program)
+        found = [d for d in info.value.diagnostics if d.code == "E056"]
+        assert found and "mystery_lm" in found[0].message and found[0].span.line == line

@@ -45,6 +45,9 @@ def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeM
     if not input_count(checker, method, inputs, body.get("inputs").value) or \
             not filters(checker, body, arch, method):
         return None
+    if arch.layout is None and _has_gradient(shared_values, inputs) and \
+            checker.layout_of(models[0], "a gradient across layers", decl.name_span) is None:
+        return None
     return MergeNode(decl.name, decl.span, method.name, base, inputs,
                                       tuple(sorted(shared_values.items())), dtype, seed, arch)
 
@@ -100,3 +103,8 @@ def _shared_model(method: type[MergeMethod]) -> type[BaseModel]:
     return create_model(f"{method.__name__}NodeOptions", __base__=method.Options, **fields)
 
 
+def _has_gradient(options: dict, inputs) -> bool:
+    """Whether a parameter is a list interpolated across layers (directly or in a filter map)."""
+    values = list(options.values()) + [v for i in inputs for _, v in i.params]
+    values += [v for value in values if isinstance(value, dict) for v in value.values()]
+    return any(isinstance(value, list) for value in values)
