@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable
 
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error
 
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
@@ -206,7 +210,54 @@ def describe(config: dict, *, layout: str = "checkpoint") -> Architecture:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ArchitectureError("config.json has no `model_type`", "a transformers config names its model_type")
-    return _describe(json.dumps(config, sort_keys=True, default=str), layout)
+    return _described(json.dumps(config, sort_keys=True, default=str), layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _described(config_json: str, layout: str) -> Architecture:
+    """The description from the store on disk when it holds this config, else built from
+    transformers' classes (importing them costs seconds per process) and stored."""
+    path = _stored_path(config_json, layout)
+    found = _read_stored(path)
+    if found is not None:
+        return found
+    arch = _describe(config_json, layout)
+    _store(path, arch)
+    return arch
+
+
+def _stored_path(config_json: str, layout: str) -> Path:
+    """The store entry of a config: keyed by the config, the layout, the installed
+    transformers and this module's own source, so a new version of either rebuilds it."""
+    from importlib.metadata import version
+
+    key = hashlib.sha256("\0".join((config_json, layout, version("transformers"), _source_hash())).encode())
+    return default_cache_dir() / "architectures" / f"{key.hexdigest()}.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def _read_stored(path: Path) -> Architecture | None:
+    try:
+        data = json.loads(path.read_text())
+        return Architecture(**{**data, "keys": ConfigKeys(**data["keys"]),
+                               "members": tuple(tuple(m) for m in data["members"]),
+                               "unclassified": tuple(data["unclassified"])})
+    except (OSError, ValueError, TypeError, KeyError):
+        return None   # absent or damaged: described again
+
+
+def _store(path: Path, arch: Architecture) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dataclasses.asdict(arch)))
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a read-only cache only costs the next process the description
 
 
 def upcycled(base: Architecture, experts: int) -> Architecture:
@@ -288,7 +339,6 @@ def _layer_key_candidates(config: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k for k in (mapped, *_LAYER_KEYS) if k))
 
 
-@functools.lru_cache(maxsize=64)
 def _describe(config_json: str, layout: str) -> Architecture:
     raw = json.loads(config_json)
     _config_class(raw["model_type"])         # unknown families first

@@ -109,6 +109,7 @@ def main_driver(job: dict) -> dict:
     number = getattr(signal, "SIG" + job["signal"])
     report = Path(tempfile.mkdtemp()) / "report.json"
     reset(*state)
+    cfmlang.check(Path(job["argv"][1]))   # model descriptions made once here, inherited by every child
     dry = fork_run(job["argv"], 0, number, report)
     measured = json.loads(report.read_text())
     points = random.Random(job["seed"]).sample(range(1, measured["calls"] + 1), job["count"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cfmlang.cachedir import default_cache_dir  # noqa: F401  (the cache root, for callers of io)
 from cfmlang.compiler.ir import TensorSpec
 from cfmlang.io.sources import SourceError, safetensors_header
 
@@ -144,12 +145,6 @@ def _unpickling_reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
     telling = [line for line in lines if not line.startswith(TORCH_BOILERPLATE)]
     return telling[0] if telling else lines[0]
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("CFM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cfmlang")
-    return Path(root)
 
 
 def file_sha256(path: Path, cache_dir: Path) -> str:

@@ -199,3 +199,23 @@ def test_missing_layer_count_names_the_keys():
 def test_config_transformers_cannot_build_is_an_architecture_error():
     with pytest.raises(ArchitectureError, match="t5"):
         describe(transformers.T5Config(num_layers=2).to_dict())
+
+
+def test_descriptions_are_stored_and_a_damaged_entry_is_described_again(tmp_path, monkeypatch):
+    """A new process reads a stored description instead of importing transformers'
+    classes (seconds); what it reads equals what it would build."""
+    from cfmlang import architectures
+
+    monkeypatch.setenv("CFM_CACHE_DIR", str(tmp_path))
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 16, "n_head": 2, "vocab_size": 64}
+    text = architectures.json.dumps(config, sort_keys=True, default=str)
+    built = architectures._describe(text, "checkpoint")
+    architectures._described.cache_clear()
+    assert architectures._described(text, "checkpoint") == built          # built, then stored
+    (stored,) = (tmp_path / "architectures").glob("*.json")
+    architectures._described.cache_clear()
+    assert architectures._described(text, "checkpoint") == built          # read back
+    stored.write_text("{not json")
+    architectures._described.cache_clear()
+    assert architectures._described(text, "checkpoint") == built          # damaged: described again
+    assert architectures._read_stored(stored) == built
