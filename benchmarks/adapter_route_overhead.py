@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from cfmlang.io.gguf import converted_gguf
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.adapter_mixture import AdapterMixture
 from cfmlang.ops.lora.factors import LoraFactors
 

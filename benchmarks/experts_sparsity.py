@@ -52,7 +52,7 @@ from torch import nn
 import cfmlang
 from cfmlang.compiler.lower.inductor import INDUCTOR_CONFIGS, compile_package
 from cfmlang.compiler.lower.packing import pack_linears, swapped
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.routed_mlp import RoutedMLP, make_router
 from cfmlang.ops.experts.routers import build_router
 

@@ -176,10 +176,14 @@ class Architecture:
     def _lacking(self, role: str, lead: str) -> ArchitectureError:
         if role not in ROLES:
             raise ValueError(f"unknown role `{role}` (roles: {', '.join(ROLES)})")
+        return ArchitectureError(self.lacking(f"{lead} ({ROLES[role]})"),
+                                 f"a {self.model_type} layer's tensors live under "
+                                 f"{', '.join(p for _, p in self.members)}")
+
+    def lacking(self, needed: str) -> str:
+        """`needed`, which this family lacks, with the roles its layers do hold."""
         held = ", ".join(r for r, _ in self.members) or "no tensors"
-        return ArchitectureError(
-            f"{lead} ({ROLES[role]}), which {self.model_type} models do not have (their layers hold: {held})",
-            f"a {self.model_type} layer's tensors live under {', '.join(p for _, p in self.members)}")
+        return f"{needed}, which {self.model_type} models do not have (their layers hold: {held})"
 
     def writes_residual(self, tensor: str) -> bool:
         """Whether a layer tensor belongs to a projection that writes into the residual

@@ -14,7 +14,7 @@ for _folder in sorted(Path(__file__).parent.glob("**/test_*.py")):   # tests sha
 
 from models import tiny_model  # noqa: E402
 
-from cfmlang.io.weights import default_cache_dir  # noqa: E402
+from cfmlang.cachedir import default_cache_dir  # noqa: E402
 
 
 @pytest.fixture(scope="session")

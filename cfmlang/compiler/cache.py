@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from cfmlang.artifact.write import atomic_directory
-from cfmlang.io.weights import default_cache_dir, file_sha256
+from cfmlang.cachedir import default_cache_dir
+from cfmlang.io.weights import file_sha256
 from cfmlang.diagnostics import CompileError, error
 
 ENTRY_FILE = "cfm-entry.json"

@@ -29,7 +29,7 @@ from cfmlang.compiler.cache import Cache, Entry
 from cfmlang.compiler.graph import execution_order
 from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.diagnostics import Diagnostic, error
-from cfmlang.ops.base import input_specs, operation_of
+from cfmlang.ops.base import SourceCost, input_specs, operation_of
 
 RUN, CACHED, READ, SKIP = "run", "cached", "read", "skip"
 BASELINE_BYTES = 400 * 1024**2
@@ -83,28 +83,26 @@ class Plan:
 
 def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | None],
               cache: Cache, use_cache: bool, chunk_bytes: int, shard_bytes: int) -> Plan:
-    entries = _reusable(program, graph, keys, cache, shard_bytes) if use_cache else {}
+    sources = {name: operation_of(program.node(name)).source_cost(program.node(name), cache) for name in graph}
+    entries = _reusable(program, graph, keys, cache, shard_bytes, sources) if use_cache else {}
     needed = _needed(program, program.output, entries)
     nodes = []
     for name in execution_order(graph):
-        node = program.node(name)
-        operation = operation_of(node)
-        source = operation.source_cost(node, cache)
         status = (SKIP if name not in needed else CACHED if name in entries
-                  else READ if source is not None else RUN)
-        nodes.append(_estimate(program, graph, node, keys[name], status, cache, chunk_bytes, use_cache))
+                  else READ if sources[name] is not None else RUN)
+        nodes.append(_estimate(program, graph, program.node(name), keys[name], status, sources[name], chunk_bytes,
+                               use_cache))
     return Plan(program.output, tuple(nodes), not use_cache,
                 {name: entry for name, entry in entries.items() if name in needed})
 
 
-def _reusable(program, graph, keys, cache: Cache, shard_bytes: int) -> dict[str, Entry]:
+def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dict) -> dict[str, Entry]:
     """Cached entries: for a node others read, a model's tensors (any shard layout); for
     the output, a model's tensors (resharded if need be) or any other kind of output in
-    the shard layout asked for."""
+    the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
     found = {}
     for name in graph.nodes:
-        node = program.node(name)
-        if keys[name] is None or operation_of(node).source_cost(node, cache) is not None:
+        if keys[name] is None or sources[name] is not None:
             continue
         entry = cache.lookup(keys[name])
         if entry is None:
@@ -128,12 +126,12 @@ def _needed(program: CheckedProgram, output: str, entries: dict) -> set[str]:
     return needed
 
 
-def _estimate(program, graph, node, key, status, cache: Cache, chunk_bytes: int, use_cache: bool) -> NodePlan:
+def _estimate(program, graph, node, key, status, source: SourceCost | None, chunk_bytes: int,
+              use_cache: bool) -> NodePlan:
     op = describe_op(graph.nodes[node.name])
     if status not in (RUN, READ):
         return NodePlan(node.name, op, key, status, 0, 0, 0, 0.0)
     operation = operation_of(node)
-    source = operation.source_cost(node, cache)
     if source is not None:
         return NodePlan(node.name, f"{op}, {source.note}" if source.note else op, key, READ, source.bytes_read,
                         source.bytes_written, source.peak_bytes, source.seconds)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from cfmlang.cachedir import default_cache_dir  # noqa: F401  (the cache root, for callers of io)
 from cfmlang.compiler.ir import TensorSpec
 from cfmlang.io.sources import SourceError, safetensors_header
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from cfmlang.artifact.write import copy_support_files, nbytes, write_sharded
 from cfmlang.compiler.ir import CheckedProgram, IRNode, TensorSpec
@@ -64,9 +64,7 @@ class BuildContext:
     on_train_step: OnTrainStep
 
     def seed(self, node) -> int:
-        """The node's own `seed:`, else the file's."""
-        own = getattr(node, "seed", None)
-        return self.program.seed if own is None else own
+        return node_seed(self.program, node)
 
 
 class Operation:
@@ -232,5 +230,7 @@ def on_tensor(total: int, progress: Progress | None):
     return report
 
 
-def options_of(node) -> dict[str, Any]:
-    return dict(getattr(node, "options", ()))
+def node_seed(program: CheckedProgram, node) -> int:
+    """The node's own `seed:`, else the file's."""
+    own = getattr(node, "seed", None)
+    return program.seed if own is None else own

@@ -14,7 +14,7 @@ import torch
 
 import cfmlang
 from cfmlang.cli import main
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.run import encode
 from paths import REPO, TESTS
 

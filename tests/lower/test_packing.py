@@ -16,7 +16,7 @@ from cfmlang.compiler.lower.packing import (PACKED_DECODE_MAX_BATCH, linear_laye
                                             packed_layer)
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import converted_gguf
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.generation import for_step
 
 

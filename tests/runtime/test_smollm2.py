@@ -12,7 +12,7 @@ import cfmlang
 from cfmlang.cli import main
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import load_gguf
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.run import encode
 from paths import REPO
 

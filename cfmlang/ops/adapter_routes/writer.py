@@ -5,23 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfmlang.artifact.write import copy_support_files, held_producer, held_specs, nbytes, write_shard, write_sharded
-from cfmlang.ops.base import Output, Sizes, on_tensor
+from cfmlang.artifact.write import held_producer, held_specs, write_shard
+from cfmlang.ops.base import Output, Sizes, write_model
 from cfmlang.runtime.adapter_mixture import ADAPTERS_FILE, ROUTER_FILE, adapter_tensors
 
 
 def write_adapter_route(node, provider, folder: Path, sizes: Sizes, progress, log) -> Output:
     """The base model (HF-loadable as it is), adapters.safetensors (every adapter's
     factors), router.safetensors (retrieval keys or gates) and the routing in cfm.json."""
-    specs = provider.specs
-    total = sum(nbytes(s) for s in specs)
-    files = write_sharded(folder, specs, provider.get, sizes.shard_bytes, on_tensor(total, progress),
-                          sizes.chunk_bytes)
+    model = write_model(provider, folder, sizes, progress)
     adapters = adapter_tensors(provider.adapter_modules())
     router = provider.router()
     write_shard(folder / ADAPTERS_FILE, held_specs(adapters), held_producer(adapters))
     write_shard(folder / ROUTER_FILE, held_specs(router.tensors), held_producer(router.tensors))
-    copy_support_files(provider.support_dir, folder, None, provider.config)
     options = dict(node.options)
     routing = {"method": node.method, "adapters": list(node.adapters), "top_k": options["top_k"],
                "temperature": options["temperature"]}
@@ -33,4 +29,4 @@ def write_adapter_route(node, provider, folder: Path, sizes: Sizes, progress, lo
                                     "loss_curve": list(router.losses)}
         log(f"gates of `{node.name}` trained: loss {router.losses[0]:.4f} -> {router.losses[-1]:.4f}")
     extras = {"standard": False, "kind": "adapter-routed", "routing": routing}
-    return Output(files + [ADAPTERS_FILE, ROUTER_FILE], len(specs), total, extras)
+    return Output(model.files + [ADAPTERS_FILE, ROUTER_FILE], model.tensors, model.bytes, extras)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cfmlang.compiler.ir import ExpertsNode, RouteNode
 from cfmlang.diagnostics import Diagnostic, error
 from cfmlang.io.weights import NodeStats
-from cfmlang.ops.base import Operation, method_word, referenced, register_operation
+from cfmlang.ops.base import Operation, method_word, node_seed, referenced, register_operation
 from cfmlang.ops.experts import methods  # noqa: F401  (registers the methods)
 from cfmlang.ops.experts.check import check_experts, check_route
 from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
@@ -59,7 +59,7 @@ class ExpertsOperation(Operation):
         return write_routed(node, provider, folder, sizes, progress, log)
 
     def manifest(self, program, node, verified) -> dict:
-        seed = program.seed if node.seed is None else node.seed
+        seed = node_seed(program, node)
         if isinstance(node, ExpertsNode):
             return {"op": "experts", "from": node.model, "layers": list(node.layers), "split": node.split,
                     "count": node.count, "seed": seed, "calibration": calibration_record(node.calibration)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cfmlang.artifact.write import copy_support_files, held_producer, held_specs, nbytes, write_shard, write_sharded
-from cfmlang.ops.base import Output, Sizes, on_tensor
+from cfmlang.artifact.write import held_producer, held_specs, write_shard
+from cfmlang.ops.base import Output, Sizes, write_model
 from cfmlang.runtime.routed_model import ROUTING_FILE
 
 
@@ -14,16 +14,12 @@ def write_routed(node, provider, folder: Path, sizes: Sizes, progress, log) -> O
     """The dense model with routed FFN neurons in expert order (HF-loadable as it is),
     routing.safetensors (neuron orders and routers), and the routing in cfm.json."""
     experts = provider.experts
-    specs = provider.specs
-    total = sum(nbytes(s) for s in specs)
-    files = write_sharded(folder, specs, provider.get, sizes.shard_bytes, on_tensor(total, progress),
-                          sizes.chunk_bytes)
+    model = write_model(provider, folder, sizes, progress)
     routers = provider.routers()
     tensors = {f"layers.{layer}.order": experts.order(layer) for layer in experts.node.layers}
     tensors.update({f"layers.{layer}.router.{name}": tensor.contiguous()
                     for layer, built in routers.items() for name, tensor in built.tensors.items()})
     write_shard(folder / ROUTING_FILE, held_specs(tensors), held_producer(tensors))
-    copy_support_files(provider.support_dir, folder, None, provider.config)
     quality = [b.captured for b in routers.values() if b.captured is not None]
     if quality:
         log(f"router `{node.router}` captures {sum(quality) / len(quality):.3f} of the top-{node.k} "
@@ -33,7 +29,7 @@ def write_routed(node, provider, folder: Path, sizes: Sizes, progress, log) -> O
                           "count": experts.node.count, "split": experts.node.split,
                           "layers": list(experts.node.layers),
                           "captured_mass": {str(layer): built.captured for layer, built in routers.items()}}}
-    return Output(files + [ROUTING_FILE], len(specs), total, extras)
+    return Output(model.files + [ROUTING_FILE], model.tensors, model.bytes, extras)
 
 
 def calibration_record(calibration) -> dict:

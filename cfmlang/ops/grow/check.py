@@ -278,9 +278,7 @@ def _mlp_problem(checker, arch: ArchInfo, source: str, method: str, span) -> boo
     layout = arch.layout
     if not layout.gated_ffn:
         checker.problems.append(error(
-            "E113", f"{method} needs a gated FFN (separate gate, up and down projections), which "
-            f"{arch.model_type} models do not have (their layers hold: "
-            f"{', '.join(role for role, _ in layout.members)})", span,
+            "E113", layout.lacking(f"{method} needs a gated FFN (separate gate, up and down projections)"), span,
             "widen and upcycle work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
         return True
     names = {s.name for s in arch.tensors}

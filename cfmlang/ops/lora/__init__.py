@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cfmlang.compiler.ir import LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, TensorSpec
 from cfmlang.frontend import ast
-from cfmlang.ops.base import Operation, method_word, referenced, register_operation
+from cfmlang.ops.base import Operation, method_word, node_seed, referenced, register_operation
 from cfmlang.ops.lora import combine, factors  # noqa: F401  (registers the methods)
 from cfmlang.ops.lora.check import check_adapter_merge, check_lora, merges_adapters
 from cfmlang.ops.lora.factors import is_target
@@ -96,7 +96,7 @@ class LoraOperation(Operation):
             return {"op": "lora_train", "base": node.base, **dict(node.options), "data": _name(node.data.path),
                     "data_sha256": node.data.sha256, "samples": node.data.samples}
         return {"op": "lora_merge", "method": node.combination, "options": dict(node.options),
-                "seed": program.seed if node.seed is None else node.seed,
+                "seed": node_seed(program, node),
                 "inputs": [{"adapter": i.model, "params": dict(i.params)} for i in node.inputs]}
 
 

@@ -3,7 +3,7 @@ registered `MergeMethod` class (linear.py, sparse.py, spherical.py, other.py).""
 from __future__ import annotations
 
 from cfmlang.compiler.ir import FLOAT_DTYPES, MergeNode, TensorSpec
-from cfmlang.ops.base import Operation, referenced, register_operation, write_model
+from cfmlang.ops.base import Operation, node_seed, referenced, register_operation, write_model
 from cfmlang.ops.merge import linear, other, sparse, spherical  # noqa: F401  (registers the methods)
 from cfmlang.ops.merge.check import check_merge
 from cfmlang.ops.merge.provider import MergeProvider
@@ -68,7 +68,7 @@ class MergeOperation(Operation):
     def manifest(self, program, node, verified) -> dict:
         return {"op": "merge", "method": node.method, "base": node.base,
                 "dtype": node.dtype or program.dtype,
-                "seed": program.seed if node.seed is None else node.seed,
+                "seed": node_seed(program, node),
                 "options": dict(node.options),
                 "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
 

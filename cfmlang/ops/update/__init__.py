@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cfmlang.compiler.ir import EditNode, FinetuneNode
-from cfmlang.ops.base import Operation, referenced, register_operation, write_model
+from cfmlang.ops.base import Operation, node_seed, referenced, register_operation, write_model
 from cfmlang.ops.update import finetune, knowledge  # noqa: F401  (registers the methods)
 from cfmlang.ops.update.check import edit_node, finetune_node
 from cfmlang.ops.update.providers import EditProvider, FinetuneProvider
@@ -57,7 +57,7 @@ class UpdateOperation(Operation):
         return output
 
     def manifest(self, program, node, verified) -> dict:
-        seed = program.seed if node.seed is None else node.seed
+        seed = node_seed(program, node)
         if isinstance(node, FinetuneNode):
             return {"op": "update", "method": "finetune", "from": node.model, "train": list(node.train),
                     "data": Path(node.data).name, "seed": seed, "options": dict(node.options)}

@@ -60,9 +60,8 @@ def _gated(checker, source: str, method: str, span) -> bool:
         return False
     if not layout.gated_ffn:
         checker.problems.append(error(
-            "E113", f"{method} edits the down projection of a gated FFN (separate gate, up and down "
-            f"projections), which {layout.model_type} models do not have (their layers hold: "
-            f"{', '.join(role for role, _ in layout.members)})", span,
+            "E113", layout.lacking(f"{method} edits the down projection of a gated FFN (separate gate, up and "
+                                   "down projections)"), span,
             "knowledge edits work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
         return False
     return True

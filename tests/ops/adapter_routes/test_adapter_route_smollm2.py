@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cfmlang
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.adapter_mixture import prompt_embedding
 from cfmlang.ops.lora.train import IGNORE, Sample, encode
 from paths import REPO

@@ -404,7 +404,7 @@ def test_smollm2_routed_with_all_experts_is_the_dense_model(tmp_path):
     held to twice that against the original, and routing to 1e-4 against the reordered."""
     from cfmlang.io.sources import resolve_source
     from cfmlang.io.gguf import converted_gguf
-    from cfmlang.io.weights import default_cache_dir
+    from cfmlang.cachedir import default_cache_dir
 
     text = ('import "std/smollm2.brick"\n'
             "brick e:\n  kind: experts\n  from: smollm2.layers[*].mlp\n  split: random\n  count: 24\n"
@@ -481,7 +481,7 @@ def test_smollm2_neuron_experts_with_the_quantized_router_keep_perplexity(tmp_pa
     the quantized router. Held-out perplexity stays within 10% of the dense model's, while
     the similarity router at the same k (built from the same weights) loses more than 2x;
     decode (gather) and prefill (masked) agree on a layer's real inputs."""
-    from cfmlang.io.weights import default_cache_dir
+    from cfmlang.cachedir import default_cache_dir
 
     examples = REPO / "examples"
     out = tmp_path / "neurons"

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import cfmlang
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import converted_gguf
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from mergekit_oracle import run_mergekit, tensors
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import converted_gguf
-from cfmlang.io.weights import default_cache_dir
+from cfmlang.cachedir import default_cache_dir
 from paths import REPO
 
 EXAMPLES = REPO / "examples"
