@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfmlang.diagnostics import CompileError, error
+
 FORMULATIONS = ("auto", "gather", "masked")
 DOWN_BAGS = (8, 4, 2, 1)  # each token's down rows are summed in this many bags (threads take bags)
 ROWS_BELOW = 8           # experts of fewer neurons gather gate/up as [2m, d] row blocks
@@ -178,8 +180,9 @@ def make_router(kind: str, tensors: dict[str, torch.Tensor], act, count: int) ->
     """The router module of `kind` from its tensors (None for the oracle, which reads the
     FFN's own activations)."""
     if kind not in ROUTER_LOADERS:
-        raise KeyError(f"router `{kind}` is not registered (known: {', '.join(ROUTER_LOADERS)}); "
-                       "import the module that registers it before loading the artifact")
+        raise CompileError([error("E091", f"the artifact routes with router `{kind}`, which is not registered "
+                                  f"(registered: {', '.join(ROUTER_LOADERS)})", None,
+                                  "import the module that registers it (register_router) before loading")])
     return ROUTER_LOADERS[kind](tensors, act, count)
 
 

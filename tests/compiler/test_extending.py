@@ -151,3 +151,13 @@ def routed(models: Path, out: Path, manifest: dict) -> None:
 
 
 CHECKS = {"scaled_mean": merged, "repeat_last": grown, "shrink": shrunk, "first": routed}
+
+
+def test_loading_a_route_whose_router_is_not_registered_is_e091(extension, models, tmp_path, monkeypatch):
+    path = write(models, "first", GOOD["first"])
+    out = cfmlang.compile(path, tmp_path / "out").output_dir
+    monkeypatch.delitem(ROUTER_LOADERS, "first")
+    with pytest.raises(CompileError) as info:
+        cfmlang.load(out)
+    (diagnostic,) = info.value.diagnostics
+    assert diagnostic.code == "E091" and "`first`" in diagnostic.message and "register_router" in diagnostic.help[0]
