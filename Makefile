@@ -4,6 +4,8 @@ VENV   ?= .venv
 # CPU build of torch, installed first so that nothing pulls the multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+# test processes: the suite runs file by file on this many workers (1: in this process)
+TEST_JOBS ?= 2
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
 .PHONY: demo test install clean bench
@@ -26,7 +28,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check cfmlang tests benchmarks examples
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
 bench: install
 	$(BIN)/python benchmarks/merge_vs_mergekit.py

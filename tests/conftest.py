@@ -70,10 +70,13 @@ the package, the standard library's model, the SmolLM2 examples."""
 
 def pytest_collection_modifyitems(config, items):
     """Every test that loads SmolLM2 is `slow` (`pytest -m "not slow"` runs the rest in a
-    few minutes); nothing is marked by hand."""
+    few minutes); nothing is marked by hand. Files with slow tests run first, so that
+    under `-n 2 --dist loadfile` (make test) the long ones do not form the tail."""
     for item in items:
         if _loads_smollm2(item):
             item.add_marker(pytest.mark.slow)
+    slow_files = {item.fspath for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.fspath not in slow_files)   # stable: files keep their order
 
 
 def _loads_smollm2(item) -> bool:
