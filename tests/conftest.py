@@ -14,6 +14,12 @@ for _folder in sorted(Path(__file__).parent.glob("**/test_*.py")):   # tests sha
 
 from models import tiny_model  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist workers ignore SIGINT (Ctrl-C belongs to the controller), and processes they
+    # start would inherit that: tests of Ctrl-C need Python's own handler back.
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from cfmlang.cachedir import default_cache_dir  # noqa: E402
 
 
