@@ -9,6 +9,9 @@ from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, 
                                   cmd_methods, cmd_plan, cmd_run)
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 
+TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
+                   "only for artifacts from someone you trust")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfmc", description="compile configurable foundation models")
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
                      "(default: the lowered one when there is one, else eager)")
     sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
+    sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
 
     sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager "
                   "(or against another artifact's lowered program)")
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     sub.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
     sub.add_argument("--device", help="device (default: the one the program was lowered for)")
+    sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     sub.add_argument("--format", choices=("text", "json"), default="text")
 
     sub = command("analyze", cmd_analyze, "find the emergent bricks of a model: sparse activation, "

@@ -8,6 +8,7 @@ artifact untouched). The catalogue and the builders must name the same cases.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,7 @@ def models(tmp_path_factory) -> Path:
     model("transposed", reshaped)
     model("missing-tensor", {k: v for k, v in tensors.items() if k != norm})
     (root / "fake.gguf").write_text("not a GGUF file")
+    exported_program(root / "program.pt2")
     return root
 
 
@@ -211,6 +214,105 @@ def shadowing_package(tmp: Path, models: Path) -> Case:
     return text_case(tmp, 'model a:\n  source: pkg "llm_fake_pkg"\noutput: a\n')
 
 
+# ---------------------------------------------------------------- hostile artifacts
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def exported_program(path: Path) -> Path:
+    torch.export.save(torch.export.export(Tiny(), (torch.randn(1, 3),)), path)
+    return path
+
+
+def rewritten_archive(source: Path, target: Path, change, extra: dict[str, bytes] | None = None) -> Path:
+    """A copy of the zip archive `source` with each member's bytes passed through
+    `change(name, data)`, plus `extra` members (named inside the archive's root)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as new:
+        root = old.namelist()[0].split("/")[0]
+        for name in old.namelist():
+            new.writestr(name, change(name, old.read(name)))
+        for name, data in (extra or {}).items():
+            new.writestr(f"{root}/{name}", data)
+    return target
+
+
+def evil_pickle(marker: Path) -> bytes:
+    return pickle.dumps(Evil(marker), protocol=2)
+
+
+def pickled_weight(marker: Path):
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            config["config"]["lin.weight"]["use_pickle"] = True
+            return json.dumps(config).encode()
+        return evil_pickle(marker) if name.endswith("data/weights/weight_0") else data
+    return change
+
+
+def pickled_sample_inputs(marker: Path):
+    return lambda name, data: evil_pickle(marker) if name.endswith("data/sample_inputs/model.pt") else data
+
+
+def opaque_constant(marker: Path):
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("model_constants_config.json"):
+            return json.dumps({"config": {"c": {"path_name": "opaque_obj_0", "is_param": False,
+                                                "use_pickle": True, "tensor_meta": None}}}).encode()
+        return data
+    return change
+
+
+def artifact(tmp: Path, models: Path, manifest: dict | str, program: Path | None = None,
+             files: dict[str, bytes] | None = None) -> Path:
+    """A small artifact: the tiny model `a`, `manifest` as its cfm.json, `program` copied
+    to lowered/model.pt2, and `files` written inside it."""
+    folder = tmp / "artifact"
+    shutil.copytree(models / "a", folder)
+    (folder / "cfm.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    (folder / "lowered").mkdir()
+    if program is not None:
+        shutil.copy(program, folder / "lowered" / "model.pt2")
+    for name, data in (files or {}).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def lowered(program: str = "lowered/model.pt2", **changes) -> dict:
+    return {"kind": "model", "lowered": {"target": "export", "dtype": "float32", "device": "cpu",
+                                         "files": {"program": program}, **changes}}
+
+
+def run_artifact(tmp: Path, models: Path, manifest: dict | str, program: Path | None = None,
+                 files: dict[str, bytes] | None = None) -> Case:
+    return Case(["run", str(artifact(tmp, models, manifest, program, files)), "--prompt", "hi"])
+
+
+def hostile_program(tmp: Path, models: Path, change, extra: dict[str, bytes] | None = None) -> Case:
+    evil = rewritten_archive(models / "program.pt2", tmp / "evil.pt2", change(models / "pwned"), extra)
+    return run_artifact(tmp, models, lowered(), evil)
+
+
+def program_outside(tmp: Path, models: Path, how: str) -> Case:
+    evil = rewritten_archive(models / "program.pt2", tmp / "evil.pt2", pickled_weight(models / "pwned"))
+    if how == "link":
+        case = run_artifact(tmp, models, lowered())
+        (tmp / "artifact" / "lowered" / "model.pt2").symlink_to(evil)
+        return case
+    return run_artifact(tmp, models, lowered(str(evil) if how == "absolute" else "../evil.pt2"))
+
+
+def adapter_with_hub_base(tmp: Path, models: Path) -> Case:
+    config = json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M", "peft_type": "LORA"})
+    return run_artifact(tmp, models, {"kind": "adapter"}, files={"adapter_config.json": config.encode()})
+
+
 DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
 
 CASES = {
@@ -261,6 +363,29 @@ CASES = {
     "output-is-a-file": lambda t, m: foreign_output(t, m, as_file=True),
     "output-is-a-foreign-directory": lambda t, m: foreign_output(t, m, as_file=False),
     "disk-full": full_disk,
+    "artifact-pickled-weight": lambda t, m: hostile_program(t, m, pickled_weight),
+    "artifact-pickled-sample-inputs": lambda t, m: hostile_program(t, m, pickled_sample_inputs),
+    "artifact-opaque-constant": lambda t, m: hostile_program(
+        t, m, opaque_constant, {"data/constants/opaque_obj_0": evil_pickle(m / "pwned")}),
+    "artifact-legacy-pickled-weights": lambda t, m: hostile_program(
+        t, m, lambda marker: lambda name, data: data, {"data/weights/model.pt": evil_pickle(m / "pwned")}),
+    "artifact-program-not-an-archive": lambda t, m: run_artifact(
+        t, m, lowered(), files={"lowered/model.pt2": b"not a zip archive"}),
+    "artifact-program-absolute-path": lambda t, m: program_outside(t, m, "absolute"),
+    "artifact-program-dotdot": lambda t, m: program_outside(t, m, "dotdot"),
+    "artifact-program-symlink-out": lambda t, m: program_outside(t, m, "link"),
+    "artifact-program-missing": lambda t, m: run_artifact(t, m, lowered("lowered/none.pt2")),
+    "artifact-native-untrusted": lambda t, m: run_artifact(
+        t, m, lowered(target="inductor"), files={"lowered/model.pt2": b"native code, perhaps"}),
+    "artifact-manifest-not-json": lambda t, m: run_artifact(t, m, "{nope"),
+    "artifact-manifest-not-object": lambda t, m: run_artifact(t, m, "[1]"),
+    "artifact-manifest-deep": lambda t, m: run_artifact(t, m, "[" * 100_000 + "]" * 100_000),
+    "artifact-lowered-not-object": lambda t, m: run_artifact(t, m, {"lowered": "lowered/model.pt2"}),
+    "artifact-lowered-dtype-list": lambda t, m: run_artifact(t, m, lowered(dtype=["float32"]), m / "program.pt2"),
+    "artifact-lowered-unknown-target": lambda t, m: run_artifact(t, m, lowered(target="pickle"), m / "program.pt2"),
+    "artifact-lowered-bad-device": lambda t, m: run_artifact(t, m, lowered(device="nowhere"), m / "program.pt2"),
+    "artifact-routing-not-object": lambda t, m: run_artifact(t, m, {"kind": "routed-topk", "routing": 5}),
+    "artifact-adapter-hub-base": adapter_with_hub_base,
 }
 
 
@@ -316,3 +441,24 @@ def test_bad_input(name, models, tmp_path, capsys, monkeypatch):
         leftovers = [p.name for p in case.output.parent.iterdir() if p.name.startswith(f".{case.output.name}.")]
         assert leftovers == []
     assert not (models / "pwned").exists(), "a pickle ran code"
+
+
+HOSTILE_PROGRAMS = {
+    "pickled-weight": (pickled_weight, {}),
+    "pickled-sample-inputs": (pickled_sample_inputs, {}),
+    "opaque-constant": (opaque_constant, {"data/constants/opaque_obj_0": None}),
+    "legacy-pickled-weights": (lambda marker: lambda name, data: data, {"data/weights/model.pt": None}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_PROGRAMS))
+def test_the_hostile_programs_run_code_when_torch_loads_them(name, models, tmp_path):
+    """The artifact cases above are real attacks: `torch.export.load` on the same archive
+    runs the command (so their marker check can fail)."""
+    marker = tmp_path / "ran"
+    change, extra = HOSTILE_PROGRAMS[name]
+    evil = rewritten_archive(models / "program.pt2", tmp_path / "evil.pt2", change(marker),
+                             {part: evil_pickle(marker) for part in extra})
+    with contextlib.suppress(Exception):
+        torch.export.load(evil)
+    assert marker.exists()
