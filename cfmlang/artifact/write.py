@@ -261,6 +261,16 @@ def _check_block(spec: TensorSpec, rows, block: torch.Tensor) -> None:
     if tuple(block.shape) != shape or DTYPE_CODES.get(block.dtype) != spec.dtype:
         raise WeightError(f"tensor `{spec.name}` came out as {list(block.shape)} "
                           f"{DTYPE_CODES.get(block.dtype)}, expected {list(shape)} {spec.dtype}")
+    if block.is_floating_point() and block.numel() and not _finite(block):
+        raise WeightError(f"tensor `{spec.name}` holds NaN or infinite values; nothing was written",
+                          help="an input (a model or an adapter: its weights or its lora_alpha) is "
+                          "damaged, or the operation is numerically unstable")
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """No NaN nor infinity in `block` (min/max propagate NaN; no block-sized mask)."""
+    low, high = torch.aminmax(block)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def write_sharded(folder: Path, specs: list[TensorSpec], produce: Produce,

@@ -10,14 +10,18 @@ import traceback
 
 from cfmlang.artifact.write import InterruptedAfterWrite
 from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
-from cfmlang.cli.parser import build_parser
-from cfmlang.diagnostics import CompileError
+from cfmlang.cli.parser import UsageError, build_parser
+from cfmlang.diagnostics import CompileError, error
 
 __all__ = ["main", "build_parser"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        report([error("E215", exc.message, None, exc.usage.replace("\n", " "))], None)
+        return EXIT_USER
     try:
         return args.run(args)
     except CompileError as exc:

@@ -13,8 +13,23 @@ TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this mach
                    "only for artifacts from someone you trust")
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (a user mistake: exit 1 with E215, not argparse's 2)."""
+
+    def __init__(self, usage: str, message: str):
+        super().__init__(message)
+        self.usage, self.message = usage, message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals raised as UsageError instead of exiting with status 2."""
+
+    def error(self, message: str):
+        raise UsageError(self.format_usage().strip(), message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfmc", description="compile configurable foundation models")
+    parser = Parser(prog="cfmc", description="compile configurable foundation models")
     parser.add_argument("--version", action="version", version=f"cfmc {__import__('cfmlang').__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -34,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
     cache_options(sub)
     memory_options(sub, "compile even when the estimated peak memory exceeds the limit")
-    sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
+    sub.add_argument("--shard-size", type=shard_gigabytes, default=5.0,
+                     help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_lowering_arguments(sub)
 
@@ -120,6 +136,20 @@ def memory_options(sub: argparse.ArgumentParser, forced: str) -> None:
     sub.add_argument("--max-memory", type=size_argument, metavar="SIZE", help="refuse a plan whose "
                      "estimated peak memory exceeds SIZE (500M, 8G ...; default: the available memory)")
     sub.add_argument("--force", action="store_true", help=forced)
+
+
+MAX_SHARD_GB = 1024.0
+
+
+def shard_gigabytes(text: str) -> float:
+    """A shard size in GB: a finite number above 0 and at most 1024."""
+    try:
+        size = float(text)
+    except ValueError:
+        size = float("nan")
+    if not 0 < size <= MAX_SHARD_GB:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard size in GB (above 0, at most {MAX_SHARD_GB:g})")
+    return size
 
 
 def size_argument(text: str) -> int:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cfmlang.cli import main
-from models import tiny_model
+from models import peft_adapter, tiny_model
 from paths import REPO
 
 CATALOGUE = REPO / "docs" / "bad-inputs.md"
@@ -96,6 +96,15 @@ def models(tmp_path_factory) -> Path:
     model("unknown-dtype", with_header({**header, norm: {**header[norm], "dtype": "X9"}}, data))
     start, end = header[norm]["data_offsets"]
     model("byte-count", with_header({**header, norm: {**header[norm], "data_offsets": [start, end - 4]}}, data))
+    last = max((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"][0])
+    shifted = [offset - 4 for offset in header[last]["data_offsets"]]
+    model("overlapping-offsets", with_header({**header, last: {**header[last], "data_offsets": shifted}}, data))
+    text = json.dumps(header)
+    twice = (text[:-1] + f', "{norm}": ' + json.dumps(header[norm]) + "}").encode()
+    model("duplicate-key", struct.pack("<Q", len(twice)) + twice + data)
+    model("metadata-not-strings", with_header({**header, "__metadata__": {"format": 1}}, data))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    model("header-deep", struct.pack("<Q", len(deep)) + deep + data)
     spot = header["lm_head.weight"]["data_offsets"][0]
     model("nan-bytes", with_header(header, data[:spot] + b"\xff" * 64 + data[spot + 64:]))
     model("int-tensor", {**tensors, norm: tensors[norm].to(torch.int64)})
@@ -106,6 +115,14 @@ def models(tmp_path_factory) -> Path:
         **{k: "model-00001-of-00002.safetensors" for k in tensors}, norm: "model-00002-of-00002.safetensors"}}))
     model("bad-index", tensors, "model-00001-of-00001.safetensors")
     (root / "bad-index" / "model.safetensors.index.json").write_text("{not json")
+    for name, index in (("index-dotdot", {"weight_map": {norm: "../outside.safetensors"}}),
+                        ("index-list", {"weight_map": ["model-00001-of-00001.safetensors"]}),
+                        ("index-deep", "[" * 100_000 + "]" * 100_000)):
+        model(name, tensors, "model-00001-of-00001.safetensors")
+        (root / name / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    shutil.copy(a / "model.safetensors", root / "outside.safetensors")
+    shutil.copy(a / "model.safetensors", model("config-deep", None))
+    (root / "config-deep" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     twice = model("duplicate-tensor", tensors, "model-00001-of-00002.safetensors")
     save_file({norm: tensors[norm]}, twice / "model-00002-of-00002.safetensors")
     (twice / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
@@ -130,6 +147,15 @@ def models(tmp_path_factory) -> Path:
     model("missing-tensor", {k: v for k, v in tensors.items() if k != norm})
     (root / "fake.gguf").write_text("not a GGUF file")
     exported_program(root / "program.pt2")
+    lora = peft_adapter(root / "lora", a, seed=5)
+    shutil.copytree(lora, root / "lora-alpha-nan")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (root / "lora-alpha-nan" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": float("nan")}))
+    shutil.copytree(lora, root / "lora-b-nan")
+    factors = load_file(lora / "adapter_model.safetensors")
+    some_b = next(name for name in sorted(factors) if "lora_B" in name)
+    factors[some_b][0, 0] = float("nan")
+    save_file(factors, root / "lora-b-nan" / "adapter_model.safetensors")
     return root
 
 
@@ -140,6 +166,7 @@ class Case:
     argv: list[str]
     output: Path | None = None       # must not appear (or stay as it was, if it existed)
     limit_file_size: int | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
 
 MERGE = """model a:
@@ -153,6 +180,25 @@ merge mix:
     b: {{weight: {weight}}}
 output: mix
 """
+
+
+FUSED = """model a:
+  source: hf "{a}"
+brick fr:
+  kind: lora
+  source: peft "{lora}"
+  base: a
+model fused:
+  from: a
+  attach: [fr]
+output: fused
+"""
+
+
+def fused_case(tmp: Path, models: Path, lora: str) -> Case:
+    program = tmp / "fused.brick"
+    program.write_text(FUSED.format(a=models / "a", lora=models / lora))
+    return Case(["compile", str(program), "-o", str(tmp / "out"), "-q"], tmp / "out")
 
 
 def compile_case(tmp: Path, models: Path, b: str, weight="0.5", pickle_ok=False, a: str = "a") -> Case:
@@ -313,6 +359,22 @@ def adapter_with_hub_base(tmp: Path, models: Path) -> Case:
     return run_artifact(tmp, models, {"kind": "adapter"}, files={"adapter_config.json": config.encode()})
 
 
+# ---------------------------------------------------------------- the cache and the command line
+
+def cache_case(tmp: Path, models: Path, where: str) -> Case:
+    case = compile_case(tmp, models, "b")
+    case.output.mkdir()
+    (case.output / "cfm.json").write_text("{}")             # a previous artifact
+    if where == "inside":
+        return Case([*case.argv, "--cache-dir", str(case.output / "cache")], case.output)
+    (tmp / "cache-file").write_text("not a folder")
+    return Case([*case.argv, "--cache-dir", str(tmp / "cache-file")], case.output)
+
+
+def with_arguments(case: Case, *extra: str, env: tuple[tuple[str, str], ...] = ()) -> Case:
+    return Case([*case.argv, *extra], case.output, env=env)
+
+
 DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
 
 CASES = {
@@ -324,6 +386,14 @@ CASES = {
     "negative-shape": lambda t, m: model_source(t, m, "negative-shape"),
     "unknown-dtype": lambda t, m: model_source(t, m, "unknown-dtype"),
     "byte-count-mismatch": lambda t, m: model_source(t, m, "byte-count"),
+    "overlapping-offsets": lambda t, m: model_source(t, m, "overlapping-offsets"),
+    "duplicate-header-key": lambda t, m: model_source(t, m, "duplicate-key"),
+    "metadata-not-strings": lambda t, m: model_source(t, m, "metadata-not-strings"),
+    "header-nested-deep": lambda t, m: model_source(t, m, "header-deep"),
+    "index-shard-outside": lambda t, m: model_source(t, m, "index-dotdot"),
+    "index-weight-map-list": lambda t, m: model_source(t, m, "index-list"),
+    "index-nested-deep": lambda t, m: model_source(t, m, "index-deep"),
+    "config-nested-deep": lambda t, m: model_source(t, m, "config-deep"),
     "nan-in-weights": lambda t, m: model_source(t, m, "nan-bytes"),
     "integer-tensor": lambda t, m: model_source(t, m, "int-tensor"),
     "float8-tensor": lambda t, m: model_source(t, m, "f8-tensor"),
@@ -386,6 +456,13 @@ CASES = {
     "artifact-lowered-bad-device": lambda t, m: run_artifact(t, m, lowered(device="nowhere"), m / "program.pt2"),
     "artifact-routing-not-object": lambda t, m: run_artifact(t, m, {"kind": "routed-topk", "routing": 5}),
     "artifact-adapter-hub-base": adapter_with_hub_base,
+    "lora-alpha-nan": lambda t, m: fused_case(t, m, "lora-alpha-nan"),
+    "lora-b-nan": lambda t, m: fused_case(t, m, "lora-b-nan"),
+    "cache-inside-output": lambda t, m: cache_case(t, m, "inside"),
+    "cache-dir-is-a-file": lambda t, m: cache_case(t, m, "file"),
+    "cache-size-infinite": lambda t, m: with_arguments(compile_case(t, m, "b"), env=(("CFM_CACHE_SIZE", "1e400"),)),
+    "shard-size-infinite": lambda t, m: with_arguments(compile_case(t, m, "b"), "--shard-size", "inf"),
+    "missing-output-option": lambda t, m: Case(compile_case(t, m, "b").argv[:2]),
 }
 
 
@@ -431,6 +508,8 @@ def test_bad_input(name, models, tmp_path, capsys, monkeypatch):
     code, text = catalogue_rows()[name]
     case = CASES[name](tmp_path, models)
     before = snapshot(case.output) if case.output else None
+    for variable, value in case.env:
+        monkeypatch.setenv(variable, value)
     exit_code, output = run(case, capsys)
     assert exit_code == 1, output
     assert f"error[{code}]" in output, output
