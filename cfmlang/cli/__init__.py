@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from cfmlang.artifact.write import InterruptedAfterWrite
+from cfmlang.artifact.write import InterruptedAfterWrite, Terminated, terminations_raised
 from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
 from cfmlang.cli.parser import UsageError, build_parser
 from cfmlang.diagnostics import CompileError, error
@@ -23,13 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         report([error("E215", exc.message, None, exc.usage.replace("\n", " "))], None)
         return EXIT_USER
     try:
-        return args.run(args)
+        with terminations_raised():
+            return args.run(args)
     except CompileError as exc:
         report(exc.diagnostics, args)
         return EXIT_USER
     except InterruptedAfterWrite as exc:
         print(f"interrupted after {exc.target} was written in full", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"terminated ({exc}); nothing was written", file=sys.stderr)
+        return 128 + exc.number
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130

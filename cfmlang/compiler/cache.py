@@ -22,6 +22,7 @@ alone by eviction and clear.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from cfmlang.artifact.write import atomic_directory
 from cfmlang.cachedir import default_cache_dir
 from cfmlang.diagnostics import CompileError, error
 from cfmlang.io.gguf import SEAL_FILE
-from cfmlang.io.seal import broken_seal, seal_of
+from cfmlang.io.seal import broken_seal, pin, seal_of
 from cfmlang.io.weights import Identity, WeightError, file_identity, hashed_file
 
 ENTRY_FILE = "cfm-entry.json"
@@ -77,6 +78,7 @@ class Cache:
         self.root = Path(root) if root else default_cache_dir()
         self.limit = cache_limit() if limit is None else limit
         self.inputs: dict[Path, Identity] = {}
+        self.pins: list = []             # open entry files, share-locked while this cache is used
 
     def file_hash(self, path: Path) -> str:
         """The content hash of an input file; its identity is remembered so that
@@ -102,12 +104,15 @@ class Cache:
         """The complete, unchanged entry for `key`, or None (a damaged one is removed)."""
         path = self.node_path(key)
         try:
-            record = json.loads((path / ENTRY_FILE).read_text())
+            handle = pin(path / ENTRY_FILE)
+            record = json.loads(handle.read())
         except (OSError, ValueError, RecursionError):
             return None
         if not _intact(path, record):
+            handle.close()
             _remove(path)
             return None
+        self.pins.append(handle)
         return Entry(path, record)
 
     def store(self, key: str, write: Callable[[Path], dict]) -> Entry:
@@ -120,6 +125,7 @@ class Cache:
             record = {**record, "key": key, "files": seal_of(tmp)}
             (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
             (tmp / ENTRY_FILE).chmod(0o444)
+            self.pins.append(pin(tmp / ENTRY_FILE))     # the lock follows the file into place
             self.require_unchanged_inputs()
         return Entry(self.node_path(key), record)
 
@@ -140,8 +146,8 @@ class Cache:
         cache did not write); bytes freed."""
         freed = 0
         for entry in self.entries():
-            freed += entry.bytes
-            _remove(entry.path)
+            if _remove_unless_in_use(entry.path):
+                freed += entry.bytes
         for path in self._own_temporaries():
             shutil.rmtree(path, ignore_errors=True)
         (self.root / "hashes.json").unlink(missing_ok=True)
@@ -157,9 +163,8 @@ class Cache:
         for entry in entries:
             if total <= self.limit:
                 break
-            if entry.path in keep:
+            if entry.path in keep or not _remove_unless_in_use(entry.path):
                 continue
-            _remove(entry.path)
             total -= entry.bytes
             removed.append(entry)
         return removed
@@ -197,6 +202,21 @@ def link_entry(entry: Entry, folder: Path) -> None:
             os.link(source, folder / name)
         except OSError:
             shutil.copyfile(source, folder / name)
+
+
+def _remove_unless_in_use(path: Path) -> bool:
+    """Remove an entry unless a compile holds it (a shared lock on its marker file);
+    whether it was removed."""
+    marker = next((path / name for name in MARKERS.values() if (path / name).is_file()), None)
+    if marker is None:
+        return False
+    try:
+        with open(marker, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove(path)
+    except OSError:
+        return False
+    return True
 
 
 def _owned_entry(category: str, path: Path) -> bool:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from cfmlang.artifact.write import atomic_directory, write_state_dict
 from cfmlang.compiler.ir import Source
-from cfmlang.io.seal import broken_seal, seal_of
+from cfmlang.io.seal import broken_seal, pin, seal_of
 from cfmlang.io.sources import weight_files
 from cfmlang.io.weights import PickleReader, SafetensorsReader, WeightError, file_identity, hashed_file
 
 SEAL_FILE = "cfm-seal.json"
+IN_USE: list = []
+"""Conversions this process read, pinned (`seal.pin`) until it exits."""
 
 
 def open_source(source: Source, allow_pickle: bool, cache_dir: Path, log=print):
@@ -38,11 +40,17 @@ def converted_gguf(path: Path, cache_dir: Path, log=print) -> Path:
     """The cached HF directory converted from a GGUF file (converted on first use)."""
     digest, identity = hashed_file(path, cache_dir)
     target = cache_dir / "gguf" / digest
+    held = None
+    with contextlib.suppress(OSError):          # pinned before it is checked: not evicted meanwhile
+        held = pin(target / SEAL_FILE)
     problem = conversion_problem(target)
-    if problem is None:
+    if problem is None and held is not None:
+        IN_USE.append(held)
         with contextlib.suppress(OSError):   # last used: the cache evicts the least recently used
             os.utime(target)
         return target
+    if held is not None:
+        held.close()
     if target.exists():
         log(f"the cached conversion of {path.name} is damaged ({problem}); converting it again")
     log(f"converting {path.name} to safetensors once (cached in {target}) ...")
@@ -62,6 +70,8 @@ def converted_gguf(path: Path, cache_dir: Path, log=print) -> Path:
         if file_identity(path) != identity:
             raise WeightError(f"{path} changed while it was converted; nothing was stored",
                               help="compile again once it is settled")
+    with contextlib.suppress(OSError):
+        IN_USE.append(pin(target / SEAL_FILE))
     return target
 
 

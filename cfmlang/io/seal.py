@@ -10,6 +10,7 @@ bytes).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def broken_seal(folder: Path, seal, skip: tuple[str, ...] = ()) -> str | None:
         if path.stat().st_size != recorded[0] or digest_of(path) != recorded[1]:
             return f"{name} changed since it was stored"
     return None
+
+
+def pin(marker: Path):
+    """The folder's marker file (cfm-entry.json, cfm-seal.json) opened with a shared lock:
+    eviction and `cache clear`, in any process, leave the folder alone while the handle
+    is open (they take an exclusive lock before removing)."""
+    handle = open(marker, "rb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise
+    return handle

@@ -173,11 +173,12 @@ def test_eviction_and_clear_remove_only_what_the_cache_wrote(versions, tmp_path,
     program.write_text(MERGE.format(a=versions["a"], b=versions["b1"]))
     monkeypatch.setenv("CFM_CACHE_SIZE", "1")
     assert main(["compile", str(program), "-o", str(mine), "-q"]) == 0
-    assert (mine / "cfm.json").is_file() and (mine / WEIGHTS).is_file()     # evicted: only the entry
-    assert [e.path.name for e in Cache().entries()] == []
-    monkeypatch.setenv("CFM_CACHE_SIZE", "50G")
-    assert main(["compile", str(program), "-o", str(tmp_path / "out"), "-q"]) == 0
-    assert len(Cache().entries()) == 1
+    (first,) = Cache().entries()                   # kept: the compile just used it
+    other = tmp_path / "other.brick"
+    other.write_text(MERGE.format(a=versions["a"], b=versions["b2"]))
+    assert main(["compile", str(other), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert [e.path for e in Cache().entries()] != [first.path] and not first.path.exists()   # evicted
+    assert (mine / "cfm.json").is_file() and (mine / WEIGHTS).is_file()
     assert main(["cache", "clear"]) == 0
     assert Cache().entries() == []
     assert sorted(p.name for p in (root / "nodes").iterdir()) == ["my-artifact", "notes.txt"]
@@ -193,3 +194,18 @@ def test_an_entry_records_a_digest_of_each_file(versions, tmp_path):
     for name, (size, digest) in record["files"].items():
         data = (entry.path / name).read_bytes()
         assert len(data) == size and hashlib.sha256(data).hexdigest() == digest
+
+
+def test_an_entry_in_use_is_not_evicted_or_cleared_until_released(versions, tmp_path):
+    """A compile holds the entries it looked up (a shared lock on cfm-entry.json): another
+    process's eviction (CFM_CACHE_SIZE=1) or clear leaves them until it is done."""
+    cfmlang.compile(MERGE.format(a=versions["a"], b=versions["b1"]), tmp_path / "one")
+    (entry,) = Cache().entries()
+    reader = Cache()
+    assert reader.lookup(entry.name) is not None               # a compile reading the entry
+    assert Cache(limit=1).evict() == [] and Cache().clear() == 0
+    assert entry.path.is_dir()
+    for handle in reader.pins:                                  # that compile is done
+        handle.close()
+    assert [e.name for e in Cache(limit=1).evict()] == [entry.name]
+    assert not entry.path.exists()
