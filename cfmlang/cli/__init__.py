@@ -5,6 +5,7 @@ parser.py, the commands in commands.py, progress display in progress.py.
 """
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
@@ -37,11 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in PATH_ERRORS:
+            return internal_error(exc, args)
+        report([error("E216", f"cannot use {exc.filename}: {exc.strerror}", None,
+                      "shorten the path (a name may hold 255 bytes), or fix its permissions")], args)
+        return EXIT_USER
     except Exception as exc:  # an internal error: never show a traceback by default
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        else:
-            print(f"internal error: {type(exc).__name__}: {exc}\n"
-                  "This is a bug in cfmlang. Please report it with the command you ran; "
-                  "rerun with --debug for the traceback.", file=sys.stderr)
-        return EXIT_INTERNAL
+        return internal_error(exc, args)
+
+
+PATH_ERRORS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
+"""Errors of a path the user gave (too long, not permitted, a link loop), wherever found."""
+
+
+def internal_error(exc: Exception, args) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    else:
+        print(f"internal error: {type(exc).__name__}: {exc}\n"
+              "This is a bug in cfmlang. Please report it with the command you ran; "
+              "rerun with --debug for the traceback.", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -36,7 +36,7 @@ from cfmlang.artifact.write import atomic_directory
 from cfmlang.cachedir import default_cache_dir
 from cfmlang.diagnostics import CompileError, error
 from cfmlang.io.gguf import SEAL_FILE
-from cfmlang.io.seal import broken_seal, pin, seal_of
+from cfmlang.io.seal import broken_seal, digest_of, pin, seal_of
 from cfmlang.io.weights import Identity, WeightError, file_identity, hashed_file
 
 ENTRY_FILE = "cfm-entry.json"
@@ -77,22 +77,22 @@ class Cache:
     def __init__(self, root: Path | None = None, limit: int | None = None):
         self.root = Path(root) if root else default_cache_dir()
         self.limit = cache_limit() if limit is None else limit
-        self.inputs: dict[Path, Identity] = {}
+        self.inputs: dict[Path, tuple[Identity, str]] = {}
         self.pins: list = []             # open entry files, share-locked while this cache is used
 
     def file_hash(self, path: Path) -> str:
         """The content hash of an input file; its identity is remembered so that
         `require_unchanged_inputs` can tell whether it changed since."""
         digest, identity = hashed_file(path, self.root)
-        self.inputs.setdefault(Path(path), identity)
+        self.inputs.setdefault(Path(path), (identity, digest))
         return digest
 
     def require_unchanged_inputs(self) -> None:
         """WeightError (E080) naming an input file replaced or written since it was
         hashed: what was read from it may mix two versions, so it is neither stored nor
         written out."""
-        for path, identity in self.inputs.items():
-            if file_identity(path) != identity:
+        for path, (identity, digest) in self.inputs.items():
+            if not _same_file(path, identity, digest):
                 raise WeightError(f"input {path} changed while this compile read it", help=(
                     "something replaced or rewrote it during the compile; nothing was stored or "
                     "written. Compile again once it is settled"))
@@ -217,6 +217,16 @@ def _remove_unless_in_use(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def _same_file(path: Path, identity: Identity, digest: str) -> bool:
+    """Whether `path` is still the file hashed as `digest` with `identity`. A change of
+    the ctime alone (a link added or removed, as when the cache links or evicts an entry
+    an input shares its inode with; a chmod) is settled by hashing the file again."""
+    now = file_identity(path)
+    if now is None or now[:4] != identity[:4]:
+        return False
+    return now[4] == identity[4] or digest_of(path) == digest
 
 
 def _owned_entry(category: str, path: Path) -> bool:

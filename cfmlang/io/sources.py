@@ -115,7 +115,7 @@ def read_config(folder: Path) -> dict:
         raise SourceError("E051", f"no config.json in {folder}",
                           "a model directory needs the config.json written by save_pretrained")
     try:
-        config = json.loads(path.read_bytes())
+        config = json.loads(path.read_bytes(), parse_constant=_not_finite, parse_float=_finite_float)
     except ValueError as exc:
         raise SourceError("E051", f"{path} is not valid JSON: {exc}") from None
     except (RecursionError, OSError) as exc:
@@ -124,6 +124,17 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise SourceError("E051", f"{path} does not hold a JSON object")
     return config
+
+
+def _not_finite(text: str):
+    raise ValueError(f"it holds {text}, which is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
 
 
 def arch_from_config(config: dict, tensors: tuple[TensorSpec, ...]) -> ArchInfo:
@@ -231,6 +242,10 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         return [folder / n for n in names]
     single = sorted(folder.glob("*.safetensors"))
     if single:
+        not_files = [p for p in single if not p.is_file()]
+        if not_files:
+            raise SourceError("E051", f"`{not_files[0].name}` in {folder} is not a file",
+                              "a model directory holds its weights as .safetensors files")
         return single
     pickles = sorted(folder.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:

@@ -136,6 +136,11 @@ def models(tmp_path_factory) -> Path:
     shutil.copy(a / "model.safetensors", model("config-lacks-keys", None))
     (root / "config-lacks-keys" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     model("no-weights", None)
+    (model("weights-directory", None) / "model.safetensors").mkdir()
+    shutil.copy(a / "model.safetensors", model("config-infinite", None))
+    infinite = (a / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e999')
+    assert "1e999" in infinite
+    (root / "config-infinite" / "config.json").write_text(infinite)
     torch.save(tensors, model("pickle-only", None) / "pytorch_model.bin")
     (model("pickle-evil", None) / "pytorch_model.bin").write_bytes(pickle.dumps(Evil(root / "pwned"), protocol=2))
     (model("pickle-garbage", None) / "pytorch_model.bin").write_bytes(b"not a pickle at all")
@@ -405,6 +410,10 @@ CASES = {
     "config-not-object": lambda t, m: model_source(t, m, "config-not-object"),
     "config-lacks-keys": lambda t, m: model_source(t, m, "config-lacks-keys"),
     "no-weights": lambda t, m: model_source(t, m, "no-weights"),
+    "weights-a-directory": lambda t, m: model_source(t, m, "weights-directory"),
+    "config-infinite-number": lambda t, m: model_source(t, m, "config-infinite"),
+    "source-path-too-long": lambda t, m: model_source(t, m, "x" * 300),
+    "output-path-too-long": lambda t, m: Case([*compile_case(t, m, "b").argv[:3], str(t / ("y" * 300)), "-q"]),
     "pickle-not-allowed": lambda t, m: model_source(t, m, "pickle-only"),
     "pickle-with-code": lambda t, m: model_source(t, m, "pickle-evil", pickle_ok=True),
     "pickle-garbage": lambda t, m: model_source(t, m, "pickle-garbage", pickle_ok=True),
