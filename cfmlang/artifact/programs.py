@@ -45,9 +45,13 @@ def open_export_program(path: Path) -> io.BytesIO:
     data = io.BytesIO(path.read_bytes())
     try:
         with zipfile.ZipFile(data) as archive:
-            parts = {_inside_root(name): archive.read(name) for name in archive.namelist()}
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            names = archive.namelist()
+            parts = {_inside_root(name): archive.read(name) for name in names}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise refused(path, f"is not a torch.export archive ({exc})") from None
+    if len(parts) != len(names) or len({name.split("/", 1)[0] for name in names}) != 1:
+        raise refused(path, "names an archive member twice or under two root folders (what torch "
+                            "would load could differ from what was checked)")
     for name, content in parts.items():
         problem = _unsafe_part(name, content)
         if problem:

@@ -448,6 +448,9 @@ CASES = {
         t, m, opaque_constant, {"data/constants/opaque_obj_0": evil_pickle(m / "pwned")}),
     "artifact-legacy-pickled-weights": lambda t, m: hostile_program(
         t, m, lambda marker: lambda name, data: data, {"data/weights/model.pt": evil_pickle(m / "pwned")}),
+    "artifact-duplicate-member": lambda t, m: hostile_program(
+        t, m, lambda marker: lambda name, data: data,
+        {"data/weights/model_weights_config.json": json.dumps({"config": {}}).encode()}),
     "artifact-program-not-an-archive": lambda t, m: run_artifact(
         t, m, lowered(), files={"lowered/model.pt2": b"not a zip archive"}),
     "artifact-program-absolute-path": lambda t, m: program_outside(t, m, "absolute"),
