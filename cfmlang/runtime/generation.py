@@ -85,12 +85,6 @@ class StaticProgram:
         return StaticProgram(*(load_native(paths[name], trust_code, lambda copy: torch_tensorrt.load(str(copy)).module())
                                for name in ("prefill", "decode")), static)
 
-
-def load_native(path: Path, trust_code: bool, loader):
-    """`loader` applied to a private copy of the native program at `path`, if it is trusted."""
-    with native_program(path, trust_code) as copy:
-        return loader(copy)
-
     def step(self, ids, positions, cache):
         batch, length = ids.shape
         padded = torch.zeros(self.batch, self.prompt_length if length > 1 else 1, dtype=ids.dtype, device=ids.device)
@@ -99,6 +93,12 @@ def load_native(path: Path, trust_code: bool, loader):
             positions = torch.arange(self.prompt_length, device=ids.device)
         logits, keys, values = (self.prefill if length > 1 else self.decode)(padded, positions, *cache)
         return logits[:batch, :length], (keys, values)
+
+
+def load_native(path: Path, trust_code: bool, loader):
+    """`loader` applied to a private copy of the native program at `path`, if it is trusted."""
+    with native_program(path, trust_code) as copy:
+        return loader(copy)
 
 
 class LoweredModel:
