@@ -380,6 +380,12 @@ def with_arguments(case: Case, *extra: str, env: tuple[tuple[str, str], ...] = (
     return Case([*case.argv, *extra], case.output, env=env)
 
 
+def deep_training_data(tmp: Path, models: Path) -> Case:
+    (tmp / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    return text_case(tmp, f'model a:\n  source: hf "{models / "a"}"\nbrick t:\n  kind: lora\n  base: a\n'
+                          '  train: {data: "deep.jsonl", steps: 1}\n')
+
+
 DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
 
 CASES = {
@@ -470,6 +476,7 @@ CASES = {
     "artifact-adapter-hub-base": adapter_with_hub_base,
     "lora-alpha-nan": lambda t, m: fused_case(t, m, "lora-alpha-nan"),
     "lora-b-nan": lambda t, m: fused_case(t, m, "lora-b-nan"),
+    "training-data-nested-deep": deep_training_data,
     "cache-inside-output": lambda t, m: cache_case(t, m, "inside"),
     "cache-dir-is-a-file": lambda t, m: cache_case(t, m, "file"),
     "cache-size-infinite": lambda t, m: with_arguments(compile_case(t, m, "b"), env=(("CFM_CACHE_SIZE", "1e400"),)),
