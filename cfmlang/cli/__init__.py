@@ -1,6 +1,7 @@
 """`cfmc`: the command line. Thin: every command calls the public API.
 
-Exit codes: 0 ok, 1 user error (diagnostics printed), 2 internal error. The parser is in
+Exit codes: 0 ok, 1 user error (diagnostics printed, argparse's refusals included), 2
+internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP). The parser is in
 parser.py, the commands in commands.py, progress display in progress.py.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        report([error("E215", exc.message, None, exc.usage.replace("\n", " "))], None)
+        report([error("E215", exc.message, None, " ".join(exc.usage.split()))], None)
         return EXIT_USER
     try:
         with terminations_raised():
