@@ -57,6 +57,10 @@ def with_header(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
+LAYER_COUNTS = {"huge": 10**9, "negative": -2, "zero": 0, "boolean": True, "string": "2", "fraction": 2.7,
+                "too-many": 3}
+
+
 class Evil:
     """Unpickling this would run a shell command that leaves a marker file."""
 
@@ -136,6 +140,10 @@ def models(tmp_path_factory) -> Path:
     shutil.copy(a / "model.safetensors", model("config-lacks-keys", None))
     (root / "config-lacks-keys" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     model("no-weights", None)
+    base_config = json.loads((a / "config.json").read_text())
+    for name, layers in LAYER_COUNTS.items():
+        shutil.copy(a / "model.safetensors", model(f"layers-{name}", None))
+        (root / f"layers-{name}" / "config.json").write_text(json.dumps({**base_config, "num_hidden_layers": layers}))
     (model("weights-directory", None) / "model.safetensors").mkdir()
     shutil.copy(a / "model.safetensors", model("config-infinite", None))
     infinite = (a / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e999')
@@ -416,6 +424,8 @@ CASES = {
     "config-not-object": lambda t, m: model_source(t, m, "config-not-object"),
     "config-lacks-keys": lambda t, m: model_source(t, m, "config-lacks-keys"),
     "no-weights": lambda t, m: model_source(t, m, "no-weights"),
+    **{f"config-layers-{name}": (lambda name: lambda t, m: model_source(t, m, f"layers-{name}"))(name)
+       for name in LAYER_COUNTS},
     "weights-a-directory": lambda t, m: model_source(t, m, "weights-directory"),
     "config-infinite-number": lambda t, m: model_source(t, m, "config-infinite"),
     "source-path-too-long": lambda t, m: model_source(t, m, "x" * 300),
