@@ -164,6 +164,8 @@ def models(tmp_path_factory) -> Path:
     shutil.copytree(lora, root / "lora-alpha-nan")
     config = json.loads((lora / "adapter_config.json").read_text())
     (root / "lora-alpha-nan" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": float("nan")}))
+    shutil.copytree(lora, root / "lora-config-deep")
+    (root / "lora-config-deep" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     shutil.copytree(lora, root / "lora-b-nan")
     factors = load_file(lora / "adapter_model.safetensors")
     some_b = next(name for name in sorted(factors) if "lora_B" in name)
@@ -486,6 +488,11 @@ CASES = {
     "artifact-adapter-hub-base": adapter_with_hub_base,
     "lora-alpha-nan": lambda t, m: fused_case(t, m, "lora-alpha-nan"),
     "lora-b-nan": lambda t, m: fused_case(t, m, "lora-b-nan"),
+    "lora-config-nested-deep": lambda t, m: fused_case(t, m, "lora-config-deep"),
+    "dtype-a-list": lambda t, m: text_case(t, MERGE.format(a=m / "a", b=m / "b", weight="0.5", pickle="")
+                                           .replace("output: mix", "  dtype: [float32]\noutput: mix")),
+    "dtype-a-map": lambda t, m: text_case(t, MERGE.format(a=m / "a", b=m / "b", weight="0.5", pickle="")
+                                          .replace("output: mix", "  dtype: {a: 1}\noutput: mix")),
     "training-data-nested-deep": deep_training_data,
     "cache-inside-output": lambda t, m: cache_case(t, m, "inside"),
     "cache-dir-is-a-file": lambda t, m: cache_case(t, m, "file"),
