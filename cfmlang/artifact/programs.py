@@ -46,16 +46,16 @@ def open_export_program(path: Path) -> io.BytesIO:
     try:
         with zipfile.ZipFile(data) as archive:
             names = archive.namelist()
-            parts = {_inside_root(name): archive.read(name) for name in names}
+            inside = [_inside_root(name) for name in names]
+            if len(set(inside)) != len(names) or len({name.split("/", 1)[0] for name in names}) != 1:
+                raise refused(path, "names an archive member twice or under two root folders (what "
+                                    "torch would load could differ from what was checked)")
+            for name, part in zip(names, inside):
+                problem = _unsafe_part(part, lambda: archive.read(name))
+                if problem:
+                    raise refused(path, f"holds {problem} (`{part}`), which loading would run as code")
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise refused(path, f"is not a torch.export archive ({exc})") from None
-    if len(parts) != len(names) or len({name.split("/", 1)[0] for name in names}) != 1:
-        raise refused(path, "names an archive member twice or under two root folders (what torch "
-                            "would load could differ from what was checked)")
-    for name, content in parts.items():
-        problem = _unsafe_part(name, content)
-        if problem:
-            raise refused(path, f"holds {problem} (`{name}`), which loading would run as code")
     data.seek(0)
     return data
 
@@ -71,16 +71,18 @@ def _inside_root(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else name
 
 
-def _unsafe_part(name: str, content: bytes) -> str | None:
+def _unsafe_part(name: str, read) -> str | None:
+    """What makes the archive member `name` unsafe to load, or None; `read()` gives its
+    bytes (read only for the members whose content decides)."""
     if name.startswith("data/aotinductor/"):
         return "AOTInductor native code"
     if name.startswith(("data/weights/", "data/constants/")) and name.endswith(".pt"):
         return "a pickled legacy state dict"
     for suffix, prefix in PAYLOAD_CONFIGS.items():
         if name.endswith(suffix):
-            return _unsafe_payload_config(content, prefix)
+            return _unsafe_payload_config(read(), prefix)
     if name.startswith("data/sample_inputs/"):
-        return _unsafe_sample_inputs(content)
+        return _unsafe_sample_inputs(read())
     return None
 
 
