@@ -165,10 +165,6 @@ def file_identity(path: Path) -> Identity | None:
         return None
 
 
-def file_sha256(path: Path, cache_dir: Path) -> str:
-    return hashed_file(path, cache_dir)[0]
-
-
 def hashed_file(path: Path, cache_dir: Path) -> tuple[str, Identity]:
     """Content hash of a file and the identity of the file it hashed. Hashes are
     remembered by (path, identity), so each version of a file is hashed once; a hash is
