@@ -10,8 +10,8 @@ from typing import Any, Callable
 import networkx as nx
 
 from cfmlang.artifact.write import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
-from cfmlang.compiler.build import (BuildSettings, build, memory_budget, plan_program, refuse_foreign_output,
-                                    with_output)
+from cfmlang.compiler.build import (BuildSettings, build, memory_budget, plan_program, refuse_cache_location,
+                                    refuse_foreign_output, with_output)
 from cfmlang.compiler.cache import Cache
 from cfmlang.compiler.check import check as check_stage
 from cfmlang.compiler.graph import build_graph
@@ -106,6 +106,7 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     output_dir = Path(output_dir)
     refuse_foreign_output(output_dir)
     cache = Cache(cache_dir)
+    refuse_cache_location(cache.root, output_dir)
     sizes = Sizes(max_shard_bytes, chunk_bytes)
     keys, build_plan = plan_program(program, graph, cache, use_cache, sizes, memory_budget(force, max_memory))
     settings = BuildSettings(sizes, progress, log, on_train_step or (lambda name, step, steps, loss: None),

@@ -38,11 +38,21 @@ SHARED_GGUF = default_cache_dir() / "gguf"
 """GGUF conversions (SmolLM2: ~20 s) are shared by every test and every run."""
 
 
+TRUSTED = {}
+"""The test session's list of trusted native programs (the inductor/tensorrt programs its
+compiles built), shared by every cache of the session like `gguf/`."""
+
+
 def private_cache(root: Path) -> Path:
-    """A cache root of its own whose `gguf/` is the shared conversions folder."""
+    """A cache root of its own whose `gguf/` is the shared conversions folder and whose
+    trusted-programs/ is the session's."""
+    from cfmlang.artifact.programs import TRUSTED_DIR
+
     root.mkdir(parents=True, exist_ok=True)
     SHARED_GGUF.mkdir(parents=True, exist_ok=True)
     (root / "gguf").symlink_to(SHARED_GGUF, target_is_directory=True)
+    if "folder" in TRUSTED:
+        (root / TRUSTED_DIR).symlink_to(TRUSTED["folder"], target_is_directory=True)
     return root
 
 
@@ -50,7 +60,10 @@ def private_cache(root: Path) -> Path:
 def session_cache(tmp_path_factory):
     """Module- and session-scoped fixtures build into a cache of the test session."""
     saved = os.environ.get("CFM_CACHE_DIR")
-    os.environ["CFM_CACHE_DIR"] = str(private_cache(tmp_path_factory.mktemp("session") / "cache"))
+    session = tmp_path_factory.mktemp("session")
+    TRUSTED["folder"] = session / "trusted-programs"
+    TRUSTED["folder"].mkdir()
+    os.environ["CFM_CACHE_DIR"] = str(private_cache(session / "cache"))
     yield
     if saved is None:
         os.environ.pop("CFM_CACHE_DIR")

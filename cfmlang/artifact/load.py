@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cfmlang.artifact.read import malformed, read_manifest
+
+ROUTED_KINDS = ("adapter-routed", "routed-topk")
+
 
 def load_eager(directory, manifest: dict | None = None, **kwargs):
     """The transformers model of an artifact directory: a PeftModel for adapters, routed
@@ -17,16 +21,44 @@ def load_eager(directory, manifest: dict | None = None, **kwargs):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base_path = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), directory)
-    manifest = manifest or json.loads((directory / "cfm.json").read_text())
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base(directory), **kwargs),
+                                         directory)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    routing = routing_of(directory, manifest)
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    if manifest.get("kind") == "adapter-routed":
-        from cfmlang.runtime.adapter_mixture import load_mixture
+    try:
+        if manifest.get("kind") == "adapter-routed":
+            from cfmlang.runtime.adapter_mixture import load_mixture
 
-        return load_mixture(model, directory, manifest["routing"])
-    if manifest.get("kind") == "routed-topk":
-        from cfmlang.runtime.routed_model import route_model
+            return load_mixture(model, directory, routing)
+        if manifest.get("kind") == "routed-topk":
+            from cfmlang.runtime.routed_model import route_model
 
-        return route_model(model, directory, manifest["routing"])
+            return route_model(model, directory, routing)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise malformed(directory / "cfm.json", f"has a `routing` section this artifact's kind "
+                                                f"cannot use ({type(exc).__name__}: {exc})") from None
     return model
+
+
+def routing_of(directory: Path, manifest: dict) -> dict | None:
+    """The manifest's `routing` object for routed kinds (E213 when it is not one)."""
+    if manifest.get("kind") not in ROUTED_KINDS:
+        return None
+    routing = manifest.get("routing")
+    if not isinstance(routing, dict):
+        raise malformed(directory / "cfm.json", f"is of kind `{manifest['kind']}` without a `routing` object")
+    return routing
+
+
+def adapter_base(directory: Path) -> Path:
+    """The local base model directory an adapter artifact names (never a hub id)."""
+    path = directory / "adapter_config.json"
+    try:
+        base = json.loads(path.read_bytes()).get("base_model_name_or_path")
+    except (ValueError, RecursionError, AttributeError, OSError) as exc:
+        raise malformed(path, f"is not a JSON object ({type(exc).__name__})") from None
+    if not isinstance(base, str) or not base or "\x00" in base or not (Path(base) / "config.json").is_file():
+        raise malformed(path, f"names base model {json.dumps(base)[:80]}, which is not a local model "
+                              "directory (cfmlang never downloads)")
+    return Path(base)

@@ -43,7 +43,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     and an existing `target` is left untouched. The replacement is one atomic exchange
     of the two directories (Linux renameat2), so a process killed at any instant leaves
     either the old `target` or the new one, never neither; siblings left behind by
-    killed processes are removed by the next write to the same target.
+    killed processes are removed by the next write to the same target. When two writers
+    finish at once, the later one replaces the earlier one's directory (`move_into_place`).
     """
     target = Path(target)
     if target.is_symlink():
@@ -56,16 +57,27 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         with _sigint_deferred() as interrupt:
-            if target.exists():
-                _replace_directory(tmp, target)
-            else:
-                os.replace(tmp, target)
+            move_into_place(tmp, target)
             _fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if interrupt.pending:
         raise InterruptedAfterWrite(target)
+
+
+def move_into_place(tmp: Path, target: Path) -> None:
+    """Put the finished directory `tmp` at `target`, replacing what is there. A rename is
+    tried first (no target, or an empty one); a non-empty target, whether it was there
+    before or another writer just created it, is exchanged atomically. No `exists()`
+    check comes first, so there is no window for a concurrent writer to fall into."""
+    try:
+        os.replace(tmp, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or target.is_symlink():
+            raise
+    _replace_directory(tmp, target)
 
 
 class InterruptedAfterWrite(KeyboardInterrupt):
@@ -77,6 +89,40 @@ class InterruptedAfterWrite(KeyboardInterrupt):
         self.target = target
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C (under `terminations_raised`) so that a
+    killed compile removes its temporaries on the way out."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.number = number
+
+
+TERMINATIONS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(number, frame):
+    raise Terminated(number)
+
+
+@contextlib.contextmanager
+def terminations_raised() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP (where no one else handles them) raise
+    `Terminated` in the main thread instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in TERMINATIONS}
+    for number, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(number, _raise_terminated)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 @dataclass
 class _Interrupt:
     pending: bool = False
@@ -84,18 +130,21 @@ class _Interrupt:
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[_Interrupt]:
-    """Hold back SIGINT while the block runs (main thread with Python's default handler
-    only); `.pending` says whether one arrived."""
+    """Hold back SIGINT (and SIGTERM/SIGHUP raised as `Terminated`) while the block runs
+    (main thread with Python's default handlers only); `.pending` says whether one arrived."""
     interrupt = _Interrupt()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
         yield interrupt
         return
-    signal.signal(signal.SIGINT, lambda number, frame: setattr(interrupt, "pending", True))
+    held = {number: handler for number in (signal.SIGINT, *TERMINATIONS)
+            if (handler := signal.getsignal(number)) in (signal.default_int_handler, _raise_terminated)}
+    for number in held:
+        signal.signal(number, lambda number, frame: setattr(interrupt, "pending", True))
     try:
         yield interrupt
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for number, handler in held.items():
+            signal.signal(number, handler)
 
 
 def _sibling_prefix(target: Path, role: str) -> str:
@@ -261,6 +310,16 @@ def _check_block(spec: TensorSpec, rows, block: torch.Tensor) -> None:
     if tuple(block.shape) != shape or DTYPE_CODES.get(block.dtype) != spec.dtype:
         raise WeightError(f"tensor `{spec.name}` came out as {list(block.shape)} "
                           f"{DTYPE_CODES.get(block.dtype)}, expected {list(shape)} {spec.dtype}")
+    if block.is_floating_point() and block.numel() and not _finite(block):
+        raise WeightError(f"tensor `{spec.name}` holds NaN or infinite values; nothing was written",
+                          help="an input (a model or an adapter: its weights or its lora_alpha) is "
+                          "damaged, or the operation is numerically unstable")
+
+
+def _finite(block: torch.Tensor) -> bool:
+    """No NaN nor infinity in `block` (min/max propagate NaN; no block-sized mask)."""
+    low, high = torch.aminmax(block)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def write_sharded(folder: Path, specs: list[TensorSpec], produce: Produce,

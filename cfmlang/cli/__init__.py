@@ -1,39 +1,63 @@
 """`cfmc`: the command line. Thin: every command calls the public API.
 
-Exit codes: 0 ok, 1 user error (diagnostics printed), 2 internal error. The parser is in
+Exit codes: 0 ok, 1 user error (diagnostics printed, argparse's refusals included), 2
+internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP). The parser is in
 parser.py, the commands in commands.py, progress display in progress.py.
 """
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
-from cfmlang.artifact.write import InterruptedAfterWrite
+from cfmlang.artifact.write import InterruptedAfterWrite, Terminated, terminations_raised
 from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
-from cfmlang.cli.parser import build_parser
-from cfmlang.diagnostics import CompileError
+from cfmlang.cli.parser import UsageError, build_parser
+from cfmlang.diagnostics import CompileError, error
 
 __all__ = ["main", "build_parser"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        report([error("E215", exc.message, None, " ".join(exc.usage.split()))], None)
+        return EXIT_USER
+    try:
+        with terminations_raised():
+            return args.run(args)
     except CompileError as exc:
         report(exc.diagnostics, args)
         return EXIT_USER
     except InterruptedAfterWrite as exc:
         print(f"interrupted after {exc.target} was written in full", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"terminated ({exc}); nothing was written", file=sys.stderr)
+        return 128 + exc.number
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in PATH_ERRORS:
+            return internal_error(exc, args)
+        report([error("E216", f"cannot use {exc.filename}: {exc.strerror}", None,
+                      "shorten the path (a name may hold 255 bytes), or fix its permissions")], args)
+        return EXIT_USER
     except Exception as exc:  # an internal error: never show a traceback by default
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        else:
-            print(f"internal error: {type(exc).__name__}: {exc}\n"
-                  "This is a bug in cfmlang. Please report it with the command you ran; "
-                  "rerun with --debug for the traceback.", file=sys.stderr)
-        return EXIT_INTERNAL
+        return internal_error(exc, args)
+
+
+PATH_ERRORS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
+"""Errors of a path the user gave (too long, not permitted, a link loop), wherever found."""
+
+
+def internal_error(exc: Exception, args) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    else:
+        print(f"internal error: {type(exc).__name__}: {exc}\n"
+              "This is a bug in cfmlang. Please report it with the command you ran; "
+              "rerun with --debug for the traceback.", file=sys.stderr)
+    return EXIT_INTERNAL

@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
 
     generate(args.directory, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
              sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-             stream=sys.stdout, target=args.target, device=args.device)
+             stream=sys.stdout, target=args.target, device=args.device, trust_code=args.trust_code)
     return EXIT_OK
 
 
@@ -128,7 +128,8 @@ def cmd_bench(args) -> int:
     from cfmlang.runtime.bench import bench, render_table
 
     result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against)
+                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against,
+                   trust_code=args.trust_code)
     print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
     return EXIT_OK
 

@@ -9,9 +9,27 @@ from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, 
                                   cmd_methods, cmd_plan, cmd_run)
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 
+TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
+                   "only for artifacts from someone you trust")
+
+
+class UsageError(Exception):
+    """A command line argparse refuses (a user mistake: exit 1 with E215, not argparse's 2)."""
+
+    def __init__(self, usage: str, message: str):
+        super().__init__(message)
+        self.usage, self.message = usage, message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals raised as UsageError instead of exiting with status 2."""
+
+    def error(self, message: str):
+        raise UsageError(self.format_usage().strip(), message)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfmc", description="compile configurable foundation models")
+    parser = Parser(prog="cfmc", description="compile configurable foundation models")
     parser.add_argument("--version", action="version", version=f"cfmc {__import__('cfmlang').__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -31,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text", help="diagnostics format")
     cache_options(sub)
     memory_options(sub, "compile even when the estimated peak memory exceeds the limit")
-    sub.add_argument("--shard-size", type=float, default=5.0, help="max GB per safetensors shard (default 5)")
+    sub.add_argument("--shard-size", type=shard_gigabytes, default=5.0,
+                     help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     add_lowering_arguments(sub)
 
@@ -62,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
                      "(default: the lowered one when there is one, else eager)")
     sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
+    sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
 
     sub = command("bench", cmd_bench, "prefill and decode tokens/s of the lowered program against HF eager "
                   "(or against another artifact's lowered program)")
@@ -73,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     sub.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is kept")
     sub.add_argument("--device", help="device (default: the one the program was lowered for)")
+    sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
     sub.add_argument("--format", choices=("text", "json"), default="text")
 
     sub = command("analyze", cmd_analyze, "find the emergent bricks of a model: sparse activation, "
@@ -115,6 +136,20 @@ def memory_options(sub: argparse.ArgumentParser, forced: str) -> None:
     sub.add_argument("--max-memory", type=size_argument, metavar="SIZE", help="refuse a plan whose "
                      "estimated peak memory exceeds SIZE (500M, 8G ...; default: the available memory)")
     sub.add_argument("--force", action="store_true", help=forced)
+
+
+MAX_SHARD_GB = 1024.0
+
+
+def shard_gigabytes(text: str) -> float:
+    """A shard size in GB: a finite number above 0 and at most 1024."""
+    try:
+        size = float(text)
+    except ValueError:
+        size = float("nan")
+    if not 0 < size <= MAX_SHARD_GB:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard size in GB (above 0, at most {MAX_SHARD_GB:g})")
+    return size
 
 
 def size_argument(text: str) -> int:

@@ -98,6 +98,19 @@ def refuse_foreign_output(output_dir: Path) -> None:
                                   "choose a new output path; cfmc only replaces its own artifacts")])
 
 
+def refuse_cache_location(cache_root: Path, output_dir: Path) -> None:
+    """E214 for a cache that compiling would destroy or cannot use: the output directory
+    itself or a folder inside it (replacing the output removes it), or a file."""
+    root, output = cache_root.resolve(), output_dir.resolve()
+    if root == output or output in root.parents:
+        raise CompileError([error("E214", f"the cache directory {cache_root} is inside the output {output_dir}, "
+                                  "which every compile replaces whole", None,
+                                  "give --cache-dir (or CFM_CACHE_DIR) a folder outside the output")])
+    if root.exists() and not root.is_dir():
+        raise CompileError([error("E214", f"the cache directory {cache_root} is a file", None,
+                                  "give --cache-dir (or CFM_CACHE_DIR) a folder")])
+
+
 def build(program: CheckedProgram, graph: nx.DiGraph, keys: dict, build_plan: Plan, cache: Cache,
           output_dir: Path, use_cache: bool, settings: BuildSettings) -> tuple[dict, dict[str, int]]:
     """Run the plan into `output_dir`: (manifest, tensors computed or read per node).
@@ -127,6 +140,7 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: Bu
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        cache.require_unchanged_inputs()
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
 
@@ -166,7 +180,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
         elif name != program.output and (check := operation_of(node).verify(node, provider, settings.log)):
             verified[name] = check
     manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
-                             output_dir, settings, verified)
+                             output_dir, settings, verified, cache)
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
@@ -202,7 +216,7 @@ def _recorded_verification(entry) -> dict[str, dict]:
 
 
 def _place_output(program, graph, keys, entry, provider, output_dir, settings: BuildSettings,
-                  verified: dict) -> dict:
+                  verified: dict, cache: Cache) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
     with atomic_directory(output_dir) as tmp:
@@ -215,6 +229,7 @@ def _place_output(program, graph, keys, entry, provider, output_dir, settings: B
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        cache.require_unchanged_inputs()
     return manifest
 
 

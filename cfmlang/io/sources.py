@@ -103,8 +103,8 @@ def read_arch(source: Source, allow_pickle: bool) -> ArchInfo:
 def _artifact_new_layers(folder: Path) -> tuple[int, ...]:
     """The untrained grown layers a cfmlang artifact lists in its cfm.json (`()` otherwise)."""
     try:
-        listed = json.loads((folder / "cfm.json").read_text()).get("new_layers", [])
-    except (OSError, ValueError, AttributeError):
+        listed = json.loads((folder / "cfm.json").read_bytes()).get("new_layers", [])
+    except (OSError, ValueError, AttributeError, RecursionError):
         return ()
     return tuple(i for i in listed if isinstance(i, int)) if isinstance(listed, list) else ()
 
@@ -115,12 +115,26 @@ def read_config(folder: Path) -> dict:
         raise SourceError("E051", f"no config.json in {folder}",
                           "a model directory needs the config.json written by save_pretrained")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes(), parse_constant=_not_finite, parse_float=_finite_float)
     except ValueError as exc:
         raise SourceError("E051", f"{path} is not valid JSON: {exc}") from None
+    except (RecursionError, OSError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise SourceError("E051", f"{path} is not valid JSON: {reason}") from None
     if not isinstance(config, dict):
         raise SourceError("E051", f"{path} does not hold a JSON object")
     return config
+
+
+def _not_finite(text: str):
+    raise ValueError(f"it holds {text}, which is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:20]} is out of range")
+    return value
 
 
 def arch_from_config(config: dict, tensors: tuple[TensorSpec, ...]) -> ArchInfo:
@@ -209,10 +223,18 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError, OSError):
             raise SourceError("E051", f"{index} is not a valid safetensors index") from None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise SourceError("E051", f"{index} is not a valid safetensors index: its `weight_map` must map "
+                              "tensor names to shard file names", "copy the index saved with the checkpoint")
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise SourceError("E051", f"shard `{outside[0]}` named in {index.name} is not a file of {folder.name}",
+                              "an index names shards in its own folder, without directories")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise SourceError("E051", f"shard `{missing[0]}` named in {index.name} is missing",
@@ -220,6 +242,10 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
         return [folder / n for n in names]
     single = sorted(folder.glob("*.safetensors"))
     if single:
+        not_files = [p for p in single if not p.is_file()]
+        if not_files:
+            raise SourceError("E051", f"`{not_files[0].name}` in {folder} is not a file",
+                              "a model directory holds its weights as .safetensors files")
         return single
     pickles = sorted(folder.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
@@ -248,16 +274,39 @@ def safetensors_header(path: Path) -> tuple[dict, int]:
             raise SourceError("E051", f"{path.name} has a corrupt safetensors header "
                               f"(header length {length} for a {size}-byte file)")
         try:
-            header = json.loads(handle.read(length))
-        except ValueError:
+            header = json.loads(handle.read(length), object_pairs_hook=_unique_keys)
+        except DuplicateKey as exc:
+            raise SourceError("E051", f"{path.name} has a corrupt safetensors header: key `{exc}` appears "
+                              "twice", "the file is damaged; download or convert it again") from None
+        except (ValueError, RecursionError):
             raise SourceError("E051", f"{path.name} has a corrupt safetensors header") from None
     _check_header(header, path, size - 8 - length)
     return header, 8 + length
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that names no key twice (the safetensors library refuses those)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return found
+
+
 def _check_header(header: dict, path: Path, data_size: int) -> None:
+    """The safetensors library's rules: metadata maps strings to strings; each tensor has
+    a known dtype, a shape of whole numbers and exactly the bytes they need; and the
+    tensors' byte ranges tile the data without gaps or overlaps, up to its end."""
     if not isinstance(header, dict):
         raise SourceError("E051", f"{path.name} has a corrupt safetensors header")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SourceError("E051", f"{path.name} has a corrupt safetensors header: `__metadata__` must map "
+                          "strings to strings", "the file is damaged; download or convert it again")
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -266,17 +315,36 @@ def _check_header(header: dict, path: Path, data_size: int) -> None:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed entry") from None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise SourceError("E051", f"tensor `{name}` in {path.name} has a malformed shape {shape!r}")
         if dtype not in DTYPE_SIZES:
             raise SourceError("E051", f"tensor `{name}` in {path.name} has unknown dtype {dtype}")
-        if not (isinstance(start, int) and isinstance(end, int)) or end > data_size or not 0 <= start <= end:
+        if not (type(start) is int and type(end) is int) or end > data_size or not 0 <= start <= end:
             raise SourceError("E051", f"tensor `{name}` in {path.name} lies past the end of "
                               "the file (truncated download?)", "download the file again")
         if end - start != DTYPE_SIZES[dtype] * math.prod(shape):
             raise SourceError("E051", f"tensor `{name}` in {path.name} holds {end - start} bytes but "
                               f"its shape {shape} and dtype {dtype} need {DTYPE_SIZES[dtype] * math.prod(shape)}",
                               "the file is damaged; download or convert it again")
+    _check_tiling(header, path, data_size)
+
+
+def _check_tiling(header: dict, path: Path, data_size: int) -> None:
+    """Tensors' data_offsets, in order, must start at 0, follow each other without gap or
+    overlap, and end where the file ends."""
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name)
+                   for name, info in header.items() if name != "__metadata__")
+    position, previous = 0, None
+    for start, end, name in spans:
+        if start != position:
+            what = f"overlaps tensor `{previous}`" if start < position else f"starts {start - position} bytes " \
+                "after the previous tensor ends"
+            raise SourceError("E051", f"tensor `{name}` in {path.name} {what} (data_offsets [{start}, {end}])",
+                              "the file is damaged; download or convert it again")
+        position, previous = end, name
+    if position != data_size:
+        raise SourceError("E051", f"{path.name} holds {data_size - position} bytes after its last tensor",
+                          "the file is damaged; download or convert it again")
 
 
 def safetensors_header_specs(path: Path) -> list[TensorSpec]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -146,23 +148,57 @@ def _unpickling_reason(exc: Exception) -> str:
     return telling[0] if telling else lines[0]
 
 
-def file_sha256(path: Path, cache_dir: Path) -> str:
-    """Content hash of a file, remembered by (size, mtime) so it is computed once."""
-    stat = path.stat()
+Identity = tuple[int, int, int, int, int]
+"""(device, inode, size, mtime_ns, ctime_ns) of a file: a write, a replacement (`os.replace`,
+a new inode) or `touch -r` (which cannot set the ctime) changes it."""
+RACY_SECONDS = 2.0
+
+
+def identity_of(stat: os.stat_result) -> Identity:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def file_identity(path: Path) -> Identity | None:
+    try:
+        return identity_of(path.stat())
+    except OSError:
+        return None
+
+
+def hashed_file(path: Path, cache_dir: Path) -> tuple[str, Identity]:
+    """Content hash of a file and the identity of the file it hashed. Hashes are
+    remembered by (path, identity), so each version of a file is hashed once; a hash is
+    not remembered while the file's last change is under RACY_SECONDS old (a second
+    write within the file system's timestamp resolution could leave the same identity)."""
     memo_path = cache_dir / "hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         memo = {}
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    if key not in memo:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        memo[key] = digest.hexdigest()
+    identity = identity_of(path.stat())
+    key = f"{path.resolve()}|{'|'.join(map(str, identity))}"
+    if isinstance(memo, dict) and isinstance(memo.get(key), str):
+        return memo[key], identity
+    digest, identity = _hash_open_file(path)
+    if time.time() - max(identity[3], identity[4]) / 1e9 > RACY_SECONDS:
+        memo = memo if isinstance(memo, dict) else {}
+        memo[f"{path.resolve()}|{'|'.join(map(str, identity))}"] = digest
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
+        tmp = memo_path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(memo, indent=0, sort_keys=True))
         os.replace(tmp, memo_path)
-    return memo[key]
+    return digest, identity
+
+
+def _hash_open_file(path: Path) -> tuple[str, Identity]:
+    """SHA-256 of the file opened at `path`, and its identity; hashed again if the file
+    was written while it was read."""
+    for _ in range(3):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            before = identity_of(os.fstat(handle.fileno()))
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+            if identity_of(os.fstat(handle.fileno())) == before:
+                return digest.hexdigest(), before
+    raise WeightError(f"{path} keeps changing while it is read", help="wait until whatever writes it is done")

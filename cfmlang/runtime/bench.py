@@ -20,15 +20,15 @@ from cfmlang.diagnostics import CompileError, error
 
 
 def bench(directory, batches=(1, 8), prompt_tokens: int = 64, new_tokens: int = 32, repeat: int = 3,
-          device: str | None = None, against=None) -> dict:
+          device: str | None = None, against=None, trust_code: bool = False) -> dict:
     from cfmlang.api import load
 
-    compiled = lowered(directory, device)
+    compiled = lowered(directory, device, trust_code)
     if against is None:
         eager = load(directory, target="eager", dtype=compiled.dtype).to(compiled.device).eval()
         anchor, anchor_name, vocab = partial(eager_run, eager), "HF eager", eager.config.vocab_size
     else:
-        other = lowered(against, str(compiled.device))
+        other = lowered(against, str(compiled.device), trust_code)
         anchor, anchor_name = partial(compiled_run, other), f"{other.target} {Path(against)}"
         vocab = min(compiled.config.vocab_size, other.config.vocab_size)
     program = partial(compiled_run, compiled)
@@ -40,11 +40,11 @@ def bench(directory, batches=(1, 8), prompt_tokens: int = 64, new_tokens: int = 
             "repeat": repeat, "results": rows}
 
 
-def lowered(directory, device: str | None):
+def lowered(directory, device: str | None, trust_code: bool = False):
     from cfmlang.api import load
     from cfmlang.runtime.generation import LoweredModel
 
-    model = load(directory, device=device)
+    model = load(directory, device=device, trust_code=trust_code)
     if not isinstance(model, LoweredModel):
         raise CompileError([error("E175", f"{directory} has no lowered program to benchmark", None,
                                   "compile it with `--target export|inductor|tensorrt`")])

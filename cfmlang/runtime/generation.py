@@ -12,12 +12,13 @@ return it; tensorrt programs have static shapes, so prompts and batches are padd
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from cfmlang.artifact.programs import native_program, open_export_program, refused
+from cfmlang.artifact.read import lowered_entry
 from cfmlang.compiler.lower.decoder import empty_cache
 from cfmlang.diagnostics import CompileError, error
 
@@ -35,21 +36,32 @@ def for_step(programs: dict, ids: torch.Tensor, decode_max_batch: int | None = N
 
 
 class InPlaceProgram:
-    """`torch.export.load(...).module()`: mutates the caches it is given."""
+    """`torch.export.load(...).module()`: mutates the caches it is given. The archives are
+    inspected first and refused if they hold pickled payloads (`artifact.programs`)."""
 
     def __init__(self, paths: dict[str, Path], device: str):
-        self.modules = {name: torch.export.load(path).module().to(device) for name, path in paths.items()}
+        self.modules = {name: load_export(path).module().to(device) for name, path in paths.items()}
 
     def step(self, ids, positions, cache):
         return for_step(self.modules, ids)(ids, positions, *cache), cache
+
+
+def load_export(path: Path) -> torch.export.ExportedProgram:
+    """The checked export archive at `path`, loaded; E210 when torch cannot load it."""
+    program = open_export_program(path)
+    try:
+        return torch.export.load(program)
+    except Exception as exc:  # noqa: BLE001 - any failure to read an untrusted archive is the user's file
+        raise refused(path, f"cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 class FunctionalProgram:
     """AOTInductor packages: return the updated caches. Their kernels assume the strides
     of contiguous inputs (a sliced prompt would be misread), hence `contiguous()`."""
 
-    def __init__(self, paths: dict[str, Path], decode_max_batch: int | None = None):
-        self.runs = {name: torch._inductor.aoti_load_package(str(path)) for name, path in paths.items()}
+    def __init__(self, paths: dict[str, Path], decode_max_batch: int | None = None, trust_code: bool = False):
+        self.runs = {name: load_native(path, trust_code, lambda copy: torch._inductor.aoti_load_package(str(copy)))
+                     for name, path in paths.items()}
         self.decode_max_batch = decode_max_batch
 
     def step(self, ids, positions, cache):
@@ -67,11 +79,11 @@ class StaticProgram:
         self.batch, self.prompt_length = static["batch"], static["prompt_length"]
 
     @staticmethod
-    def load(paths: dict[str, Path], static: dict) -> "StaticProgram":
+    def load(paths: dict[str, Path], static: dict, trust_code: bool = False) -> "StaticProgram":
         import torch_tensorrt
 
-        return StaticProgram(*(torch_tensorrt.load(str(paths[name])).module() for name in ("prefill", "decode")),
-                             static)
+        return StaticProgram(*(load_native(paths[name], trust_code, lambda copy: torch_tensorrt.load(str(copy)).module())
+                               for name in ("prefill", "decode")), static)
 
     def step(self, ids, positions, cache):
         batch, length = ids.shape
@@ -83,10 +95,19 @@ class StaticProgram:
         return logits[:batch, :length], (keys, values)
 
 
+def load_native(path: Path, trust_code: bool, loader):
+    """`loader` applied to a private copy of the native program at `path`, if it is trusted."""
+    with native_program(path, trust_code) as copy:
+        return loader(copy)
+
+
 class LoweredModel:
     """A lowered artifact with HF-like `generate` and `__call__` (logits of a prompt)."""
 
-    def __init__(self, directory: Path, entry: dict, device: str | None = None, program=None):
+    def __init__(self, directory: Path, entry: dict, device: str | None = None, program=None,
+                 trust_code: bool = False):
+        """`entry` is the manifest's `lowered` entry; it is checked (`artifact.read`) unless
+        `program` is given. `trust_code` loads native programs this machine did not build."""
         from transformers import AutoConfig, GenerationConfig
 
         self.directory, self.entry = Path(directory), entry
@@ -96,15 +117,15 @@ class LoweredModel:
         self.generation_config = GenerationConfig.from_pretrained(directory) \
             if (self.directory / "generation_config.json").is_file() else GenerationConfig.from_model_config(self.config)
         self.dtype = getattr(torch, entry["dtype"])
-        files = {name: self.directory / file for name, file in entry["files"].items()}
-        if program is not None:
-            self.program = program
-        elif self.target == "export":
-            self.program = InPlaceProgram(files, str(self.device))
-        elif self.target == "inductor":
-            self.program = FunctionalProgram(files, entry.get("packing", {}).get("decode_max_batch"))
-        else:
-            self.program = StaticProgram.load(files, entry["static"])
+        self.program = program if program is not None else self.load_program(trust_code)
+
+    def load_program(self, trust_code: bool):
+        checked = lowered_entry(self.directory, {"lowered": self.entry})
+        if checked.target == "export":
+            return InPlaceProgram(checked.files, str(self.device))
+        if checked.target == "inductor":
+            return FunctionalProgram(checked.files, checked.decode_max_batch, trust_code)
+        return StaticProgram.load(checked.files, checked.static, trust_code)
 
     def cache_for(self, batch: int, length: int):
         static = self.entry.get("static")
@@ -203,7 +224,3 @@ class Sampler:
             scores = scores.scatter(-1, order, ascending.masked_fill(tail, float("-inf")))
         return scores
 
-
-def lowered_entry(directory: Path) -> dict | None:
-    manifest = json.loads((Path(directory) / "cfm.json").read_text())
-    return manifest.get("lowered")

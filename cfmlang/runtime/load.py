@@ -4,28 +4,31 @@ from __future__ import annotations
 from pathlib import Path
 
 from cfmlang.artifact.load import load_eager
+from cfmlang.artifact.read import lowered_entry, read_manifest
 from cfmlang.compiler.lower import validate_target
 from cfmlang.diagnostics import CompileError, error
-from cfmlang.runtime.generation import LoweredModel, lowered_entry
+from cfmlang.runtime.generation import LoweredModel
 
 
-def load(directory, target: str | None = None, device: str | None = None, **kwargs):
+def load(directory, target: str | None = None, device: str | None = None, trust_code: bool = False,
+         **kwargs):
     """The compiled model as a torch module: the lowered program when the artifact was
     compiled with a lowering target (a `LoweredModel` with `generate`), else the
-    transformers model. `target="eager"` always gives the transformers model."""
+    transformers model. `target="eager"` always gives the transformers model.
+    Nothing in the artifact runs as code: pickled payloads in programs are refused, and
+    native (inductor, tensorrt) programs load only when this machine built them or
+    `trust_code=True`."""
     directory = Path(directory)
-    if not (directory / "cfm.json").is_file():
-        raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
-                                  None, "compile one with `cfmc compile FILE -o DIR`")])
-    lowered = lowered_entry(directory)
+    manifest = read_manifest(directory)
+    lowered = lowered_entry(directory, manifest)
     if target is not None:
         validate_target(target)
     if target == "eager" or (target is None and lowered is None):
-        model = load_eager(directory, **kwargs)
+        model = load_eager(directory, manifest, **kwargs)
         return model.to(device) if device else model
-    if lowered is None or (target is not None and lowered["target"] != target):
+    if lowered is None or (target is not None and lowered.target != target):
         raise CompileError([error("E175", f"{directory} holds no `{target}` program (lowered: "
-                                  f"{lowered['target'] if lowered else 'none'})", None,
+                                  f"{lowered.target if lowered else 'none'})", None,
                                   f"compile it with `cfmc compile FILE -o DIR --target {target}`, "
                                   "or load it with target=\"eager\"")])
-    return LoweredModel(directory, lowered, device)
+    return LoweredModel(directory, lowered.raw, device, trust_code=trust_code)

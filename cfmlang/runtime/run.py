@@ -11,17 +11,18 @@ from cfmlang.api import load
 
 def generate(directory, prompt: str, *, max_new_tokens: int = 64, chat: bool = True,
              sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
-             stream: TextIO | None = None, target: str | None = None, device: str | None = None) -> str:
+             stream: TextIO | None = None, target: str | None = None, device: str | None = None,
+             trust_code: bool = False) -> str:
     """Generate a completion of `prompt` with the artifact in `directory`; returns the new text.
 
     The artifact's lowered program runs when it has one (`target` picks another, e.g.
     "eager"), with a static KV cache. With `stream`, tokens are written to it as they are
-    produced."""
+    produced. `trust_code` loads native programs this machine did not build."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = load(directory, target=target, device=device)
+    model = load(directory, target=target, device=device, trust_code=trust_code)
     tokenizer = AutoTokenizer.from_pretrained(Path(directory))
     inputs = {name: value.to(model.device) for name, value in encode(tokenizer, prompt, chat).items()}
     streamer = _Streamer(tokenizer, stream) if stream is not None else None

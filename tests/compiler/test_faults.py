@@ -1,4 +1,4 @@
-"""Faults during a compile: SIGKILL and SIGINT at random points, a full disk.
+"""Faults during a compile: SIGKILL, SIGINT and SIGTERM at random points, a full disk.
 
 Each test starts from a previous artifact at the output path (and, for the kills, the
 build cache its compile left) and checks that after the fault the output holds either
@@ -123,6 +123,18 @@ def test_sigint_at_random_points_exits_130_and_cleans_up(versions, tmp_path):
     for run in report["results"]:
         assert run["status"] == 130, run
         assert run["siblings"] == [], run     # an interrupt cleans up after itself
+    assert kept >= 4
+
+
+def test_sigterm_at_random_points_exits_143_and_cleans_up(versions, tmp_path):
+    """SIGTERM (as sent by `kill`, a job scheduler or a closing session's SIGHUP) is
+    handled like Ctrl-C: the killed compile removes its own temporary sibling."""
+    program, old, new = versions
+    report = run_driver(tmp_path, program, old, "TERM", seed=15, count=4)
+    kept, replaced = assert_old_or_complete_new(report, old, new, set(cache_entries(tmp_path / "cache-old")))
+    for run in report["results"]:
+        assert run["status"] in (143, 130), run     # 130: it arrived during the final move, which completed
+        assert run["siblings"] == [], run
     assert kept >= 4
 
 

@@ -144,3 +144,18 @@ def test_interrupt_during_the_final_swap_is_reported_after_it(tmp_path, monkeypa
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_directory_another_writer_created_meanwhile_is_replaced(tmp_path):
+    """Two compiles to one fresh output: the one that looked before the other created it
+    still moves its directory into place (no `Directory not empty`)."""
+    from cfmlang.artifact.write import move_into_place
+
+    target, mine = tmp_path / "out", tmp_path / ".out.tmp-1-x"
+    target.mkdir()
+    (target / "theirs").write_text("first writer")     # created after we checked
+    mine.mkdir()
+    (mine / "ours").write_text("second writer")
+    move_into_place(mine, target)
+    assert [p.name for p in target.iterdir()] == ["ours"]
+    assert not mine.exists()

@@ -278,6 +278,19 @@ def test_inductor_package_logits_and_greedy_tokens_match_eager(inductor_artifact
                        hf_greedy(eager, prompt, 8)[:, :17])
 
 
+def test_an_inductor_program_loads_only_when_built_here_or_trusted(inductor_artifact, tmp_path, monkeypatch):
+    """Native code another machine built (here: a cache whose trust list is empty) is
+    refused before anything loads it; `trust_code=True` loads it, and it computes."""
+    monkeypatch.setenv("CFM_CACHE_DIR", str(tmp_path / "another-machine"))
+    with pytest.raises(CompileError) as refused:
+        cfmlang.load(inductor_artifact)
+    assert [d.code for d in refused.value.diagnostics] == ["E211"]
+    trusted, eager = cfmlang.load(inductor_artifact, trust_code=True), cfmlang.load(inductor_artifact, target="eager")
+    prompt = prompt_of(1, 5, seed=3)
+    with torch.inference_mode():
+        assert (trusted(prompt).logits - eager(prompt).logits).abs().max() < 1e-4
+
+
 class RotaryTable(torch.nn.Module):
     """cos and sin of a Llama's rotary embedding at the given positions."""
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cfmlang.artifact.programs import NATIVE_TARGETS, record_trusted
 from cfmlang.diagnostics import CompileError, did_you_mean, error
 
 TARGETS = ("eager", "export", "inductor", "tensorrt")
@@ -65,4 +66,7 @@ def lower_artifact(directory: Path, manifest: dict, options: LowerOptions,
     model = load_for_lowering(directory, manifest, options)
     (directory / LOWERED_DIR).mkdir()
     entry = lower(model, directory / LOWERED_DIR, options, log)
+    if options.target in NATIVE_TARGETS:
+        for file in entry["files"].values():
+            record_trusted(directory / file)
     return {"target": options.target, "device": options.device, **entry}

@@ -4,6 +4,7 @@ tensor data is read here."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from cfmlang.compiler.ir import ArchInfo, LoraModuleSpec, TensorSpec
@@ -39,9 +40,12 @@ def _read_config(path: Path) -> dict:
         raise SourceError("E152", f"no {CONFIG_FILE} in {path.parent}",
                           "a PEFT adapter directory holds adapter_config.json and adapter_model.safetensors")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes())
     except ValueError as exc:
         raise SourceError("E152", f"{path} is not valid JSON: {exc}") from None
+    except (RecursionError, OSError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise SourceError("E152", f"{path} is not valid JSON: {reason}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise SourceError("E152", f"{path.name} describes a {kind or 'non-PEFT'} adapter, not LORA",
@@ -53,9 +57,11 @@ def _read_config(path: Path) -> dict:
     if config.get("bias", "none") != "none":
         raise SourceError("E152", f"the adapter trains biases (`bias: {config['bias']}`), which "
                           "cfmlang does not support", "save a LoRA adapter with bias=\"none\"")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise SourceError("E152", f"{path.name} lacks a positive `{key}`")
+    for key, kinds in (("r", (int,)), ("lora_alpha", (int, float))):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) or value <= 0:
+            raise SourceError("E152", f"{path.name} lacks a positive `{key}` (it holds {json.dumps(value)[:40]})",
+                              "`r` is a positive whole number, `lora_alpha` a positive finite number")
     return config
 
 

@@ -56,6 +56,8 @@ def _sample(line: str, number: int, suffix: str) -> Sample:
         record = json.loads(line)
     except ValueError as exc:
         raise DataError(f"not a JSON object: {exc}", number) from None
+    except RecursionError:
+        raise DataError("not a JSON object: nested too deep", number) from None
     if not isinstance(record, dict):
         raise DataError("each line must be a JSON object", number)
     if isinstance(record.get("text"), str) and record["text"]:

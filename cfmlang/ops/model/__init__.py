@@ -8,7 +8,7 @@ from cfmlang.compiler.ir import AttachNode, ModelNode
 from cfmlang.diagnostics import CompileError
 from cfmlang.io.provider import SourceProvider
 from cfmlang.io.sources import SourceError
-from cfmlang.io.gguf import open_source
+from cfmlang.io.gguf import SEAL_FILE, open_source
 from cfmlang.ops.base import Operation, SourceCost, referenced, register_operation
 from cfmlang.ops.lora.providers import AttachProvider
 from cfmlang.ops.model.check import check_model
@@ -68,7 +68,8 @@ class ModelOperation(Operation):
 
 
 def _converted(node: ModelNode, cache) -> bool:
-    return (cache.root / "gguf" / cache.file_hash(Path(node.source.path)) / "config.json").is_file()
+    """Whether the GGUF file has a sealed conversion (its seal is checked when it is used)."""
+    return (cache.root / "gguf" / cache.file_hash(Path(node.source.path)) / SEAL_FILE).is_file()
 
 
 register_operation(ModelOperation())

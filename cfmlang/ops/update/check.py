@@ -126,8 +126,10 @@ def _json_lines(path: Path, span: Span) -> list[Located]:
     for number, line in lines:
         try:
             out.append(Located(json.loads(line), f"{path.name}:{number}", span))
-        except json.JSONDecodeError as exc:
-            raise _DataError(f"line {number} is not JSON ({exc.msg})",
+        except (ValueError, RecursionError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deep" \
+                if isinstance(exc, RecursionError) else str(exc)
+            raise _DataError(f"line {number} is not JSON ({reason})",
                              'write one JSON object per line: {"prompt": ..., "subject": ..., "target": ...}')
     return out
 

@@ -1,0 +1,150 @@
+"""Reading an artifact's manifest (cfm.json) as untrusted input.
+
+Every value used to load an artifact is checked before use: the manifest is a JSON
+object, its `lowered` entry names a known target and dtype, and every file it names is
+a relative path that stays inside the artifact (no absolute path, no `..`, no link out
+of it) and is a regular file. A manifest that breaks a rule is E212 (a path that leaves
+the artifact) or E213 (anything else malformed), naming the file and the key.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from cfmlang.diagnostics import CompileError, Span, error
+
+MANIFEST = "cfm.json"
+LOWERED_TARGETS = ("export", "inductor", "tensorrt")
+PROGRAM_DTYPES = ("float32", "float16", "bfloat16")
+PROGRAM_NAMES = ("program", "prefill", "decode")
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?")
+RECOMPILE = "recompile the artifact from its .brick file (`cfmc compile FILE -o DIR`)"
+
+
+@dataclass(frozen=True)
+class LoweredEntry:
+    """The manifest's `lowered` entry, checked: `files` maps a program's role to its
+    confined path; `static` (tensorrt) the static shapes; `raw` the entry as written."""
+
+    target: str
+    dtype: str
+    device: str
+    files: dict[str, Path]
+    max_length: int | None
+    static: dict | None
+    decode_max_batch: int | None
+    raw: dict
+
+
+def read_manifest(directory: Path) -> dict:
+    """The artifact's cfm.json as a dict; E090 when there is none, E213 when it is not a
+    JSON object."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
+                                  None, "compile one with `cfmc compile FILE -o DIR`")])
+    try:
+        manifest = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise CompileError([error("E213", f"{path} is not valid JSON: {exc.msg}",
+                                  Span.point(str(path), exc.lineno, exc.colno), RECOMPILE)]) from None
+    except (UnicodeDecodeError, RecursionError, ValueError, OSError) as exc:
+        raise malformed(path, f"cannot be read as JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise malformed(path, "does not hold a JSON object")
+    return manifest
+
+
+def malformed(path: Path, what: str) -> CompileError:
+    return CompileError([error("E213", f"{path} {what}", None, RECOMPILE)])
+
+
+def lowered_entry(directory: Path, manifest: dict) -> LoweredEntry | None:
+    """The checked `lowered` entry of the manifest; None when the artifact has none."""
+    raw = manifest.get("lowered")
+    if raw is None:
+        return None
+    path = Path(directory) / MANIFEST
+    if not isinstance(raw, dict):
+        raise malformed(path, "has a `lowered` entry that is not an object")
+    target = _choice(path, raw, "target", LOWERED_TARGETS)
+    files = raw.get("files")
+    if not isinstance(files, dict) or not files or not set(files) <= set(PROGRAM_NAMES):
+        raise malformed(path, f"has `lowered.files` that is not an object naming some of "
+                              f"{', '.join(PROGRAM_NAMES)}")
+    return LoweredEntry(target=target, dtype=_choice(path, raw, "dtype", PROGRAM_DTYPES),
+                        device=_device(path, raw),
+                        files={role: confined(directory, name, f"lowered.files.{role}")
+                               for role, name in files.items()},
+                        max_length=_count(path, raw, "max_length"), static=_static(path, raw, target),
+                        decode_max_batch=_count(path, _object(path, raw, "packing"), "decode_max_batch",
+                                                "lowered.packing"),
+                        raw=raw)
+
+
+def confined(directory: Path, name, key: str) -> Path:
+    """`directory/name` when `name` is a relative path to a regular file inside the
+    directory, links resolved; E212 naming `key` otherwise."""
+    path = Path(directory) / MANIFEST
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise malformed(path, f"has `{key}` that is not a file name")
+    parts = PurePosixPath(name)
+    if parts.is_absolute() or ".." in parts.parts or "\\" in name:
+        raise _escapes(path, key, name)
+    root = Path(directory).resolve()
+    target = (root / parts).resolve()
+    if root not in target.parents:
+        raise _escapes(path, key, name)
+    if not target.is_file():
+        raise malformed(path, f"names `{name}` in `{key}`, which is not a file in the artifact")
+    return target
+
+
+def _escapes(path: Path, key: str, name: str) -> CompileError:
+    return CompileError([error("E212", f"{path} names `{name}` in `{key}`, a path outside the artifact",
+                               None, "an artifact's files are relative paths inside its directory; "
+                               + RECOMPILE)])
+
+
+def _choice(path: Path, raw: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = raw.get(key)
+    if value not in allowed or not isinstance(value, str):
+        raise malformed(path, f"has `lowered.{key}` {json.dumps(value)[:40]}, not one of {', '.join(allowed)}")
+    return value
+
+
+def _device(path: Path, raw: dict) -> str:
+    value = raw.get("device", "cpu")
+    if not isinstance(value, str) or not DEVICE.fullmatch(value):
+        raise malformed(path, f"has `lowered.device` {json.dumps(value)[:40]}, not a device such as cpu or cuda:0")
+    return value
+
+
+def _count(path: Path, raw: dict, key: str, where: str = "lowered") -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 < value < 2**31:
+        raise malformed(path, f"has `{where}.{key}` {json.dumps(value)[:40]}, not a positive whole number")
+    return value
+
+
+def _object(path: Path, raw: dict, key: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise malformed(path, f"has `lowered.{key}` that is not an object")
+    return value
+
+
+def _static(path: Path, raw: dict, target: str) -> dict | None:
+    """The static shapes of a tensorrt program (required for it, ignored otherwise)."""
+    if target != "tensorrt":
+        return None
+    static = {key: _count(path, _object(path, raw, "static"), key, "lowered.static")
+              for key in ("batch", "prompt_length", "cache_length")}
+    if None in static.values():
+        raise malformed(path, "has a tensorrt program without `lowered.static` batch, prompt_length "
+                              "and cache_length")
+    return static
