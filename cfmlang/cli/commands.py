@@ -181,3 +181,43 @@ def cmd_import(args) -> int:
     else:
         print(f"wrote {args.output}", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_fmt(args) -> int:
+    """Format each file in place (atomically); `--check` and `--diff` write nothing."""
+    import difflib
+    import os
+    from pathlib import Path
+
+    from cfmlang.diagnostics import CompileError
+    from cfmlang.frontend.format import format_source
+    from cfmlang.frontend.resolve import read_source
+
+    problems, changed = [], []
+    for path in args.files:
+        try:
+            text = read_source(path, str(path))
+            formatted = format_source(text, str(path))
+        except CompileError as exc:
+            problems += exc.diagnostics
+            continue
+        if formatted == text:
+            continue
+        changed.append(path)
+        if args.diff:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), formatted.splitlines(True),
+                                                       f"{path}", f"{path} (formatted)"))
+        if args.check:
+            print(f"would reformat {path}", file=sys.stderr)
+        elif not args.diff:
+            tmp = Path(path).with_name(f".{Path(path).name}.fmt-{os.getpid()}")
+            try:
+                tmp.write_text(formatted, encoding="utf-8")
+                os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            print(f"reformatted {path}", file=sys.stderr)
+    if problems:
+        raise CompileError(problems)
+    return EXIT_USER if args.check and changed else EXIT_OK

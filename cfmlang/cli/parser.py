@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from cfmlang.analysis.probes import PROBE_TOKENS
-from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_graph, cmd_import,
+from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_fmt, cmd_graph, cmd_import,
                                   cmd_methods, cmd_plan, cmd_run)
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
     sub.add_argument("--format", choices=("md",), default="md")
+
+    sub = command("fmt", cmd_fmt, "rewrite .brick files in the canonical layout (comments kept, meaning unchanged)")
+    sub.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    sub.add_argument("--check", action="store_true", help="write nothing; exit 1 when a file would change")
+    sub.add_argument("--diff", action="store_true", help="write nothing; print a unified diff of each change")
 
     sub = command("import", cmd_import, "translate a mergekit YAML config into a .brick program")
     sub.add_argument("file", type=Path, help="the mergekit config (YAML)")

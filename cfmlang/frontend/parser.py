@@ -43,7 +43,7 @@ def _parser() -> Lark:
 
 def parse_tree(text: str, file: str) -> Tree:
     """Parse one file; raise CompileError with every syntax error found."""
-    text = _normalise(text)
+    text = normalise(text)
     problems = _tab_problems(text, file) or _nesting_problems(text, file)
     if problems:
         raise CompileError(problems)
@@ -54,7 +54,7 @@ def parse_tree(text: str, file: str) -> Tree:
     raise CompileError(_errors_per_statement(text, file))
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
     text = text.replace("\r\n", "\n")
     return text if text.endswith("\n") else text + "\n"
 

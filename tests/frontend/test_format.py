@@ -1,0 +1,192 @@
+"""`cfmc fmt` / format_source: one canonical layout, comments kept, idempotent, and the
+formatted program means the same (the same AST without spans; for programs that check,
+the same IR).
+
+Run over every example, every golden file that parses, and (a property test) programs of
+the fuzzer's grammar-aware generator decorated with comments and blank lines."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+import cfmlang
+from cfmlang.cli import main
+from cfmlang.diagnostics import CompileError, Span
+from cfmlang.frontend.format import _comment_column, format_source
+from cfmlang.frontend.to_ast import parse
+from paths import TESTS
+from test_fuzz import model_sources, programs, valid_text
+from test_golden import golden_models, place  # noqa: F401  (fixtures)
+
+ROOT = TESTS.parent
+EXAMPLES = sorted((ROOT / "examples").rglob("*.brick")) + sorted((ROOT / "cfmlang" / "frontend" / "std").glob("*.brick"))
+GOLDEN = sorted((TESTS / "golden").rglob("*.brick"))
+OK = sorted((TESTS / "golden" / "ok").glob("*.brick"))
+
+
+def without_spans(value):
+    """A value's content with every span (and so every position) left out."""
+    if isinstance(value, Span):
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value).__name__,) + tuple(
+            (f.name, without_spans(getattr(value, f.name))) for f in dataclasses.fields(value)
+            if not isinstance(getattr(value, f.name), Span))
+    if isinstance(value, BaseModel):
+        return (type(value).__name__, without_spans(value.model_dump()))
+    if isinstance(value, dict):
+        return tuple(sorted((repr(k), without_spans(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(without_spans(v) for v in value)
+    return value
+
+
+def comments(text: str) -> list[str]:
+    found = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        column = _comment_column(line)
+        if column is not None:
+            found.append(line[column:].rstrip())
+    return found
+
+
+def assert_formats_faithfully(text: str) -> str:
+    formatted = format_source(text)
+    assert format_source(formatted) == formatted, "not idempotent"
+    assert without_spans(parse(formatted).statements) == without_spans(parse(text).statements)
+    assert comments(formatted) == comments(text)
+    assert formatted.endswith("\n") and "\n\n\n" not in formatted and "\t" not in formatted
+    return formatted
+
+
+def parses(path: Path) -> bool:
+    try:
+        parse(path.read_text(), str(path))
+    except CompileError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("path", EXAMPLES + [p for p in GOLDEN if parses(p)], ids=lambda p: p.name)
+def test_examples_and_golden_files_format_faithfully(path):
+    assert_formats_faithfully(path.read_text())
+
+
+@pytest.mark.parametrize("source", OK, ids=lambda p: p.name)
+def test_formatted_golden_programs_check_to_the_same_ir(source, place):  # noqa: F811
+    case = place(source)
+    before = cfmlang.check(case)
+    case.write_text(format_source(case.read_text()))
+    after = cfmlang.check(case)
+    assert without_spans(after.nodes) == without_spans(before.nodes)
+    assert (after.output, after.seed, after.dtype) == (before.output, before.seed, before.dtype)
+    assert [w.code for w in after.warnings] == [w.code for w in before.warnings]
+
+
+def test_the_canonical_layout():
+    messy = ('# head\n\n\n'
+             'merge  pair :   # soup\n\n'
+             '  method:    linear\n'
+             '  inputs: [ math ,code, ]\n'
+             '     # about deep\n'
+             '  deep:\n'
+             '      - {a:1,b : [1,2]}\n'
+             '      -  b.layers[ 0 : +2 ][ * ].mlp   # trailing\n'
+             '  more: [\n'
+             '     a,   # on a\n'
+             '     "s", {w: 1,\n'
+             '       v: 2}\n'
+             '  ]\n'
+             'output:y')
+    assert format_source(messy) == ('# head\n\n'
+                                    'merge pair:  # soup\n'
+                                    '  method: linear\n'
+                                    '  inputs: [math, code]\n'
+                                    '  # about deep\n'
+                                    '  deep:\n'
+                                    '    - {a: 1, b: [1, 2]}\n'
+                                    '    - b.layers[0:2][*].mlp  # trailing\n'
+                                    '  more: [\n'
+                                    '    a,  # on a\n'
+                                    '    "s",\n'
+                                    '    {\n'
+                                    '      w: 1,\n'
+                                    '      v: 2,\n'
+                                    '    },\n'
+                                    '  ]\n'
+                                    'output: y\n')
+
+
+def test_a_syntax_error_raises_the_checkers_diagnostic():
+    with pytest.raises(CompileError) as info:
+        format_source("model x\n  source: hf \"a\"\n", "f.brick")
+    assert [(d.code, d.span.line) for d in info.value.diagnostics] == [("E002", 1)]
+
+
+# ---------------------------------------------------------------- property test
+
+@st.composite
+def decorated(draw, text: str) -> str:
+    """`text` with comments after some lines, comment lines and blank lines between
+    some lines, and extra spaces after colons."""
+    out = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        choice = draw(st.integers(0, 7))
+        if choice == 0:
+            out.append(" " * draw(st.integers(0, 6)) + "# note " + str(len(out)))
+        elif choice == 1:
+            out.append("")
+        if line.strip() and draw(st.integers(0, 3)) == 0 and _comment_column(line) is None:
+            line += " " * draw(st.integers(0, 3)) + "#tail"
+        out.append(line.replace(": ", ":   ") if draw(st.integers(0, 4)) == 0 else line)
+    return "\n".join(out)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(data=st.data())
+def test_generated_programs_format_faithfully(tiny_zoo, data):
+    base = data.draw(st.one_of(st.just(valid_text(tiny_zoo)), programs(model_sources(tiny_zoo))))
+    text = data.draw(decorated(base))
+    try:
+        parse(text)
+    except CompileError:
+        return   # not a program; the fuzz tests cover what happens to it
+    assert_formats_faithfully(text)
+
+
+# ---------------------------------------------------------------- the command
+
+def test_cfmc_fmt_check_diff_and_in_place(tmp_path, capsys):
+    def cfmc(*args: str) -> SimpleNamespace:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    messy, tidy, broken = tmp_path / "messy.brick", tmp_path / "tidy.brick", tmp_path / "broken.brick"
+    messy.write_text("model a:\n    source:   hf \"m\"   # src\noutput:a\n")
+    tidy.write_text("model a:\n  source: hf \"m\"\n")
+    broken.write_text("model a:\n  source: hf \"m\"\nmodel b\n")
+    messy.chmod(0o640)
+
+    result = cfmc("fmt", "--check", str(messy), str(tidy))
+    assert result.returncode == 1 and f"would reformat {messy}" in result.stderr and str(tidy) not in result.stderr
+    assert cfmc("fmt", "--check", str(tidy)).returncode == 0
+
+    result = cfmc("fmt", "--diff", str(messy))
+    assert result.returncode == 0
+    assert '-    source:   hf "m"   # src\n-output:a\n+  source: hf "m"  # src\n+output: a\n' in result.stdout
+    assert messy.read_text().startswith("model a:\n    source")   # --diff writes nothing
+
+    result = cfmc("fmt", str(broken), str(messy))
+    assert result.returncode == 1 and f"{broken}:3:8: error[E002]" in result.stderr
+    assert messy.read_text() == 'model a:\n  source: hf "m"  # src\noutput: a\n'
+    assert messy.stat().st_mode & 0o777 == 0o640
+    assert broken.read_text() == "model a:\n  source: hf \"m\"\nmodel b\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.brick", "messy.brick", "tidy.brick"]
