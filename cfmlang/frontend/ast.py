@@ -6,6 +6,11 @@ from typing import Union
 
 from cfmlang.diagnostics import Span
 
+KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
+"""The words that begin a declaration, `KEYWORD NAME:`."""
+SETTINGS = ("output", "seed", "dtype")
+"""The file-level settings, `SETTING: value`."""
+
 
 @dataclass(frozen=True)
 class Number:

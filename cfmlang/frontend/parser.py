@@ -1,12 +1,13 @@
 """Source text -> lark tree, with syntax errors turned into diagnostics.
 
 The grammar is LALR(1); indentation is handled by lark's Indenter post-lexer.
-When a file has syntax errors, every top-level statement is re-parsed on its own so
-that all of them are reported at once.
+When a file has syntax errors (tabs in indentation included), every other top-level
+statement is re-parsed on its own so that all of them are reported at once.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 
@@ -15,6 +16,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import DedentError, Indenter
 
 from cfmlang.diagnostics import CompileError, Diagnostic, Span, error
+from cfmlang.frontend.ast import SETTINGS
 
 TOKEN_WORDS = {
     "_NL": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
@@ -44,14 +46,18 @@ def _parser() -> Lark:
 def parse_tree(text: str, file: str) -> Tree:
     """Parse one file; raise CompileError with every syntax error found."""
     text = normalise(text)
-    problems = _tab_problems(text, file) or _nesting_problems(text, file)
+    problems = _nesting_problems(text, file)
     if problems:
         raise CompileError(problems)
-    try:
-        return _parser().parse(text)
-    except (UnexpectedInput, DedentError):
-        pass
-    raise CompileError(_errors_per_statement(text, file))
+    tabs = _tab_problems(text, file)
+    if not tabs:
+        try:
+            return _parser().parse(text)
+        except (UnexpectedInput, DedentError):
+            pass
+    tab_lines = {d.span.line for d in tabs}
+    raise CompileError(sorted(tabs + _errors_per_statement(text, file, tab_lines),
+                              key=lambda d: (d.span.line, d.span.col)))
 
 
 def normalise(text: str) -> str:
@@ -133,8 +139,8 @@ def _bracket_scan(lines: list[str]):
 
 
 def _statement_chunks(text: str) -> list[tuple[int, str]]:
-    """Split a file into top-level statements, padded with blank lines so that line
-    numbers are unchanged. A column-0 line inside an open bracket continues the statement."""
+    """Split a file into top-level statements: (line number of the first line, the
+    statement's text). A column-0 line inside an open bracket continues the statement."""
     lines = text.split("\n")
     starts = [i for i, still_open in _bracket_scan(lines)
               if i < len(lines) and not still_open and lines[i][:1] not in ("", " ", "\t", "#")]
@@ -142,8 +148,7 @@ def _statement_chunks(text: str) -> list[tuple[int, str]]:
         starts = [0] + starts
     chunks = []
     for a, b in zip(starts, starts[1:] + [len(lines)]):
-        body = "\n".join(lines[a:b])
-        chunks.append((a + 1, "\n" * a + body + "\n"))
+        chunks.append((a + 1, "\n".join(lines[a:b]) + "\n"))
     return chunks
 
 
@@ -157,16 +162,27 @@ def _unclosed_bracket(chunk: str, before_line: int | None = None) -> tuple[int, 
     return None
 
 
-def _errors_per_statement(text: str, file: str) -> list[Diagnostic]:
+def _errors_per_statement(text: str, file: str, skipped_lines: set[int] = frozenset()) -> list[Diagnostic]:
+    """The syntax error of each statement parsed on its own (linear in the file's size),
+    leaving out statements with a line in `skipped_lines` (already reported)."""
     found: list[Diagnostic] = []
     for first_line, chunk in _statement_chunks(text):
+        lines = range(first_line, first_line + chunk.count("\n"))
+        if any(line in skipped_lines for line in lines):
+            continue
         try:
             _parser().parse(chunk)
         except DedentError as exc:
-            found.append(_dedent_error(exc, chunk, file))
+            found.append(_moved_down(_dedent_error(exc, chunk, file), first_line - 1))
         except UnexpectedInput as exc:
-            found.append(_syntax_error(exc, file, chunk))
-    return found or [error("E002", "syntax error", Span.point(file, 1, 1))]
+            found.append(_moved_down(_syntax_error(exc, file, chunk), first_line - 1))
+    return found or ([] if skipped_lines else [error("E002", "syntax error", Span.point(file, 1, 1))])
+
+
+def _moved_down(diagnostic: Diagnostic, lines: int) -> Diagnostic:
+    """`diagnostic` found in a statement parsed alone, placed where the statement is."""
+    span = diagnostic.span
+    return replace(diagnostic, span=replace(span, line=span.line + lines, end_line=span.end_line + lines))
 
 
 def _dedent_error(exc: DedentError, chunk: str, file: str) -> Diagnostic:
@@ -236,7 +252,9 @@ def _syntax_error(exc: UnexpectedInput, file: str, chunk: str) -> Diagnostic:
         described = f"`{token}`"
     hint = _expected_words(expected)
     if token.type == "_NL" and "COLON" in expected:
-        hint = "a declaration needs a `:` after its name"
+        first_word = chunk.split("\n")[line - 1].split()[0]
+        hint = (f"a setting is written `{first_word}: value`" if first_word in SETTINGS
+                else "a declaration needs a `:` after its name")
     elif "COLON" in expected and token.type in ("NAME", "STRING", "SIGNED_NUMBER"):
         hint = "write `key: value`; a key needs a `:`"
     width = len(str(token)) if token.type not in ("_NL", "_INDENT", "_DEDENT") else 1

@@ -16,8 +16,7 @@ from cfmlang.frontend import ast
 from cfmlang.frontend.to_ast import parse
 from cfmlang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
 
-KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
-SETTINGS = ("output", "seed", "dtype")
+KEYWORDS, SETTINGS = ast.KEYWORDS, ast.SETTINGS
 
 
 @dataclass(frozen=True)

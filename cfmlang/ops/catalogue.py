@@ -6,11 +6,13 @@ from __future__ import annotations
 from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
+import annotated_types
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from cfmlang.ops.experts.routers import ROUTER_BUILDERS
-from cfmlang.ops.registry import REGISTRY, Method
+from cfmlang.ops.registry import REGISTRY, Method, Range
 
 KEYWORD_ORDER = ("merge", "adapter_merge", "brick", "grow", "route", "update")
 HEADINGS = {"adapter_merge": "merge over lora bricks (PEFT `add_weighted_adapter`)"}
@@ -24,8 +26,38 @@ def parameter_rows(model: type[BaseModel] | None) -> list[str]:
         shown = field.alias or name
         kind = _type_name(field.annotation)
         default = "required" if field.default is PydanticUndefined else f"`{_plain(field.default)}`"
-        rows.append(f"`{shown}` ({kind}, {default})")
+        bounds = declared_range(field.metadata, field.annotation)
+        rows.append(f"`{shown}` ({kind}{' ' + bounds.text() if bounds else ''}, {default})")
     return rows
+
+
+BOUNDS = {annotated_types.Ge: ("low", "ge", False), annotated_types.Gt: ("low", "gt", True),
+          annotated_types.Le: ("high", "le", False), annotated_types.Lt: ("high", "lt", True)}
+"""pydantic's bounds (`Field(ge=1)` ...) as the ends of a Range."""
+
+
+def declared_range(metadata, annotation) -> Range | None:
+    """The range a parameter declares: a Range, or pydantic's bounds, on the field or on
+    its annotation (`Annotated[int, Field(ge=1)] | None`)."""
+    ends = {}
+    for item in metadata:
+        if isinstance(item, Range):
+            return item
+        if isinstance(item, FieldInfo):
+            found = declared_range(item.metadata, None)
+            if found:
+                return found
+        if type(item) in BOUNDS:
+            end, attribute, is_open = BOUNDS[type(item)]
+            ends[end], ends[f"{end}_open"] = getattr(item, attribute), is_open
+    if ends:
+        return Range(**ends)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return declared_range(args[1:], args[0])
+    if origin in (Union, UnionType):
+        return next((r for r in (declared_range((), a) for a in args if a is not type(None)) if r), None)
+    return None
 
 
 def _type_name(annotation) -> str:

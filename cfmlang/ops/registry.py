@@ -5,9 +5,11 @@ statement keyword and name (`merge`/`linear`, `grow`/`block_expand`, `brick`/`lo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError, core_schema
 
 Curve = Union[float, Annotated[list[float], Field(min_length=1)]]
 Gradient = Union[Curve, Annotated[dict[str, Curve], Field(min_length=1)]]
@@ -15,6 +17,54 @@ Gradient = Union[Curve, Annotated[dict[str, Curve], Field(min_length=1)]]
 map of tensor-name filters to such values, `{self_attn: 0.3, mlp: [0, 1], default: 0.5}`:
 the first key found in the tensor's name applies, `default` when none is."""
 FILTER_DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a parameter accepts, declared on its annotation:
+    `density: Annotated[Gradient, Range(0, 1)]`. Checked on every number of the value (each
+    point of a gradient, each entry of a filter map); `cfmc methods` shows it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, number: float) -> bool:
+        above = self.low is None or (number > self.low if self.low_open else number >= self.low)
+        below = self.high is None or (number < self.high if self.high_open else number <= self.high)
+        return above and below
+
+    def text(self) -> str:
+        """`in [0, 1]`, `in (0, 1]`, `≥ 0`, `> 0` ..."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '≤'} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, value):
+        for number in numbers_in(value):
+            if not self.admits(number):
+                raise PydanticCustomError("out_of_range", "{number} is not {range}",
+                                          {"number": f"{number:g}", "range": self.text()})
+        return value
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+
+def numbers_in(value) -> list[float]:
+    """Every number of a parameter value: itself, a gradient's points, a filter map's."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return [n for item in value for n in numbers_in(item)]
+    return []
 
 
 def filter_value(value, tensor_name: str):

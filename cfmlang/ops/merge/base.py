@@ -60,6 +60,8 @@ class MergeMethod(Method):
     keyword = "merge"
     base: ClassVar[str] = "none"
     """Whether the method takes a `base:` model: "none", "optional" or "required"."""
+    base_role: ClassVar[str] = "the model the task vectors are taken against"
+    """What the `base:` model is to the method (the help of a missing `base:`)."""
     elementwise: ClassVar[bool] = True
     """True when each output element depends only on the same element of the inputs, so
     a tensor can be merged a block of rows at a time."""

@@ -3,6 +3,8 @@ parameters validated by its pydantic models, inputs bound, architectures compare
 tensor-name filter maps checked against the tensors."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, create_model
 
 from cfmlang.compiler.ir import ArchInfo, MergeNode
@@ -23,7 +25,7 @@ def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeM
     if method.base == "required" and body.get("base") is None:
         checker.problems.append(error("E014", f"merge method `{method.name}` needs a `base:` model",
                                    body.get("method").value.span,
-                                   "name the model the task vectors are taken against"))
+                                   f"name {method.base_role}"))
     if method.base == "none" and body.get("base") is not None:
         checker.problems.append(error("E013", f"merge method `{method.name}` takes no `base:`",
                                    body.get("base").key_span, "remove it, or add the model to `inputs`"))
@@ -99,7 +101,8 @@ def _module_names(tensor_names: list[str]) -> set[str]:
 
 def _shared_model(method: type[MergeMethod]) -> type[BaseModel]:
     """Node-level options: the method's shared options plus per-input defaults."""
-    fields = {name: (f.annotation | None, None) for name, f in method.Input.model_fields.items()}
+    fields = {name: (Annotated[(f.annotation | None, *f.metadata)] if f.metadata else f.annotation | None, None)
+              for name, f in method.Input.model_fields.items()}
     return create_model(f"{method.__name__}NodeOptions", __base__=method.Options, **fields)
 
 

@@ -8,12 +8,14 @@ not the base) and checked again when a tensor is merged.
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
 from cfmlang.ops.merge.base import MergeMethod, input_count_problem
 from cfmlang.ops.merge.sparse import sign_agreement
-from cfmlang.ops.registry import Gradient, NoParams, Params, register
+from cfmlang.ops.registry import Gradient, NoParams, Params, Range, register
 
 
 def require_input_count(method: type[MergeMethod], tensors: list) -> None:
@@ -65,6 +67,7 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "interpolate base -> average of the inputs by the angle between their task vectors"
     base = "required"
+    base_role = "the model interpolated towards the average of the inputs"
     elementwise = False
     min_inputs = 2
 
@@ -90,10 +93,11 @@ class NearSwap(MergeMethod):
     name = "nearswap"
     summary = "take the input's value where it is within about t of the base's"
     base = "required"
+    base_role = "the model whose values the input's replace where they are near"
     min_inputs = max_inputs = 1
 
     class Options(Params):
-        t: Gradient
+        t: Annotated[Gradient, Range(0)]
 
     Input = NoParams
 
@@ -147,7 +151,7 @@ class SCE(MergeMethod):
 
     class Options(Params):
         int8_mask: bool = False
-        select_topk: Gradient = 1.0
+        select_topk: Annotated[Gradient, Range(0, 1, low_open=True)] = 1.0
 
     Input = NoParams
 
@@ -238,7 +242,7 @@ class RAM(MergeMethod):
     min_inputs = 0
 
     class Options(Params):
-        epsilon: Gradient = 1e-5
+        epsilon: Annotated[Gradient, Range(0)] = 1e-5
 
     Input = NoParams
 
@@ -262,9 +266,9 @@ class RAMPlusTensorLocal(MergeMethod):
     min_inputs = 0
 
     class Options(Params):
-        r: Gradient = 0.1
-        alpha: Gradient = 0.2
-        epsilon: Gradient = 1e-5
+        r: Annotated[Gradient, Range(0)] = 0.1
+        alpha: Annotated[Gradient, Range(0)] = 0.2
+        epsilon: Annotated[Gradient, Range(0, low_open=True)] = 1e-5
 
     Input = NoParams
 

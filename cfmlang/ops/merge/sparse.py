@@ -16,14 +16,14 @@ per-tensor generator of the merge context, never from the global RNG.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Annotated, Callable, ClassVar
 
 import torch
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from cfmlang.ops.merge.base import MergeContext, MergeError, MergeMethod, working_dtype
-from cfmlang.ops.registry import Gradient, Params, interpolate, register
+from cfmlang.ops.registry import Gradient, Params, Range, interpolate, register
 
 NORM_FLOOR = 1e-7
 """Below this L1 norm a task vector (or what is kept of it) is not rescaled."""
@@ -234,15 +234,15 @@ class TaskVectorOptions(Params):
 
 class TaskVectorInput(Params):
     weight: Gradient
-    density: Gradient = 1.0
+    density: Annotated[Gradient, Range(0, 1)] = 1.0
 
 
 class BreadcrumbsInput(TaskVectorInput):
-    gamma: Gradient = 0.01
+    gamma: Annotated[Gradient, Range(0, 1)] = 0.01
 
 
 class DellaInput(TaskVectorInput):
-    epsilon: Gradient = 0.15
+    epsilon: Annotated[Gradient, Range(0, 1)] = 0.15
 
     @model_validator(mode="after")
     def probabilities_in_range(self):

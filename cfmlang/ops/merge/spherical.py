@@ -8,12 +8,13 @@ karcher work in float32, or float64 for float64 inputs).
 from __future__ import annotations
 
 from functools import reduce
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
 from cfmlang.ops.merge.base import MergeContext, MergeError, MergeMethod, WeightedInput, working_dtype
-from cfmlang.ops.registry import Gradient, Params, register
+from cfmlang.ops.registry import Gradient, Params, Range, register
 
 SLERP_DOT_THRESHOLD = 0.9995
 """slerp interpolates linearly once |cos(angle)| between the two tensors exceeds this."""
@@ -97,11 +98,12 @@ class Slerp(MergeMethod):
     name = "slerp"
     summary = "spherical interpolation from the base (t = 0) to one other model (t = 1)"
     base = "required"
+    base_role = "the model at t = 0, which slerp interpolates from (the input is at t = 1)"
     elementwise = False
     min_inputs = max_inputs = 1
 
     class Options(Params):
-        t: Gradient
+        t: Annotated[Gradient, Range(0, 1)]
 
     Input = NoInputParams
 
@@ -204,7 +206,7 @@ class Multislerp(MergeMethod):
 
     class Options(Params):
         normalize_weights: bool = True
-        eps: Gradient = 1e-8
+        eps: Annotated[Gradient, Range(0, low_open=True)] = 1e-8
 
     Input = WeightedInput
 
@@ -301,7 +303,7 @@ class Karcher(MergeMethod):
 
     class Options(Params):
         max_iter: int = Field(10, ge=0)
-        tol: Gradient = 1e-5
+        tol: Annotated[Gradient, Range(0, low_open=True)] = 1e-5
 
     Input = NoInputParams
 

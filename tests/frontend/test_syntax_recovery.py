@@ -1,0 +1,43 @@
+"""Syntax-error recovery reports the error of every statement, and its cost grows
+linearly with the number of statements (it once padded statement k with k newlines)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cfmlang.diagnostics import CompileError
+from cfmlang.frontend.parser import parse_tree
+
+
+def program_with_errors(statements: int) -> str:
+    """`statements` declarations; every 100th lacks its `:`."""
+    lines = []
+    for index in range(statements):
+        colon = "" if index % 100 == 50 else ":"
+        lines += [f"model m{index}{colon}", f'  source: hf "models/m{index}"']
+    return "\n".join(lines) + "\n"
+
+
+def recovery_seconds(statements: int) -> float:
+    text = program_with_errors(statements)
+    start = time.perf_counter()
+    with pytest.raises(CompileError) as info:
+        parse_tree(text, "big.brick")
+    seconds = time.perf_counter() - start
+    assert [d.span.line for d in info.value.diagnostics] == [2 * i + 1 for i in range(50, statements, 100)]
+    return seconds
+
+
+def test_every_statements_error_is_reported_where_it_is():
+    with pytest.raises(CompileError) as info:
+        parse_tree(program_with_errors(300), "f.brick")
+    assert [(d.code, d.span.line, d.span.col) for d in info.value.diagnostics] == \
+        [("E002", 101, 10), ("E002", 301, 11), ("E002", 501, 11)]
+
+
+def test_recovery_time_grows_linearly():
+    recovery_seconds(100)   # warm the parser
+    small = min(recovery_seconds(250) for _ in range(3))
+    large = min(recovery_seconds(2000) for _ in range(2))
+    assert large / small < 12, f"8x the statements took {large / small:.1f}x the time"
