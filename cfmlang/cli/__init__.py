@@ -1,12 +1,14 @@
 """`cfmc`: the command line. Thin: every command calls the public API.
 
 Exit codes: 0 ok, 1 user error (diagnostics printed, argparse's refusals included), 2
-internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP). The parser is in
+internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP), 141 when
+stdout's reader closed the pipe. The parser is in
 parser.py, the commands in commands.py, progress display in progress.py.
 """
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import traceback
 
@@ -18,7 +20,24 @@ from cfmlang.diagnostics import CompileError, error
 __all__ = ["main", "build_parser"]
 
 
+EXIT_BROKEN_PIPE = 128 + 13
+"""The reader of stdout went away (`cfmc check --format json | head`): what a program
+killed by SIGPIPE returns, and nothing more is printed."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # stdout points at nothing from here on, so that exit's flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run_command(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
@@ -39,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
     except OSError as exc:
         if exc.errno not in PATH_ERRORS:
             return internal_error(exc, args)

@@ -16,14 +16,20 @@ The layout (docs/language.md, "Layout"):
 
 The printer walks the lark tree (not the AST) so that numbers and strings keep their
 written text; comments and blank lines are read from the source lines, which the
-grammar's lexer discards.
+grammar's lexer discards. `print_program` prints a program built as an AST (by `cfmc
+import`) in the same layout.
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from lark import Tree
 
+from cfmlang.diagnostics import Span
+from cfmlang.frontend import ast
 from cfmlang.frontend.parser import normalise, parse_tree
 from cfmlang.frontend.to_ast import to_ast
 
@@ -212,3 +218,76 @@ def _put_gap(comment: Comment | None, put, state: dict, next_indent: int, previo
     indent = next_indent if comment.column <= next_indent else min(comment.column, previous_indent)
     indent = max(indent, next_indent)
     put(indent, comment.text, opens=False)
+
+
+# ---------------------------------------------------------------- programs built as an AST
+
+NOWHERE = Span("<generated>", 1, 1, 1, 1)
+"""The span of AST nodes that a tool builds rather than parses."""
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def print_program(statements: Sequence[ast.Statement], comments: Sequence[str] = ()) -> str:
+    """The text of a program built as an AST, in the canonical layout (`format_source`
+    leaves it unchanged): `comments` as the leading comment lines, then one statement
+    after the other. A declaration's map body is a block; inside a block, a map holding
+    maps is a nested block, a list holding maps or selections is a `- item` block, and
+    every other value is written inline."""
+    printer = _Printer()
+    for number, text in enumerate(comments):
+        printer.emit(0, "# " + text if text else "#", number)
+    for statement in statements:
+        if isinstance(statement, ast.Import):
+            printer.emit(0, f"import {_string(statement.path)}", 0)
+        elif isinstance(statement, ast.Setting):
+            printer.emit(0, f"{_key(statement.key)}: {ast_inline(statement.value)}", 0)
+        elif isinstance(statement.body, ast.MapValue):
+            printer.emit(0, f"{statement.keyword} {statement.name}:", 0)
+            _block_entries(printer, statement.body, INDENT)
+        else:
+            printer.emit(0, f"{statement.keyword} {statement.name}: {ast_inline(statement.body)}", 0)
+    return "\n".join(" " * line.indent + line.text for line in printer.lines) + "\n"
+
+
+def _block_entries(printer: _Printer, body: ast.MapValue, indent: int) -> None:
+    for entry in body.entries:
+        value, head = entry.value, _key(entry.key)
+        if isinstance(value, ast.MapValue) and any(isinstance(e.value, ast.MapValue) for e in value.entries):
+            printer.emit(indent, f"{head}:", 0)
+            _block_entries(printer, value, indent + INDENT)
+        elif isinstance(value, ast.ListValue) and any(
+                isinstance(item, ast.MapValue) or isinstance(item, ast.Ref) and not item.is_plain
+                for item in value.items):
+            printer.emit(indent, f"{head}:", 0)
+            for item in value.items:
+                printer.emit(indent + INDENT, f"- {ast_inline(item)}", 0)
+        else:
+            printer.emit(indent, f"{head}: {ast_inline(value)}", 0)
+
+
+def ast_inline(value: ast.Value) -> str:
+    """An AST value on one line."""
+    if isinstance(value, ast.Bool):
+        return "true" if value.value else "false"
+    if isinstance(value, ast.Null):
+        return "null"
+    if isinstance(value, ast.Number):
+        return repr(value.value) if isinstance(value.value, float) else str(value.value)
+    if isinstance(value, ast.String):
+        return _string(value.value)
+    if isinstance(value, ast.Tagged):
+        return f"{value.tag} {_string(value.path)}"
+    if isinstance(value, ast.Ref):
+        return value.text()
+    if isinstance(value, ast.ListValue):
+        return "[" + ", ".join(ast_inline(item) for item in value.items) + "]"
+    return "{" + ", ".join(f"{_key(e.key)}: {ast_inline(e.value)}" for e in value.entries) + "}"
+
+
+def _key(key: str) -> str:
+    return key if NAME.match(key) else _string(key)
+
+
+def _string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)

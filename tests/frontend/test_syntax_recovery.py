@@ -2,12 +2,18 @@
 linearly with the number of statements (it once padded statement k with k newlines)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from cfmlang.diagnostics import CompileError
 from cfmlang.frontend.parser import parse_tree
+from paths import TESTS
+
+ROOT = TESTS.parent
 
 
 def program_with_errors(statements: int) -> str:
@@ -41,3 +47,16 @@ def test_recovery_time_grows_linearly():
     small = min(recovery_seconds(250) for _ in range(3))
     large = min(recovery_seconds(2000) for _ in range(2))
     assert large / small < 12, f"8x the statements took {large / small:.1f}x the time"
+
+
+def test_a_closed_pipe_ends_cfmc_quietly(tmp_path):
+    """`cfmc check --format json | head -c 100`: far more JSON than a pipe holds, and the
+    reader leaves after 100 bytes; cfmc stops with 141 and no traceback."""
+    source = tmp_path / "many.brick"
+    source.write_text("".join(f"model m{i}\n" for i in range(3000)))
+    script = (f'{sys.executable} -m cfmlang check --format json {source} 2>{tmp_path / "err"} | head -c 100 >/dev/null;'
+              ' echo "${PIPESTATUS[0]}"')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "141"
+    assert (tmp_path / "err").read_text() == ""
