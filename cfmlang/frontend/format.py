@@ -231,8 +231,8 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 def print_program(statements: Sequence[ast.Statement], comments: Sequence[str] = ()) -> str:
     """The text of a program built as an AST, in the canonical layout (`format_source`
     leaves it unchanged): `comments` as the leading comment lines, then one statement
-    after the other. A declaration's map body is a block; inside a block, a map holding
-    maps is a nested block, a list holding maps or selections is a `- item` block, and
+    after the other. A declaration's map body is a block; in it, a map of maps is a
+    nested block of one inline map per line, a list holding maps or selections is a `- item` block, and
     every other value is written inline."""
     printer = _Printer()
     for number, text in enumerate(comments):
@@ -242,7 +242,7 @@ def print_program(statements: Sequence[ast.Statement], comments: Sequence[str] =
             printer.emit(0, f"import {_string(statement.path)}", 0)
         elif isinstance(statement, ast.Setting):
             printer.emit(0, f"{_key(statement.key)}: {ast_inline(statement.value)}", 0)
-        elif isinstance(statement.body, ast.MapValue):
+        elif isinstance(statement.body, ast.MapValue) and statement.body.entries:
             printer.emit(0, f"{statement.keyword} {statement.name}:", 0)
             _block_entries(printer, statement.body, INDENT)
         else:
@@ -253,9 +253,11 @@ def print_program(statements: Sequence[ast.Statement], comments: Sequence[str] =
 def _block_entries(printer: _Printer, body: ast.MapValue, indent: int) -> None:
     for entry in body.entries:
         value, head = entry.value, _key(entry.key)
-        if isinstance(value, ast.MapValue) and any(isinstance(e.value, ast.MapValue) for e in value.entries):
+        if isinstance(value, ast.MapValue) and value.entries and \
+                all(isinstance(e.value, ast.MapValue) for e in value.entries):
             printer.emit(indent, f"{head}:", 0)
-            _block_entries(printer, value, indent + INDENT)
+            for inner in value.entries:
+                printer.emit(indent + INDENT, f"{_key(inner.key)}: {ast_inline(inner.value)}", 0)
         elif isinstance(value, ast.ListValue) and any(
                 isinstance(item, ast.MapValue) or isinstance(item, ast.Ref) and not item.is_plain
                 for item in value.items):

@@ -36,6 +36,8 @@ from typing import Any
 
 from cfmlang.compiler.ir import FLOAT_DTYPES
 from cfmlang.diagnostics import SOURCES, CompileError, Diagnostic, Span, did_you_mean, error
+from cfmlang.frontend import ast
+from cfmlang.frontend.format import NOWHERE, print_program
 
 CANNOT = "E100"
 BAD_YAML = "E101"
@@ -56,7 +58,6 @@ SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 # keys of a merge node that are not method parameters
 STRUCTURAL = ("method", "inputs", "base", "dtype", "seed", "description")
 RESERVED_NAMES = {"true", "false", "null"}
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 UNSUPPORTED = {
     "modules": ("`modules:` (per-module merges of multi-module models)",
@@ -136,10 +137,10 @@ class _Input:
 
 @dataclass
 class _Setting:
-    """A parameter value as an ordered list of (filter or None, rendered value); None
-    means "every tensor" (mergekit: no filter, `*` or an empty filter)."""
+    """A parameter value as an ordered list of (filter or None, value); None means
+    "every tensor" (mergekit: no filter, `*` or an empty filter)."""
 
-    entries: list[tuple[str | None, str]]
+    entries: list[tuple[str | None, ast.Value]]
 
     @property
     def complete(self) -> bool:
@@ -626,7 +627,7 @@ class _Importer:
         value = self.value(node)
         return None if value is None else _Setting([(None, value)])
 
-    def condition(self, node) -> tuple[str | None, str] | None:
+    def condition(self, node) -> tuple[str | None, ast.Value] | None:
         entry = self.mapping(node, "a conditional parameter", ("filter", "value"))
         if entry is None:
             return None
@@ -667,8 +668,8 @@ class _Importer:
                 break
         return out
 
-    def value(self, node) -> str | None:
-        """A scalar or a list of scalars (a gradient), rendered as cfmlang text."""
+    def value(self, node) -> ast.Value | None:
+        """A scalar or a list of scalars (a gradient), as a cfmlang value."""
         yaml = self.yaml
         if isinstance(node, yaml.SequenceNode):
             if not node.value:
@@ -679,25 +680,25 @@ class _Importer:
                             "parameter values are numbers, or lists of numbers (gradients)")
                 return None
             items = [self.value(item) for item in node.value]
-            return None if None in items else "[" + ", ".join(items) + "]"
+            return None if None in items else ast.ListValue(tuple(items), NOWHERE)
         if not isinstance(node, yaml.ScalarNode):
             self.cannot(node, f"{self.describe(node)} as a parameter value")
             return None
         value = self.scalar(node)
         if isinstance(value, bool):
-            return "true" if value else "false"
+            return ast.Bool(value, NOWHERE)
         if isinstance(value, int):
-            return str(value)
+            return ast.Number(value, NOWHERE)
         if isinstance(value, float):
             if not math.isfinite(value):
                 self.cannot(node, f"the non-finite number `{node.value}`", "cfmlang numbers are finite")
                 return None
-            return repr(value)
+            return ast.Number(value, NOWHERE)
         if isinstance(value, str):
             if NUMBER_TEXT.match(value):
                 # YAML 1.1 reads `1e-3` as a string; mergekit turns it into a number
-                return str(int(value)) if value.lstrip("+-").isdigit() else repr(float(value))
-            return json.dumps(value, ensure_ascii=False)
+                return ast.Number(int(value) if value.lstrip("+-").isdigit() else float(value), NOWHERE)
+            return ast.String(value, NOWHERE)
         self.cannot(node, f"{self.describe(node)} as a parameter value")
         return None
 
@@ -715,12 +716,12 @@ class _Importer:
         models = self.names([p for p in paths if self.produced_by(p, produced) is None],
                             {stage.node for stage in stages})
         names = {p: self.produced_by(p, produced) or models[p] for p in paths}
-        lines = self.header(models)
+        statements = self.model_decls(models)
         for stage, (base, inputs) in zip(stages, plans):
-            lines += self.stack_lines(stage, names) if stage.form == "stack" else \
-                self.merge_lines(stage, base, inputs, names)
-        lines.append(f"output: {final.node}")
-        return "\n".join(lines) + "\n"
+            statements.append(self.stack_decl(stage, names) if stage.form == "stack" else
+                              self.merge_decl(stage, base, inputs, names))
+        statements.append(ast.Setting("output", NOWHERE, name_ref(final.node), NOWHERE))
+        return print_program(statements, self.header(models))
 
     def final_stage(self, stages: list[_Merge]) -> _Merge:
         """mergekit-multi: the document without `name:`; mergekit-mega: the last one."""
@@ -770,55 +771,60 @@ class _Importer:
             inputs = [i for i in inputs if i.path != base.path or i.settings]
         return base, inputs
 
-    def merge_lines(self, merge: _Merge, base: _Input | None, inputs: list[_Input],
-                    names: dict[str, str]) -> list[str]:
-        lines = [f"merge {merge.node}:", f"  method: {merge.method}"]
+    def merge_decl(self, merge: _Merge, base: _Input | None, inputs: list[_Input],
+                   names: dict[str, str]) -> ast.Decl:
+        body = [entry("method", name_ref(merge.method))]
         if base is not None:
-            lines.append(f"  base: {names[base.path]}")
+            body.append(entry("base", name_ref(names[base.path])))
         node_keys = list(dict.fromkeys(k for scope in merge.scope_settings for k in scope))
         for key in node_keys:
             chain = [scope[key] for scope in merge.scope_settings if key in scope]
-            if None in chain:
-                continue
-            lines.append(f"  {render_key(key)}: {render_setting(chain)}")
-        rendered = []
+            if None not in chain:
+                body.append(entry(key, setting_value(chain)))
+        given = []
         for item in inputs:
-            params = []
-            for key, setting in item.settings.items():
-                chain = [setting] + [scope[key] for scope in merge.scope_settings if key in scope]
-                params.append(f"{render_key(key)}: {render_setting(chain)}")
-            rendered.append((names[item.path], params))
-        if any(params for _, params in rendered):
-            lines.append("  inputs:")
-            lines += [f"    {name}: {{{', '.join(params)}}}" for name, params in rendered]
+            params = [entry(key, setting_value([setting] + [scope[key] for scope in merge.scope_settings
+                                                            if key in scope]))
+                      for key, setting in item.settings.items()]
+            given.append((names[item.path], params))
+        if any(params for _, params in given):
+            body.append(entry("inputs", ast.MapValue(tuple(entry(name, ast.MapValue(tuple(params), NOWHERE))
+                                                           for name, params in given), NOWHERE)))
         else:
-            lines.append(f"  inputs: [{', '.join(name for name, _ in rendered)}]")
+            body.append(entry("inputs", ast.ListValue(tuple(name_ref(name) for name, _ in given), NOWHERE)))
         if merge.dtype:
-            lines.append(f"  dtype: {merge.dtype}")
-        return lines
+            body.append(entry("dtype", name_ref(merge.dtype)))
+        return declaration("merge", merge.node, body)
 
-    def stack_lines(self, merge: _Merge, names: dict[str, str]) -> list[str]:
-        lines = [f"grow {merge.node}:", "  method: stack"]
+    def stack_decl(self, merge: _Merge, names: dict[str, str]) -> ast.Decl:
+        body = [entry("method", name_ref("stack"))]
         if merge.dtype:
-            lines.append(f"  dtype: {merge.dtype}")
-        lines.append("  slices:")
+            body.append(entry("dtype", name_ref(merge.dtype)))
+        slices = []
         for item in merge.inputs:
             start, end = item.bounds
-            layers = f"{names[item.path]}.layers[{start}:{end}]"
+            layers = ast.Ref(names[item.path], (ast.Attr("layers", NOWHERE),
+                                                ast.Index(start, end, True, False, NOWHERE)), NOWHERE, NOWHERE)
             chain = [s.get("scale") for s in (item.settings, item.slice_settings, *merge.scope_settings)
                      if "scale" in s]
-            scale = render_setting(chain) if chain and None not in chain else None
-            lines.append(f"    - {layers}" if scale is None else f"    - {{from: {layers}, scale: {scale}}}")
-        return lines
+            scaled = chain and None not in chain
+            slices.append(ast.MapValue((entry("from", layers), entry("scale", setting_value(chain))), NOWHERE)
+                          if scaled else layers)
+        body.append(entry("slices", ast.ListValue(tuple(slices), NOWHERE)))
+        return declaration("grow", merge.node, body)
 
     def header(self, names: dict[str, str]) -> list[str]:
-        """The comment block and one `model` declaration per input path."""
-        lines = [f"# Imported from `{Path(self.file).name}` (a mergekit configuration) by `cfmc import`."]
+        """The leading comment lines."""
+        lines = [f"Imported from `{Path(self.file).name}` (a mergekit configuration) by `cfmc import`."]
         lines += self.path_notes(names)
-        lines += [f"# note: {n}" for n in dict.fromkeys(self.notes)]
-        for path, name in names.items():
-            lines += [f"model {name}:", f"  source: hf {json.dumps(self.written_path(path), ensure_ascii=False)}"]
+        lines += [f"note: {n}" for n in dict.fromkeys(self.notes)]
         return lines
+
+    def model_decls(self, names: dict[str, str]) -> list[ast.Statement]:
+        """One `model` declaration per input path."""
+        return [declaration("model", name, [entry("source", ast.Tagged("hf", self.written_path(path),
+                                                                       NOWHERE, NOWHERE))])
+                for path, name in names.items()]
 
     def names(self, paths: list[str], taken: set[str]) -> dict[str, str]:
         """A declaration name per path, unique and not in `taken`."""
@@ -843,28 +849,36 @@ class _Importer:
             return []
         lines = []
         if self.relocated() and any((self.cwd / p).exists() for p in relative):
-            lines.append("# Relative paths were relative to the working directory (as in mergekit); they are "
+            lines.append("Relative paths were relative to the working directory (as in mergekit); they are "
                          "rewritten relative to this file's directory, where cfmlang resolves them.")
         else:
-            lines.append("# Relative paths are resolved from this file's directory (mergekit resolved them "
+            lines.append("Relative paths are resolved from this file's directory (mergekit resolved them "
                          "from the working directory).")
         for path in relative:
             if not (self.cwd / path).exists():
-                lines.append(f"# note: `{path}` is not a local directory (a Hugging Face hub id?): download "
+                lines.append(f"note: `{path}` is not a local directory (a Hugging Face hub id?): download "
                              "it and point the source at its directory.")
         return lines
 
 
 # ---- rendering helpers ---------------------------------------------------------------------------
 
-def render_key(key: str) -> str:
-    return key if NAME_RE.match(key) else json.dumps(key, ensure_ascii=False)
+def name_ref(name: str) -> ast.Ref:
+    return ast.Ref(name, (), NOWHERE, NOWHERE)
 
 
-def render_setting(chain: list[_Setting]) -> str:
+def entry(key: str, value: ast.Value) -> ast.Entry:
+    return ast.Entry(key, NOWHERE, value)
+
+
+def declaration(keyword: str, name: str, body: list[ast.Entry]) -> ast.Decl:
+    return ast.Decl(keyword, NOWHERE, name, NOWHERE, ast.MapValue(tuple(body), NOWHERE), NOWHERE)
+
+
+def setting_value(chain: list[_Setting]) -> ast.Value:
     """Settings in precedence order -> one value: mergekit falls through to the next
     scope when no filter of a scope matches, so the lower scopes' entries follow."""
-    entries: list[tuple[str | None, str]] = []
+    entries: list[tuple[str | None, ast.Value]] = []
     seen: set[str | None] = set()
     for setting in chain:
         for filter_, value in setting.entries:
@@ -875,7 +889,7 @@ def render_setting(chain: list[_Setting]) -> str:
             break
     if len(entries) == 1 and entries[0][0] is None:
         return entries[0][1]
-    return "{" + ", ".join(f"{'default' if f is None else render_key(f)}: {v}" for f, v in entries) + "}"
+    return ast.MapValue(tuple(entry("default" if f is None else f, v) for f, v in entries), NOWHERE)
 
 
 def identifier(path: str) -> str:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 import cfmlang
 from cfmlang.cli import main
 from cfmlang.diagnostics import CompileError, Span
-from cfmlang.frontend.format import _comment_column, format_source
+from cfmlang.frontend.format import _comment_column, format_source, print_program
 from cfmlang.frontend.to_ast import parse
 from paths import TESTS
 from test_fuzz import model_sources, programs, valid_text
@@ -87,6 +87,17 @@ def test_formatted_golden_programs_check_to_the_same_ir(source, place):  # noqa:
     assert without_spans(after.nodes) == without_spans(before.nodes)
     assert (after.output, after.seed, after.dtype) == (before.output, before.seed, before.dtype)
     assert [w.code for w in after.warnings] == [w.code for w in before.warnings]
+
+
+@pytest.mark.parametrize("path", EXAMPLES + OK, ids=lambda p: p.name)
+def test_programs_built_as_an_ast_print_in_the_canonical_layout(path):
+    """print_program (what `cfmc import` emits through) of a file's AST: the same AST,
+    already in the canonical layout."""
+    statements = parse(path.read_text()).statements
+    printed = print_program(statements, ["a comment", ""])
+    assert printed.startswith("# a comment\n#\n")
+    assert without_spans(parse(printed).statements) == without_spans(statements)
+    assert format_source(printed) == printed
 
 
 def test_the_canonical_layout():

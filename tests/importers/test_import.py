@@ -13,6 +13,7 @@ import yaml
 import cfmlang
 from cfmlang.cli import main
 from cfmlang.diagnostics import CompileError
+from cfmlang.frontend.format import format_source
 from cfmlang.importers.mergekit import import_file, translate
 from mergekit_oracle import run_mergekit, tensors
 
@@ -303,6 +304,7 @@ def case_param(case: Case):
 @pytest.mark.parametrize("case", [case_param(c) for c in CASES])
 def test_translation_checks(case, tiny_zoo, tmp_path):
     _, brick = translated(case, tiny_zoo, tmp_path)
+    assert format_source(brick.read_text()) == brick.read_text()   # printed in the canonical layout
     program = cfmlang.check(brick)
     assert program.output == case.node
     assert program.node(case.node).method == case.method
