@@ -58,7 +58,7 @@ def cmd_compile(args) -> int:
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
                          progress=bar.update, log=log, on_train_step=training.step,
-                         lowering=lowering_options(args))
+                         lowering=lowering_options(args), executor=args.executor, address=args.address)
     artifact = result.manifest["artifact"]
     ran = [n.name for n in result.plan.nodes if n.status == "run"]
     cached = [n.name for n in result.plan.nodes if n.status == "cached"]

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--shard-size", type=shard_gigabytes, default=5.0,
                      help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where merged tensors are computed: here (default) or on a Ray cluster")
+    sub.add_argument("--address", help="with --executor ray: the cluster's address (HOST:PORT or `auto`); "
+                     "default: a new local cluster")
     add_lowering_arguments(sub)
 
     sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")

@@ -76,6 +76,9 @@ class Operation:
     fallback: ClassVar[bool] = False
     """A fallback operation handles a statement only when no other operation claims it
     (plain `merge` yields to merges over lora bricks)."""
+    distributable: ClassVar[bool] = False
+    """Whether the node's provider computes each tensor on its own from its inputs' tensors
+    (so an executor may compute them elsewhere, in batches, from the same program)."""
 
     # ---- checking ----------------------------------------------------------------------
     def claims(self, checker, decl: ast.Decl, body: ast.MapValue) -> bool:
