@@ -15,6 +15,7 @@ from cfmlang.api import compile
 from cfmlang.cli import main
 from cfmlang.compiler.executors import executor_named
 from cfmlang.diagnostics import CompileError
+from models import tiny_model
 
 TIES = """model a:
   source: hf "{a}"
@@ -123,8 +124,15 @@ def test_an_address_needs_the_ray_executor(ties_file, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, ties_file, tmp_path):
-    """Runs last: it leaves the cluster with one worker."""
+def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, tmp_path):
+    """Runs last: it leaves the cluster with one worker. The models are large enough
+    (~12 MB) that each task's result (~1.5 MB) is held in its worker's object store, so
+    removing the worker loses results not fetched yet as well as tasks running there:
+    Ray must run them again."""
+    wide = dict(hidden_size=256, intermediate_size=512, vocab_size=512)
+    models = {n: tiny_model(tmp_path / n, seed=i + 5, **wide) for i, n in enumerate("abc")}
+    ties_file = tmp_path / "ties.brick"
+    ties_file.write_text(TIES.format(**models))
     expected = local_artifact(ties_file, tmp_path / "local")
     head, workers = cluster
     written = []
@@ -139,3 +147,4 @@ def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, ties_file, t
     assert len(written) > 10 and artifact_bytes(tmp_path / "ray") == expected
     alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     assert len(alive) == 1
+    assert any("ran on 2 node(s) of the Ray cluster" in line for line in lines), lines
