@@ -141,10 +141,8 @@ def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, tmp_path):
         written.append(done)
         if len(written) == 1:
             head.remove_node(workers[0])
-    lines = []
     compile(ties_file, tmp_path / "ray", use_cache=False, chunk_bytes=CHUNK, executor="ray",
-            address=head.address, progress=remove_a_worker_after_the_first_tensor, log=lines.append)
+            address=head.address, progress=remove_a_worker_after_the_first_tensor)
     assert len(written) > 10 and artifact_bytes(tmp_path / "ray") == expected
     alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
     assert len(alive) == 1
-    assert any("ran on 2 node(s) of the Ray cluster" in line for line in lines), lines
