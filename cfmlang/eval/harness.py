@@ -13,13 +13,14 @@ class HarnessKind:
         return 1
 
     def score(self, task: Task, model, tokenizer, settings, tick) -> Scored:
-        evaluator, model_class = harness_modules(task)
+        evaluator, model_class, task_manager = harness_modules(task)
         config = task.items[0]
         language_model = model_class(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
                                      device=str(model.device))
         try:
             output = evaluator.simple_evaluate(model=language_model, tasks=[config], limit=settings.limit,
-                                               log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+                                               log_samples=True, bootstrap_iters=0, verbosity="ERROR",
+                                               task_manager=task_manager(include_defaults=False))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
             raise failed(task, f"{type(exc).__name__}: {str(exc)[:300]}") from None
         tick()
@@ -32,10 +33,11 @@ def harness_modules(task: Task):
     try:
         from lm_eval import evaluator
         from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise CompileError([error("E232", f"task `{task.name}` is an lm-eval task, and lm_eval is not installed",
                                   None, "pip install 'cfmlang[eval]' (or pip install lm_eval)")]) from None
-    return evaluator, HFLM
+    return evaluator, HFLM, TaskManager   # TaskManager without lm-eval's own tasks: no indexing
 
 
 def metrics_of(results: dict) -> dict:
