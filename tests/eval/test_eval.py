@@ -214,6 +214,17 @@ def test_cli_refuses_bad_input(tiny, tmp_path, capsys, content, args, code_expec
     assert code == 1 and code_expected in err and where in err and "Traceback" not in err
 
 
+def test_cli_refuses_bad_yaml_tasks(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "notyaml.yaml").write_text("task: [a\n")
+    code, _, err = run_cli(capsys, tiny[0], "--task", tmp_path / "notyaml.yaml")
+    assert code == 1 and "E231" in err and "notyaml.yaml:2:1" in err
+    broken = load_task("facts_harness").path.read_text().replace("facts.jsonl", "missing.jsonl")
+    (tmp_path / "broken.yaml").write_text(broken)
+    code, _, err = run_cli(capsys, tiny[0], "--task", tmp_path / "broken.yaml", "-q")
+    assert code == 1 and "E232" in err and "missing.jsonl" in err and "Traceback" not in err
+
+
 def test_cli_refuses_a_missing_model_and_a_short_text(tiny, tmp_path, capsys):
     text = tmp_path / "short.txt"
     text.write_text("sea")
