@@ -165,6 +165,25 @@ def cmd_analyze(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    from cfmlang.analysis.target import open_model, parse_spec
+    from cfmlang.eval import Settings, evaluate, load_task
+    from cfmlang.eval.report import render_json, render_table
+
+    settings = Settings(limit=args.limit, batch_size=args.batch_size, context=args.context, stride=args.stride,
+                        max_new_tokens=args.max_new_tokens)
+    tasks = [load_task(name) for name in args.task]
+    spec = parse_spec(args.model)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    with open_model(spec, cache_dir=args.cache_dir, log=log) as loaded:
+        result = evaluate(loaded.model, loaded.tokenizer, tasks, settings, title=loaded.title,
+                          progress=progress.stage)
+    progress.close()
+    sys.stdout.write(render_json(result, args.details) + "\n" if args.format == "json" else render_table(result))
+    return EXIT_OK
+
+
 def cmd_methods(args) -> int:
     from cfmlang.ops.catalogue import methods_markdown
 

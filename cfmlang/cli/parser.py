@@ -5,9 +5,10 @@ import argparse
 from pathlib import Path
 
 from cfmlang.analysis.probes import PROBE_TOKENS
-from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_graph, cmd_import,
-                                  cmd_methods, cmd_plan, cmd_run)
+from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_graph,
+                                  cmd_import, cmd_methods, cmd_plan, cmd_run)
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
+from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
 TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
                    "only for artifacts from someone you trust")
@@ -123,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--cache-dir", type=Path, help="cache for converted GGUF files (default ~/.cache/cfmlang)")
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="json: print the headline numbers and diagnostics as JSON on stdout")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("eval", cmd_eval, "score a model on tasks: perplexity (.txt), multiple choice and "
+                  "generation (.jsonl), lm-evaluation-harness tasks (.yaml)")
+    sub.add_argument("model", help="FILE.brick (its output), FILE.brick:NODE, or an artifact or model directory")
+    sub.add_argument("--task", action="append", required=True, metavar="NAME_OR_FILE",
+                     help="a task file or a shipped task (facts, arithmetic, prose, facts_harness); repeatable")
+    sub.add_argument("--limit", type=int, help="items per task (tokens for perplexity; default: all)")
+    sub.add_argument("--batch-size", type=int, default=8, help="continuations per forward pass (default 8)")
+    sub.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                     help=f"perplexity: window length in tokens (default {DEFAULT_CONTEXT})")
+    sub.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                     help=f"perplexity: tokens predicted per window, below --context (default {DEFAULT_STRIDE})")
+    sub.add_argument("--max-new-tokens", type=int, default=32,
+                     help="generation: tokens per answer when a record gives no max_tokens (default 32)")
+    sub.add_argument("--details", action="store_true", help="json: include per-item results")
+    sub.add_argument("--cache-dir", type=Path, help="the build cache for FILE.brick targets "
+                     "(default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text",
+                     help="text: a table on stdout; json: the results as JSON on stdout")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
