@@ -191,6 +191,18 @@ def cmd_methods(args) -> int:
     return EXIT_OK
 
 
+def cmd_lsp(args) -> int:
+    from cfmlang.diagnostics import CompileError, error
+
+    try:
+        from cfmlang.lsp.server import serve_stdio
+    except ImportError as exc:
+        raise CompileError([error("E217", f"`cfmc lsp` needs the language server packages ({exc.name} is "
+                                  "not installed)", None, "pip install 'cfmlang[lsp]' (or pip install pygls)")]) from None
+    serve_stdio()
+    return EXIT_OK
+
+
 def cmd_import(args) -> int:
     from cfmlang.importers.mergekit import import_file
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cfmlang.analysis.probes import PROBE_TOKENS
 from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_graph,
-                                  cmd_import, cmd_methods, cmd_plan, cmd_run)
+                                  cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
 from cfmlang.compiler.lower import PRECISIONS, TARGETS
 from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="text: a table on stdout; json: the results as JSON on stdout")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    command("lsp", cmd_lsp, "run the language server over stdio (for editors)")
 
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
     sub.add_argument("--format", choices=("md",), default="md")
