@@ -22,14 +22,14 @@ def load_eager(directory, manifest: dict | None = None, **kwargs):
         from peft import PeftModel
 
         base = adapter_base(directory)
-        with refused_by_transformers(base / "config.json", "E219"):
+        with refused_by_transformers(f"the base model {base} of adapter {directory}", "E219"):
             base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         return PeftModel.from_pretrained(base_model, directory)
     manifest = manifest if manifest is not None else read_manifest(directory)
     routing = routing_of(directory, manifest)
-    config = transformers_config(directory)
-    with refused_by_transformers(directory / "config.json", "E219"):
-        model = AutoModelForCausalLM.from_pretrained(directory, config=config, **kwargs)
+    transformers_config(directory)      # E219 before any weight is read
+    with refused_by_transformers(f"the model in {directory}", "E219"):
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     try:
         if manifest.get("kind") == "adapter-routed":
             from cfmlang.runtime.adapter_mixture import load_mixture

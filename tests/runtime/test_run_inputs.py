@@ -122,3 +122,10 @@ def test_config_value_of_the_wrong_kind_is_e219_from_python_too(artifact, tmp_pa
         cfmlang.load(broken)
     diagnostic, = caught.value.diagnostics
     assert diagnostic.code == "E219" and "hidden_size" in diagnostic.message
+
+
+def test_weights_that_do_not_fit_config_are_e219(artifact, tmp_path, capsys):
+    config = json.loads((artifact / "config.json").read_text())
+    wider = broken_copy(artifact, tmp_path / "a", "config.json", json.dumps({**config, "intermediate_size": 96}))
+    err = run_fails(wider, capsys)
+    assert "[E219]" in err and f"the model in {wider}" in err
