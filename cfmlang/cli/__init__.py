@@ -7,6 +7,7 @@ parser.py, the commands in commands.py, progress display in progress.py.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import sys
 import traceback
 
@@ -45,12 +46,43 @@ def main(argv: list[str] | None = None) -> int:
         report([error("E216", f"cannot use {exc.filename}: {exc.strerror}", None,
                       "shorten the path (a name may hold 255 bytes), or fix its permissions")], args)
         return EXIT_USER
+    except ModuleNotFoundError as exc:
+        if not is_dependency(exc.name):
+            return internal_error(exc, args)
+        report([missing_package(exc.name)], args)
+        return EXIT_USER
     except Exception as exc:  # an internal error: never show a traceback by default
         return internal_error(exc, args)
 
 
 PATH_ERRORS = (errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP)
 """Errors of a path the user gave (too long, not permitted, a link loop), wherever found."""
+
+
+DISTRIBUTIONS = {"yaml": "pyyaml", "torch_tensorrt": "torch-tensorrt"}
+"""Import names whose pip distribution is spelled otherwise."""
+
+
+def is_dependency(module: str | None) -> bool:
+    """Whether a module that failed to import belongs to another project that is not
+    installed (not cfmlang's own, nor a submodule an installed package lacks: those are
+    a broken install or a bug)."""
+    top = (module or "").partition(".")[0]
+    if not top or top == "cfmlang":
+        return False
+    try:
+        return importlib.util.find_spec(top) is None
+    except ValueError:          # its sys.modules entry is None: imports of it are refused
+        return True
+
+
+def missing_package(module: str):
+    """E217: a package a command needs is not installed, with the pip command."""
+    top = module.partition(".")[0]
+    distribution = DISTRIBUTIONS.get(top, top.replace("_", "-"))
+    return error("E217", f"the Python package `{top}` is not installed, and this command needs it", None,
+                 f"install it: `pip install {distribution}` (a plain `pip install cfmlang` brings every package "
+                 "the language needs; extras add optional ones)")
 
 
 def internal_error(exc: Exception, args) -> int:
