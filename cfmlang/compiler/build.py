@@ -15,6 +15,7 @@ from typing import Callable
 
 import networkx as nx
 
+from cfmlang.artifact.card import write_card
 from cfmlang.artifact.manifest import build_manifest
 from cfmlang.artifact.write import atomic_directory, write_manifest
 from cfmlang.compiler.cache import Cache, link_entry, touch
@@ -127,6 +128,7 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: Bu
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, cache.file_hash)
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
 
@@ -166,7 +168,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
         elif name != program.output and (check := operation_of(node).verify(node, provider, settings.log)):
             verified[name] = check
     manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
-                             output_dir, settings, verified)
+                             output_dir, settings, verified, cache.file_hash)
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
@@ -202,7 +204,7 @@ def _recorded_verification(entry) -> dict[str, dict]:
 
 
 def _place_output(program, graph, keys, entry, provider, output_dir, settings: BuildSettings,
-                  verified: dict) -> dict:
+                  verified: dict, file_hash) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
     with atomic_directory(output_dir) as tmp:
@@ -215,6 +217,7 @@ def _place_output(program, graph, keys, entry, provider, output_dir, settings: B
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, file_hash)
     return manifest
 
 
