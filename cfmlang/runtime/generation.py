@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
+from cfmlang.compiler.lower import PROGRAM_TARGETS
 from cfmlang.compiler.lower.decoder import empty_cache
 from cfmlang.diagnostics import CompileError, error
 
@@ -205,5 +206,7 @@ class Sampler:
 
 
 def lowered_entry(directory: Path) -> dict | None:
-    manifest = json.loads((Path(directory) / "cfm.json").read_text())
-    return manifest.get("lowered")
+    """The manifest's entry of the artifact's lowered program; None without one (eager, or
+    a file target such as gguf, which cfmlang does not run)."""
+    lowered = json.loads((Path(directory) / "cfm.json").read_text()).get("lowered")
+    return lowered if lowered and lowered["target"] in PROGRAM_TARGETS else None
