@@ -39,8 +39,15 @@ class InputFacts:
 
 def write_card(folder: Path, program: CheckedProgram, manifest: dict, file_hash: FileHash) -> None:
     inputs = [input_facts(node, file_hash) for node in program.nodes if isinstance(node, ModelNode)]
-    sources = [(Path(path).name, Path(path).read_text(encoding="utf-8")) for path, _ in program.files]
+    sources = [(Path(path).name, _source_text(Path(path))) for path, _ in program.files]
     (folder / CARD_NAME).write_text(render_card(manifest, sources, inputs), encoding="utf-8")
+
+
+def _source_text(path: Path) -> str:
+    """A .brick file's text; a program given as text (`<input>`) is not kept anywhere."""
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    return "# given to cfmlang.compile as text; see its sha256"
 
 
 def input_facts(node: ModelNode, file_hash: FileHash) -> InputFacts:

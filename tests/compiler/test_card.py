@@ -73,3 +73,14 @@ def test_mixed_or_unknown_licenses_are_other_and_listed(tmp_path):
     assert meta["license"] == "other"
     assert "base_model" not in meta
     assert "### math: hf \"math\"\n\nLicense: mit" in body
+
+
+def test_program_given_as_text_gets_a_card(tmp_path):
+    tiny_model(tmp_path / "math", seed=1)
+    tiny_model(tmp_path / "code", seed=2)
+    text = PROGRAM.replace('"math"', f'"{tmp_path / "math"}"').replace('"code"', f'"{tmp_path / "code"}"')
+
+    cfmlang.compile(text, tmp_path / "out")
+    _, body, _ = _card(tmp_path / "out")
+
+    assert hashlib.sha256(text.encode()).hexdigest() in body and "given to cfmlang.compile as text" in body
