@@ -89,10 +89,10 @@ def _family(arch: Architecture) -> str:
 
 
 def write_gguf(path: Path, directory: Path, config: dict, arch: Architecture, family: str,
-               vocabulary: Vocabulary, quant: str, name: str) -> dict[str, int]:
-    """Write the GGUF file (`name`: its general.name); the count of tensors stored per type."""
+               vocabulary: Vocabulary, quant: str, title: str) -> dict[str, int]:
+    """Write the GGUF file (`title`: its general.name); the count of tensors stored per type."""
     writer = gguf.GGUFWriter(path, family)
-    writer.add_name(name)
+    writer.add_name(title)
     _write_hyperparameters(writer, config, arch, quant)
     _write_vocabulary(writer, vocabulary)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.upper()], arch.num_layers)
@@ -104,9 +104,7 @@ def write_gguf(path: Path, directory: Path, config: dict, arch: Architecture, fa
                                       "the output adds tensors a standard model does not have; "
                                       "compile it with another --target")])
         if arch.role_of(name) in ROTARY_INTERLEAVED and tensor.dim() == 2:
-            heads = config["num_attention_heads"] if arch.role_of(name) == "attn.q" else \
-                config.get("num_key_value_heads") or config["num_attention_heads"]
-            tensor = interleave_rotary_halves(tensor, heads)
+            tensor = interleave_rotary_halves(tensor, _heads(config, arch.role_of(name)))
         data, kind = encode(tensor, quant)
         writer.add_tensor(gguf_name, data, raw_dtype=kind)
         counts[kind.name] = counts.get(kind.name, 0) + 1
@@ -115,6 +113,12 @@ def write_gguf(path: Path, directory: Path, config: dict, arch: Architecture, fa
     writer.write_tensors_to_file()
     writer.close()
     return dict(sorted(counts.items()))
+
+
+def _heads(config: dict, role: str) -> int:
+    """The number of heads a query (`attn.q`) or key (`attn.k`) projection holds."""
+    heads = config["num_attention_heads"]
+    return heads if role == "attn.q" else config.get("num_key_value_heads") or heads
 
 
 def _artifact_tensors(directory: Path):
