@@ -21,6 +21,9 @@ from cfmlang.diagnostics import CompileError, Span, error
 
 MANIFEST = "cfm.json"
 LOWERED_TARGETS = ("export", "inductor", "tensorrt")
+FILE_TARGETS = ("gguf",)
+"""Lowered files for other runtimes (llama.cpp, Ollama): cfmlang runs such an artifact's
+eager weights."""
 PROGRAM_DTYPES = ("float32", "float16", "bfloat16")
 PROGRAM_NAMES = ("program", "prefill", "decode")
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?")
@@ -119,13 +122,16 @@ def malformed(path, what: str, code: str = "E213") -> CompileError:
 
 
 def lowered_entry(directory: Path, manifest: dict) -> LoweredEntry | None:
-    """The checked `lowered` entry of the manifest; None when the artifact has none."""
+    """The checked `lowered` entry of the manifest; None when the artifact has none that
+    cfmlang runs (none, or a file for other runtimes such as gguf)."""
     raw = manifest.get("lowered")
     if raw is None:
         return None
     path = Path(directory) / MANIFEST
     if not isinstance(raw, dict):
         raise malformed(path, "has a `lowered` entry that is not an object")
+    if raw.get("target") in FILE_TARGETS:
+        return None
     target = _choice(path, raw, "target", LOWERED_TARGETS)
     files = raw.get("files")
     if not isinstance(files, dict) or not files or not set(files) <= set(PROGRAM_NAMES):

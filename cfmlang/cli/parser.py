@@ -7,7 +7,7 @@ from pathlib import Path
 from cfmlang.analysis.probes import PROBE_TOKENS
 from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_graph,
                                   cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
-from cfmlang.compiler.lower import PRECISIONS, TARGETS
+from cfmlang.compiler.lower import PRECISIONS, PROGRAM_TARGETS, TARGETS
 from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
 TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=0.7)
     sub.add_argument("--top-p", type=float, default=0.9)
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
+    sub.add_argument("--target", choices=("eager",) + PROGRAM_TARGETS, help="which program of the artifact runs "
                      "(default: the lowered one when there is one, else eager)")
     sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
     sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
@@ -198,7 +198,7 @@ def cache_options(sub: argparse.ArgumentParser) -> None:
 def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--target", choices=TARGETS, default="eager",
                      help="also lower the model: a torch.export program, an AOTInductor package, "
-                     "or TensorRT engines (default: eager, weights only)")
+                     "TensorRT engines, or a GGUF file (default: eager, weights only)")
     sub.add_argument("--device", default="cpu", help="device the program is lowered for (default cpu)")
     sub.add_argument("--precision", choices=PRECISIONS,
                      help="cast the graph (default: the artifact's dtype; float16 for tensorrt)")
@@ -206,6 +206,8 @@ def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--prompt-length", type=int, default=128, help="tensorrt: static prompt length (default 128)")
     sub.add_argument("--cache-length", type=int, default=512, help="tensorrt: static KV cache length (default 512)")
     sub.add_argument("--no-fp32-acc", action="store_true", help="tensorrt: float16 matmuls accumulate in float16")
+    sub.add_argument("--quant", default="f16", help="gguf: weight type (f32, f16, bf16, q8_0, q5_1, q5_0, "
+                     "q4_1, q4_0; default f16)")
     sub.add_argument("--no-pack", action="store_true", help="inductor: keep float32 weights in the decode "
                      "program even where they are exact GGUF block values")
 

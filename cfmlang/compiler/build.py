@@ -15,6 +15,7 @@ from typing import Callable
 
 import networkx as nx
 
+from cfmlang.artifact.card import write_card
 from cfmlang.artifact.manifest import build_manifest
 from cfmlang.artifact.write import atomic_directory, write_manifest
 from cfmlang.compiler.cache import Cache, link_entry, touch
@@ -154,6 +155,7 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: Bu
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, cache.file_hash)
         cache.require_unchanged_inputs()
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
@@ -245,6 +247,7 @@ def _place_output(program, graph, keys, entry, provider, output_dir, settings: B
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, cache.file_hash)
         cache.require_unchanged_inputs()
     return manifest
 
