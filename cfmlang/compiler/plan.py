@@ -97,9 +97,9 @@ def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | 
 
 
 def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dict) -> dict[str, Entry]:
-    """Cached entries: for a node others read, a model's tensors (any shard layout); for
-    the output, a model's tensors (resharded if need be) or any other kind of output in
-    the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
+    """Cached entries: for a node others read, one its operation can restore (a model's
+    tensors in any shard layout, a lora brick, an expert partition); for the output, such
+    an entry or any other kind of output in the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
     found = {}
     for name in graph.nodes:
         if keys[name] is None or sources[name] is not None:
@@ -107,22 +107,25 @@ def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dic
         entry = cache.lookup(keys[name])
         if entry is None:
             continue
-        if entry.record.get("node_type") == "model" or (
+        node = program.node(name)
+        if operation_of(node).restorable(node) or (
                 name == program.output and entry.record.get("max_shard_bytes") == shard_bytes):
             found[name] = entry
     return found
 
 
 def _needed(program: CheckedProgram, output: str, entries: dict) -> set[str]:
-    """Nodes whose output this compile reads: from the output down to cached nodes."""
+    """Nodes whose output this compile reads: from the output down to cached nodes (and
+    the inputs of cached nodes whose entries are read with them)."""
     needed, todo = set(), [output]
     while todo:
         name = todo.pop()
         if name in needed:
             continue
         needed.add(name)
-        if name not in entries:
-            todo.extend(program.node(name).deps)
+        node = program.node(name)
+        if name not in entries or operation_of(node).restore_reads_inputs(node):
+            todo.extend(node.deps)
     return needed
 
 
@@ -136,7 +139,7 @@ def _estimate(program, graph, node, key, status, source: SourceCost | None, chun
         return NodePlan(node.name, f"{op}, {source.note}" if source.note else op, key, READ, source.bytes_read,
                         source.bytes_written, source.peak_bytes, source.seconds)
     read = sum(s.nbytes for d in node.deps for s in input_specs(program, d))
-    stored = node.name == program.output or (use_cache and getattr(node, "node_type", None) == "model")
+    stored = node.name == program.output or (use_cache and operation.restorable(node))
     written = sum(s.nbytes for s in operation.output_specs(program, node)) if stored else 0
     peak = operation.working_set(program, node, chunk_bytes)
     rate = operation.rate(node)
