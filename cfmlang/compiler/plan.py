@@ -4,8 +4,9 @@ alone (no weight is read); `compile` follows the same plan it would print.
 
 Estimates (documented in docs/cli.md):
 - bytes read by a running node: the outputs of the nodes it reads, whole;
-  bytes written: its own output when it is the output or (with the cache) a model others
-  read; a source writes only when a GGUF file is converted;
+  bytes written: its own output when it is the output, or (with the cache) its cache
+  entry when others read it (`Operation.stored_bytes`: a model's tensors, an expert
+  partition); a source writes only when a GGUF file is converted;
 - peak memory: a process baseline plus the largest working set of a running node (with
   the cache every node is written before its consumers read it; without it the graph is
   pulled through at once and the working sets add up). A merge's working set is
@@ -140,7 +141,7 @@ def _estimate(program, graph, node, key, status, source: SourceCost | None, chun
                         source.bytes_written, source.peak_bytes, source.seconds)
     read = sum(s.nbytes for d in node.deps for s in input_specs(program, d))
     stored = node.name == program.output or (use_cache and operation.restorable(node))
-    written = sum(s.nbytes for s in operation.output_specs(program, node)) if stored else 0
+    written = operation.stored_bytes(program, node) if stored else 0
     peak = operation.working_set(program, node, chunk_bytes)
     rate = operation.rate(node)
     return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)

@@ -136,6 +136,10 @@ class Operation:
         it when other nodes read it. Default: models."""
         return getattr(node, "node_type", None) == "model"
 
+    def stored_bytes(self, program: CheckedProgram, node) -> int:
+        """Estimated bytes of the node's cache entry. Default: its output tensors."""
+        return sum(s.nbytes for s in self.output_specs(program, node))
+
     def restore(self, node, folder: Path, record: dict, providers: dict[str, Provider]) -> Provider:
         """The node's provider read back from its cache entry `folder` (`record`: what the
         entry recorded). Default: the stored model's tensors."""

@@ -9,7 +9,7 @@ from cfmlang.ops.base import Operation, method_word, node_seed, referenced, regi
 from cfmlang.ops.experts import methods  # noqa: F401  (registers the methods)
 from cfmlang.ops.experts.check import check_experts, check_route
 from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
-from cfmlang.ops.experts.stored import restore_partition, write_partition
+from cfmlang.ops.experts.stored import partition_bytes, restore_partition, write_partition
 from cfmlang.ops.experts.writer import calibration_record, write_routed
 
 
@@ -60,6 +60,11 @@ class ExpertsOperation(Operation):
         if isinstance(node, ExpertsNode):
             return write_partition(provider, folder)
         return write_routed(node, provider, folder, sizes, progress, log)
+
+    def stored_bytes(self, program, node) -> int:
+        if not isinstance(node, ExpertsNode):
+            return super().stored_bytes(program, node)
+        return partition_bytes(node)
 
     def restorable(self, node) -> bool:
         return isinstance(node, ExpertsNode)

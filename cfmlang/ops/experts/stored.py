@@ -29,6 +29,14 @@ def write_partition(provider: ExpertsProvider, folder: Path) -> Output:
     return Output([PARTITION_FILE], len(tensors), sum(t.numel() * t.element_size() for t in tensors.values()), extras)
 
 
+def partition_bytes(node) -> int:
+    """The entry's size: an int64 order per routed layer, and for a cooccurrence split the
+    float32 FFN inputs of at most `tokens` calibration tokens per routed layer."""
+    orders = len(node.layers) * node.arch.intermediate_size * 8
+    inputs = len(node.layers) * node.calibration.tokens * node.arch.hidden_size * 4 if node.split == "cooccurrence" else 0
+    return orders + inputs
+
+
 def restore_partition(node, folder: Path, record: dict, model) -> ExpertsProvider:
     """The brick's provider over `model` (its source's provider) with the stored partition."""
     provider = ExpertsProvider(node, model, record["output"]["extras"]["seed"], NodeStats())
