@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 user error (diagnostics printed, argparse's refusals included), 2
 internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP). The parser is in
-parser.py, the commands in commands.py, progress display in progress.py.
+parser.py, the commands in commands.py, progress display in progress.py; third-party
+warnings and bars are shown only with `--verbose` (quiet.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import traceback
 from cfmlang.artifact.write import InterruptedAfterWrite, Terminated, terminations_raised
 from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
 from cfmlang.cli.parser import UsageError, build_parser
+from cfmlang.cli.quiet import third_party_output
 from cfmlang.diagnostics import CompileError, error
 
 __all__ = ["main", "build_parser"]
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         report([error("E215", exc.message, None, " ".join(exc.usage.split()))], None)
         return EXIT_USER
     try:
-        with terminations_raised():
+        with terminations_raised(), third_party_output(getattr(args, "verbose", False)):
             return args.run(args)
     except CompileError as exc:
         report(exc.diagnostics, args)

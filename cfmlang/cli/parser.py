@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, run, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+        sub.add_argument("--verbose", action="store_true", help="also show third-party warnings, logs and bars")
         sub.set_defaults(run=run)
         return sub
 

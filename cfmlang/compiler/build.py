@@ -22,12 +22,11 @@ from cfmlang.compiler.cache import Cache, link_entry, touch
 from cfmlang.compiler.execute import execute, make_provider
 from cfmlang.compiler.executors import LOCAL, Executor, NodeJob
 from cfmlang.compiler.graph import execution_order, node_attributes
-from cfmlang.compiler.ir import CheckedProgram, NodeKind
+from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.lower import LowerOptions, lower_artifact
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, describe_op, make_plan, memory_refusal
 from cfmlang.diagnostics import CompileError, did_you_mean, error
-from cfmlang.io.provider import stored_provider
 from cfmlang.io.weights import WeightError
 from cfmlang.ops.base import BuildContext, OnTrainStep, Output, Progress, Sizes, operation_of
 
@@ -136,7 +135,8 @@ def node_job(program: CheckedProgram, graph: nx.DiGraph, name: str, cache: Cache
     """What an executor needs to compute `name` elsewhere; `entries`: the cache entries
     written or found so far (those holding models are read back, not computed)."""
     needed = nx.ancestors(graph, name) | {name}
-    stored = tuple((n, str(e.path)) for n, e in entries.items() if n in needed and n != name and _holds_model(e))
+    stored = tuple((n, str(e.path), e.record) for n, e in entries.items()
+                   if n in needed and n != name and operation_of(program.node(n)).restorable(program.node(n)))
     return NodeJob(program, name, tuple(n for n in execution_order(graph) if n in needed), cache.root, stored)
 
 
@@ -176,15 +176,17 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             touch(entry.path)
             used.add(entry.path)
             verified.update(_recorded_verification(entry))
-            if _holds_model(entry):
-                providers[name] = stored_provider(entry.path)
+            node = program.node(name)
+            if operation_of(node).restorable(node):
+                providers[name] = operation_of(node).restore(node, entry.path, entry.record, providers)
             continue
         node = program.node(name)
+        operation = operation_of(node)
         provider = make_provider(context, node, providers)
         if hasattr(provider, "stats"):
             stats[name] = provider.stats
         providers[name] = provider
-        if status == RUN and keys[name] is not None and (name == program.output or _is_model(node)):
+        if status == RUN and keys[name] is not None and (name == program.output or operation.restorable(node)):
             settings.log(f"`{name}`: running")
             upstream = {n: v for n, v in verified.items() if n in nx.ancestors(graph, name)}
             entry = _store(program, node, provider, keys[name], cache, settings, upstream,
@@ -193,21 +195,13 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             entries[name] = entry
             verified.update(_recorded_verification(entry))
             if name != program.output:
-                providers[name] = stored_provider(entry.path)
+                providers[name] = operation.restore(node, entry.path, entry.record, providers)
         elif name != program.output and (check := operation_of(node).verify(node, provider, settings.log)):
             verified[name] = check
     manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
                              output_dir, settings, verified, cache, node_job(program, graph, program.output, cache, entries))
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
-
-
-def _is_model(node) -> bool:
-    return getattr(node, "node_type", None) == NodeKind.MODEL
-
-
-def _holds_model(entry) -> bool:
-    return entry.record.get("node_type") == NodeKind.MODEL.value
 
 
 def _store(program, node, provider, key: str, cache: Cache, settings: BuildSettings, upstream: dict,

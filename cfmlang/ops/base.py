@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 from cfmlang.artifact.write import copy_support_files, nbytes, write_sharded
 from cfmlang.compiler.ir import CheckedProgram, IRNode, TensorSpec
 from cfmlang.frontend import ast
-from cfmlang.io.provider import Provider
+from cfmlang.io.provider import Provider, stored_provider
 
 OnTrainStep = Callable[[str, int, int, float], None]
 """`on_train_step(brick, step, steps, loss)`: follows bricks that train."""
@@ -132,6 +132,26 @@ class Operation:
         """Write the node's output into `folder`. Default: the model's safetensors shards
         and support files."""
         return write_model(provider, folder, sizes, progress)
+
+    # ---- caching ------------------------------------------------------------------------
+    def restorable(self, node) -> bool:
+        """Whether the node's cache entry (what `write` put there) can stand in for running
+        it when other nodes read it. Default: models."""
+        return getattr(node, "node_type", None) == "model"
+
+    def stored_bytes(self, program: CheckedProgram, node) -> int:
+        """Estimated bytes of the node's cache entry. Default: its output tensors."""
+        return sum(s.nbytes for s in self.output_specs(program, node))
+
+    def restore(self, node, folder: Path, record: dict, providers: dict[str, Provider]) -> Provider:
+        """The node's provider read back from its cache entry `folder` (`record`: what the
+        entry recorded). Default: the stored model's tensors."""
+        return stored_provider(folder)
+
+    def restore_reads_inputs(self, node) -> bool:
+        """Whether `restore` reads the providers of the node's inputs (they are then
+        opened even when the node is cached)."""
+        return False
 
     def refuse_output(self, node):
         """A diagnostic when the node cannot be a compile's output (None: it can)."""

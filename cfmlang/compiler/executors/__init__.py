@@ -24,14 +24,14 @@ class NodeJob:
     """What a worker needs to compute one node's tensors on its own: the checked program,
     the node, the names it depends on in execution order (ending with the node), the
     cache folder (converted GGUF files), and the nodes already stored as cache entries
-    (name, folder), read from there instead of being computed again. Every path must be
-    one that every node of the cluster sees."""
+    (name, folder, the entry's record), restored by their operation instead of being
+    computed again. Every path must be one that every node of the cluster sees."""
 
     program: CheckedProgram
     name: str
     order: tuple[str, ...]
     cache_dir: Path
-    stored: tuple[tuple[str, str], ...]
+    stored: tuple[tuple[str, str, dict], ...]
 
 
 class Executor(Protocol):

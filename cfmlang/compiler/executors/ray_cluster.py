@@ -20,7 +20,7 @@ from cfmlang.compiler.executors import NodeJob
 from cfmlang.compiler.execute import make_provider
 from cfmlang.compiler.ir import TensorSpec
 from cfmlang.diagnostics import CompileError, error
-from cfmlang.io.provider import Provider, stored_provider
+from cfmlang.io.provider import Provider
 from cfmlang.io.weights import WeightError
 from cfmlang.ops.base import BuildContext, Sizes, operation_of
 
@@ -69,11 +69,12 @@ def wired_provider(token: str, job: NodeJob) -> Provider:
         _WIRED.clear()
         context = BuildContext(job.program, Path(job.cache_dir), lambda message: None,
                                lambda name, step, steps, loss: None)
-        stored = dict(job.stored)
+        stored = {name: (Path(folder), record) for name, folder, record in job.stored}
         providers: dict[str, Provider] = {}
         for name in job.order:
-            providers[name] = (stored_provider(Path(stored[name])) if name in stored
-                               else make_provider(context, job.program.node(name), providers))
+            node = job.program.node(name)
+            providers[name] = (operation_of(node).restore(node, *stored[name], providers) if name in stored
+                               else make_provider(context, node, providers))
         _WIRED[token] = providers[job.name]
     return _WIRED[token]
 
