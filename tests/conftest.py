@@ -5,11 +5,6 @@ import shutil
 import sys
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # one thread per worker (and per process a test starts): `make test` runs as many
-    # workers as cores, and two threads each thrash small models (40x slower under load)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
