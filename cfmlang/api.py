@@ -14,6 +14,7 @@ from cfmlang.compiler.build import (BuildSettings, build, memory_budget, plan_pr
                                     refuse_foreign_output, with_output)
 from cfmlang.compiler.cache import Cache
 from cfmlang.compiler.check import check as check_stage
+from cfmlang.compiler.executors import executor_named
 from cfmlang.compiler.graph import build_graph
 from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.compiler.lower import LowerOptions, preflight
@@ -80,7 +81,8 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
             max_memory: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: Callable[[int, int], None] | None = None,
             log=lambda msg: None, on_train_step: OnTrainStep | None = None,
-            target: str = "eager", lowering: LowerOptions | None = None, node: str | None = None) -> CompileResult:
+            target: str = "eager", lowering: LowerOptions | None = None, node: str | None = None,
+            executor: str = "local", address: str | None = None) -> CompileResult:
     """Check, plan, and build the output node into `output_dir` atomically; `node` names
     the node to build instead of the file's `output:`.
 
@@ -92,9 +94,12 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     artifact goes to a temporary directory that lives as long as the result. Tensors are
     computed and written `chunk_bytes` of rows at a time where the method allows it.
     `on_train_step(brick, step, steps, loss)` follows training bricks. A `target` other
-    than eager also lowers the model into the artifact (`lowering` gives its options)."""
+    than eager also lowers the model into the artifact (`lowering` gives its options).
+    `executor="ray"` computes the tensors of merges on the Ray cluster at `address` (None:
+    the one this process is connected to, else a new local one); the artifact is the same."""
     lowering = lowering or LowerOptions(target=target)
     preflight(lowering)
+    runner = executor_named(executor, address)
     program = check(source)
     if node is not None:
         program = with_output(program, node)
@@ -110,7 +115,7 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     sizes = Sizes(max_shard_bytes, chunk_bytes)
     keys, build_plan = plan_program(program, graph, cache, use_cache, sizes, memory_budget(force, max_memory))
     settings = BuildSettings(sizes, progress, log, on_train_step or (lambda name, step, steps, loss: None),
-                             lowering)
+                             lowering, runner)
     manifest, stats = build(program, graph, keys, build_plan, cache, output_dir, use_cache, settings)
     return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), build_plan, stats, keep)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cfmlang.artifact.read import malformed, read_manifest
+from cfmlang.artifact.read import malformed, model_config, read_manifest, refused_by_transformers
 
 ROUTED_KINDS = ("adapter-routed", "routed-topk")
 
@@ -21,11 +21,15 @@ def load_eager(directory, manifest: dict | None = None, **kwargs):
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_base(directory), **kwargs),
-                                         directory)
+        base = adapter_base(directory)
+        with refused_by_transformers(f"the base model {base} of adapter {directory}", "E219"):
+            base_model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        return PeftModel.from_pretrained(base_model, directory)
     manifest = manifest if manifest is not None else read_manifest(directory)
     routing = routing_of(directory, manifest)
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    transformers_config(directory)      # E219 before any weight is read
+    with refused_by_transformers(f"the model in {directory}", "E219"):
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     try:
         if manifest.get("kind") == "adapter-routed":
             from cfmlang.runtime.adapter_mixture import load_mixture
@@ -39,6 +43,17 @@ def load_eager(directory, manifest: dict | None = None, **kwargs):
         raise malformed(directory / "cfm.json", f"has a `routing` section this artifact's kind "
                                                 f"cannot use ({type(exc).__name__}: {exc})") from None
     return model
+
+
+def transformers_config(directory: Path):
+    """The artifact's config as transformers reads it; E219 when config.json is missing,
+    is not a JSON object or transformers refuses it (an unknown model_type, a value of the
+    wrong kind)."""
+    from transformers import AutoConfig
+
+    model_config(directory)
+    with refused_by_transformers(directory / "config.json", "E219"):
+        return AutoConfig.from_pretrained(directory)
 
 
 def routing_of(directory: Path, manifest: dict) -> dict | None:

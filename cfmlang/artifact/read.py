@@ -1,13 +1,17 @@
-"""Reading an artifact's manifest (cfm.json) as untrusted input.
+"""Reading an artifact's manifest (cfm.json) and the files transformers reads from it
+(config.json, the tokenizer) as untrusted input.
 
 Every value used to load an artifact is checked before use: the manifest is a JSON
 object, its `lowered` entry names a known target and dtype, and every file it names is
 a relative path that stays inside the artifact (no absolute path, no `..`, no link out
 of it) and is a regular file. A manifest that breaks a rule is E212 (a path that leaves
-the artifact) or E213 (anything else malformed), naming the file and the key.
+the artifact) or E213 (anything else malformed), naming the file and the key. A missing
+or malformed tokenizer is E218, a config.json that is malformed or that transformers
+refuses is E219.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -17,9 +21,13 @@ from cfmlang.diagnostics import CompileError, Span, error
 
 MANIFEST = "cfm.json"
 LOWERED_TARGETS = ("export", "inductor", "tensorrt")
+FILE_TARGETS = ("gguf",)
+"""Lowered files for other runtimes (llama.cpp, Ollama): cfmlang runs such an artifact's
+eager weights."""
 PROGRAM_DTYPES = ("float32", "float16", "bfloat16")
 PROGRAM_NAMES = ("program", "prefill", "decode")
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 RECOMPILE = "recompile the artifact from its .brick file (`cfmc compile FILE -o DIR`)"
 
 
@@ -45,30 +53,85 @@ def read_manifest(directory: Path) -> dict:
     if not path.is_file():
         raise CompileError([error("E090", f"{directory} is not a cfmlang artifact (no cfm.json)",
                                   None, "compile one with `cfmc compile FILE -o DIR`")])
+    return json_object(path, "E213")
+
+
+def json_object(path: Path, code: str) -> dict:
+    """The JSON object in the artifact file `path`; `code` when the file is missing, is
+    not valid JSON (at its line and column), or holds something else."""
+    if not path.is_file():
+        raise malformed(path, "is missing", code)
     try:
-        manifest = json.loads(path.read_bytes())
+        value = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
-        raise CompileError([error("E213", f"{path} is not valid JSON: {exc.msg}",
+        raise CompileError([error(code, f"{path} is not valid JSON: {exc.msg}",
                                   Span.point(str(path), exc.lineno, exc.colno), RECOMPILE)]) from None
     except (UnicodeDecodeError, RecursionError, ValueError, OSError) as exc:
-        raise malformed(path, f"cannot be read as JSON ({type(exc).__name__})") from None
-    if not isinstance(manifest, dict):
-        raise malformed(path, "does not hold a JSON object")
-    return manifest
+        raise malformed(path, f"cannot be read as JSON ({type(exc).__name__})", code) from None
+    if not isinstance(value, dict):
+        raise malformed(path, "does not hold a JSON object", code)
+    return value
 
 
-def malformed(path: Path, what: str) -> CompileError:
-    return CompileError([error("E213", f"{path} {what}", None, RECOMPILE)])
+def model_config(directory: Path) -> dict:
+    """The artifact's config.json, checked to be a JSON object before transformers reads it (E219)."""
+    return json_object(Path(directory) / "config.json", "E219")
+
+
+def tokenizer_files(directory: Path) -> tuple[Path, ...]:
+    """The tokenizer files of an artifact, those in JSON checked to hold an object (E218);
+    E218 when it has none (its model source had no tokenizer)."""
+    found = tuple(Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file())
+    if not found:
+        raise CompileError([error("E218", f"{directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})",
+                                  None, "the model it was compiled from had none beside its config.json: save its "
+                                  "tokenizer there (`tokenizer.save_pretrained(FOLDER)`) and compile again; "
+                                  "`cfmlang.load(DIR)` gives the model without a tokenizer")])
+    for path in found:
+        if path.suffix == ".json":
+            json_object(path, "E218")
+    return found
+
+
+@contextlib.contextmanager
+def refused_by_transformers(subject, code: str):
+    """Turns transformers' refusal of `subject` (an artifact file, or words naming what it
+    reads) into `code`.
+    transformers answers a bad value with any exception type (KeyError, TypeError, its own
+    validation errors ...); system failures (memory, an OS error with an errno) pass through."""
+    try:
+        yield
+    except (CompileError, MemoryError):
+        raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise malformed(subject, f"cannot be loaded: {_reason(exc)}", code) from None
+    except Exception as exc:
+        raise malformed(subject, f"cannot be loaded: {type(exc).__name__}: {_reason(exc)}", code) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's message on one line, cut at 240 characters."""
+    words = " ".join(str(exc).split())
+    return words[:240] + ("..." if len(words) > 240 else "") if words else type(exc).__name__
+
+
+def malformed(path, what: str, code: str = "E213") -> CompileError:
+    return CompileError([error(code, f"{path} {what}", None, RECOMPILE)])
 
 
 def lowered_entry(directory: Path, manifest: dict) -> LoweredEntry | None:
-    """The checked `lowered` entry of the manifest; None when the artifact has none."""
+    """The checked `lowered` entry of the manifest; None when the artifact has none that
+    cfmlang runs (none, or a file for other runtimes such as gguf)."""
     raw = manifest.get("lowered")
     if raw is None:
         return None
     path = Path(directory) / MANIFEST
     if not isinstance(raw, dict):
         raise malformed(path, "has a `lowered` entry that is not an object")
+    if raw.get("target") in FILE_TARGETS:
+        return None
     target = _choice(path, raw, "target", LOWERED_TARGETS)
     files = raw.get("files")
     if not isinstance(files, dict) or not files or not set(files) <= set(PROGRAM_NAMES):

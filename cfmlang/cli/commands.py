@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from cfmlang.cli.progress import ProgressBar, StageLog, TrainingBar, short_value
+from cfmlang.cli.progress import Heartbeat, ProgressBar, StageLog, TrainingBar, short_value
 from cfmlang.diagnostics import render_json, render_plain
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
@@ -22,7 +22,8 @@ def lowering_options(args):
 
     return LowerOptions(target=args.target, device=args.device, precision=args.precision, batch=args.batch,
                         prompt_length=args.prompt_length, cache_length=args.cache_length,
-                        use_fp32_acc=not args.no_fp32_acc, pack_weights=not args.no_pack)
+                        use_fp32_acc=not args.no_fp32_acc, pack_weights=not args.no_pack,
+                        quant=args.quant)
 
 
 def cmd_check(args) -> int:
@@ -52,27 +53,36 @@ def cmd_graph(args) -> int:
 def cmd_compile(args) -> int:
     from cfmlang.api import compile
 
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    with ProgressBar(enabled=not args.quiet and args.format == "text") as bar, \
-            TrainingBar(enabled=not args.quiet and args.format == "text", log=log) as training:
+    shown = not args.quiet and args.format == "text"
+    with Heartbeat(enabled=not args.quiet) as beat, ProgressBar(enabled=shown) as bar, \
+            TrainingBar(enabled=shown, log=_quiet_or(args, beat.log)) as training:
+        def progress(done: int, total: int) -> None:
+            bar.update(done, total)
+            beat.note(f"writing the output: {done / 1e6:.1f} of {total / 1e6:.1f} MB")
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
-                         progress=bar.update, log=log, on_train_step=training.step,
-                         lowering=lowering_options(args))
+                         progress=progress, log=_quiet_or(args, beat.log), on_train_step=training.step,
+                         lowering=lowering_options(args), executor=args.executor, address=args.address)
     artifact = result.manifest["artifact"]
-    ran = [n.name for n in result.plan.nodes if n.status == "run"]
-    cached = [n.name for n in result.plan.nodes if n.status == "cached"]
+    counts = {status: [n.name for n in result.plan.nodes if n.status == status] for status in ("run", "read", "cached")}
     if args.format == "json":
         import json
-        print(json.dumps({"output": str(args.output), **artifact, "lowered": result.manifest.get("lowered"), "ran": ran, "cached": cached,
+        print(json.dumps({"output": str(args.output), **artifact, "lowered": result.manifest.get("lowered"),
+                          "ran": counts["run"], "read": counts["read"], "cached": counts["cached"],
                           "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
         return EXIT_OK
     report(result.warnings, args)
     if not args.quiet:
+        linked = " (linked from the cache)" if result.plan.node(result.plan.output).status == "cached" else ""
         print(f"wrote {args.output}: {artifact['tensors']} tensors, "
-              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s); "
-              f"ran {len(ran)} node(s), {len(cached)} from the cache", file=sys.stderr)
+              f"{artifact['bytes'] / 1e6:.1f} MB in {len(artifact['files'])} file(s){linked}; "
+              f"{len(counts['run'])} node(s) run, {len(counts['read'])} source(s) read, "
+              f"{len(counts['cached'])} from the cache", file=sys.stderr)
     return EXIT_OK
+
+
+def _quiet_or(args, log):
+    return (lambda msg: None) if args.quiet else log
 
 
 def cmd_plan(args) -> int:
@@ -127,11 +137,23 @@ def cmd_bench(args) -> int:
 
     from cfmlang.runtime.bench import bench, render_table
 
-    result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against,
-                   trust_code=args.trust_code)
+    with Heartbeat(enabled=True) as beat:
+        beat.note(f"benchmarking {args.directory}")
+        result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
+                       new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against,
+                       trust_code=args.trust_code)
+    if result["load"]["busy"]:
+        report([busy_machine(result["load"])], None)     # on stderr, whatever the format
     print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
     return EXIT_OK
+
+
+def busy_machine(load: dict):
+    from cfmlang.diagnostics import warning
+
+    return warning("W200", f"the machine was busy while benchmarking: load average {load['load_1min']:.2f} on "
+                   f"{load['cores']} cores", None,
+                   "other processes shared the cores, so the ratios are not this machine's; rerun when it is idle")
 
 
 def cmd_analyze(args) -> int:
@@ -165,10 +187,41 @@ def cmd_analyze(args) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args) -> int:
+    from cfmlang.analysis.target import open_model, parse_spec
+    from cfmlang.eval import Settings, evaluate, load_task
+    from cfmlang.eval.report import render_json, render_table
+
+    settings = Settings(limit=args.limit, batch_size=args.batch_size, context=args.context, stride=args.stride,
+                        max_new_tokens=args.max_new_tokens)
+    tasks = [load_task(name) for name in args.task]
+    spec = parse_spec(args.model)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    with open_model(spec, cache_dir=args.cache_dir, log=log) as loaded:
+        result = evaluate(loaded.model, loaded.tokenizer, tasks, settings, title=loaded.title,
+                          progress=progress.stage)
+    progress.close()
+    sys.stdout.write(render_json(result, args.details) + "\n" if args.format == "json" else render_table(result))
+    return EXIT_OK
+
+
 def cmd_methods(args) -> int:
     from cfmlang.ops.catalogue import methods_markdown
 
     sys.stdout.write(methods_markdown() + "\n")
+    return EXIT_OK
+
+
+def cmd_lsp(args) -> int:
+    from cfmlang.diagnostics import CompileError, error
+
+    try:
+        from cfmlang.lsp.server import serve_stdio
+    except ImportError as exc:
+        raise CompileError([error("E217", f"`cfmc lsp` needs the language server packages ({exc.name} is "
+                                  "not installed)", None, "pip install 'cfmlang[lsp]' (or pip install pygls)")]) from None
+    serve_stdio()
     return EXIT_OK
 
 

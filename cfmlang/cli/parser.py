@@ -5,9 +5,11 @@ import argparse
 from pathlib import Path
 
 from cfmlang.analysis.probes import PROBE_TOKENS
-from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_fmt, cmd_graph, cmd_import,
-                                  cmd_methods, cmd_plan, cmd_run)
-from cfmlang.compiler.lower import PRECISIONS, TARGETS
+from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_fmt,
+                                  cmd_graph,
+                                  cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
+from cfmlang.compiler.lower import PRECISIONS, PROGRAM_TARGETS, TARGETS
+from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
 TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
                    "only for artifacts from someone you trust")
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, run, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+        sub.add_argument("--verbose", action="store_true", help="also show third-party warnings, logs and bars")
         sub.set_defaults(run=run)
         return sub
 
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--shard-size", type=shard_gigabytes, default=5.0,
                      help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    sub.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where merged tensors are computed: here (default) or on a Ray cluster")
+    sub.add_argument("--address", help="with --executor ray: the cluster's address (HOST:PORT or `auto`); "
+                     "default: a new local cluster")
     add_lowering_arguments(sub)
 
     sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")
@@ -78,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=0.7)
     sub.add_argument("--top-p", type=float, default=0.9)
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--target", choices=TARGETS, help="which program of the artifact runs "
+    sub.add_argument("--target", choices=("eager",) + PROGRAM_TARGETS, help="which program of the artifact runs "
                      "(default: the lowered one when there is one, else eager)")
     sub.add_argument("--device", help="device to run on (default: the one it was lowered for, or cpu)")
     sub.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
@@ -120,6 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="json: print the headline numbers and diagnostics as JSON on stdout")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("eval", cmd_eval, "score a model on tasks: perplexity (.txt), multiple choice and "
+                  "generation (.jsonl), lm-evaluation-harness tasks (.yaml)")
+    sub.add_argument("model", help="FILE.brick (its output), FILE.brick:NODE, or an artifact or model directory")
+    sub.add_argument("--task", action="append", required=True, metavar="NAME_OR_FILE",
+                     help="a task file or a shipped task (facts, arithmetic, prose, facts_harness); repeatable")
+    sub.add_argument("--limit", type=int, help="items per task (tokens for perplexity; default: all)")
+    sub.add_argument("--batch-size", type=int, default=8, help="continuations per forward pass (default 8)")
+    sub.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                     help=f"perplexity: window length in tokens (default {DEFAULT_CONTEXT})")
+    sub.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                     help=f"perplexity: tokens predicted per window, below --context (default {DEFAULT_STRIDE})")
+    sub.add_argument("--max-new-tokens", type=int, default=32,
+                     help="generation: tokens per answer when a record gives no max_tokens (default 32)")
+    sub.add_argument("--details", action="store_true", help="json: include per-item results")
+    sub.add_argument("--cache-dir", type=Path, help="the build cache for FILE.brick targets "
+                     "(default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    sub.add_argument("--format", choices=("text", "json"), default="text",
+                     help="text: a table on stdout; json: the results as JSON on stdout")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    command("lsp", cmd_lsp, "run the language server over stdio (for editors)")
 
     sub = command("methods", cmd_methods, "list every method and brick kind with its parameters")
     sub.add_argument("--format", choices=("md",), default="md")
@@ -176,7 +205,7 @@ def cache_options(sub: argparse.ArgumentParser) -> None:
 def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--target", choices=TARGETS, default="eager",
                      help="also lower the model: a torch.export program, an AOTInductor package, "
-                     "or TensorRT engines (default: eager, weights only)")
+                     "TensorRT engines, or a GGUF file (default: eager, weights only)")
     sub.add_argument("--device", default="cpu", help="device the program is lowered for (default cpu)")
     sub.add_argument("--precision", choices=PRECISIONS,
                      help="cast the graph (default: the artifact's dtype; float16 for tensorrt)")
@@ -184,6 +213,8 @@ def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--prompt-length", type=int, default=128, help="tensorrt: static prompt length (default 128)")
     sub.add_argument("--cache-length", type=int, default=512, help="tensorrt: static KV cache length (default 512)")
     sub.add_argument("--no-fp32-acc", action="store_true", help="tensorrt: float16 matmuls accumulate in float16")
+    sub.add_argument("--quant", default="f16", help="gguf: weight type (f32, f16, bf16, q8_0, q5_1, q5_0, "
+                     "q4_1, q4_0; default f16)")
     sub.add_argument("--no-pack", action="store_true", help="inductor: keep float32 weights in the decode "
                      "program even where they are exact GGUF block values")
 

@@ -1,8 +1,12 @@
 """Progress on stderr: bars over output bytes and training steps on a terminal, lines
-when stderr is not one."""
+when stderr is not one, with a heartbeat line during long phases that print nothing."""
 from __future__ import annotations
 
 import sys
+import threading
+import time
+
+HEARTBEAT_SECONDS = 10.0
 
 
 class ProgressBar:
@@ -115,3 +119,45 @@ class StageLog:
         if self.open:
             print(file=self.stream, flush=True)
         self.open = False
+
+
+class Heartbeat:
+    """When stderr is not a terminal (a log, a CI job), a line at least every `interval`
+    seconds while a command works: `still working (N s): <the last thing it said>`.
+    `log` prints a line and restarts the interval; `note` changes what the next
+    heartbeat line says without printing."""
+
+    def __init__(self, enabled: bool, stream=None, interval: float = HEARTBEAT_SECONDS):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and not self.stream.isatty()
+        self.interval = interval
+        self.start = self.last = time.monotonic()
+        self.doing = "starting"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def log(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+        self.last, self.doing = time.monotonic(), message.splitlines()[0] if message else self.doing
+
+    def note(self, doing: str) -> None:
+        self.doing = doing
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._beat, name="cfmc-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval)):
+            now = time.monotonic()
+            if now - self.last >= self.interval:
+                print(f"still working ({now - self.start:.0f} s): {self.doing}", file=self.stream, flush=True)
+                self.last = now
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return False

@@ -15,17 +15,18 @@ from typing import Callable
 
 import networkx as nx
 
+from cfmlang.artifact.card import write_card
 from cfmlang.artifact.manifest import build_manifest
 from cfmlang.artifact.write import atomic_directory, write_manifest
 from cfmlang.compiler.cache import Cache, link_entry, touch
 from cfmlang.compiler.execute import execute, make_provider
+from cfmlang.compiler.executors import LOCAL, Executor, NodeJob
 from cfmlang.compiler.graph import execution_order, node_attributes
-from cfmlang.compiler.ir import CheckedProgram, NodeKind
+from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.compiler.keys import node_keys
 from cfmlang.compiler.lower import LowerOptions, lower_artifact
 from cfmlang.compiler.plan import CACHED, RUN, SKIP, Plan, available_memory, describe_op, make_plan, memory_refusal
 from cfmlang.diagnostics import CompileError, did_you_mean, error
-from cfmlang.io.provider import stored_provider
 from cfmlang.io.weights import WeightError
 from cfmlang.ops.base import BuildContext, OnTrainStep, Output, Progress, Sizes, operation_of
 
@@ -33,13 +34,14 @@ from cfmlang.ops.base import BuildContext, OnTrainStep, Output, Progress, Sizes,
 @dataclass(frozen=True)
 class BuildSettings:
     """How a compile writes and reports: shard and chunk sizes, progress of the output's
-    bytes, log lines, training steps, and the lowering target."""
+    bytes, log lines, training steps, the lowering target, and where tensors are computed."""
 
     sizes: Sizes
     progress: Progress | None
     log: Callable[[str], None]
     on_train_step: OnTrainStep
     lowering: LowerOptions
+    executor: Executor = LOCAL
 
 
 def plan_program(program: CheckedProgram, graph: nx.DiGraph, cache: Cache, use_cache: bool, sizes: Sizes,
@@ -121,9 +123,21 @@ def build(program: CheckedProgram, graph: nx.DiGraph, keys: dict, build_plan: Pl
         return _build_streamed(program, graph, keys, cache, output_dir, settings)
 
 
-def write_output(node, provider, folder: Path, settings: BuildSettings, progress: Progress | None) -> Output:
-    """Write a node's output into `folder`, as its operation writes it."""
+def write_output(node, provider, folder: Path, settings: BuildSettings, progress: Progress | None,
+                 job: NodeJob) -> Output:
+    """Write a node's output into `folder`, as its operation writes it, its tensors computed
+    by the executor."""
+    provider = settings.executor.provider(job, provider, settings.sizes, settings.log)
     return operation_of(node).write(node, provider, folder, settings.sizes, progress, settings.log)
+
+
+def node_job(program: CheckedProgram, graph: nx.DiGraph, name: str, cache: Cache, entries: dict) -> NodeJob:
+    """What an executor needs to compute `name` elsewhere; `entries`: the cache entries
+    written or found so far (those holding models are read back, not computed)."""
+    needed = nx.ancestors(graph, name) | {name}
+    stored = tuple((n, str(e.path), e.record) for n, e in entries.items()
+                   if n in needed and n != name and operation_of(program.node(n)).restorable(program.node(n)))
+    return NodeJob(program, name, tuple(n for n in execution_order(graph) if n in needed), cache.root, stored)
 
 
 def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: BuildSettings):
@@ -136,10 +150,12 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: Bu
                                                                             settings.log)) is not None:
             verified[name] = check
     with atomic_directory(output_dir) as tmp:
-        output = write_output(program.node(program.output), run.output, tmp, settings, settings.progress)
+        output = write_output(program.node(program.output), run.output, tmp, settings, settings.progress,
+                              node_job(program, graph, program.output, cache, {}))
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, cache.file_hash)
         cache.require_unchanged_inputs()
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
@@ -160,46 +176,42 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             touch(entry.path)
             used.add(entry.path)
             verified.update(_recorded_verification(entry))
-            if _holds_model(entry):
-                providers[name] = stored_provider(entry.path)
+            node = program.node(name)
+            if operation_of(node).restorable(node):
+                providers[name] = operation_of(node).restore(node, entry.path, entry.record, providers)
             continue
         node = program.node(name)
+        operation = operation_of(node)
         provider = make_provider(context, node, providers)
         if hasattr(provider, "stats"):
             stats[name] = provider.stats
         providers[name] = provider
-        if status == RUN and keys[name] is not None and (name == program.output or _is_model(node)):
+        if status == RUN and keys[name] is not None and (name == program.output or operation.restorable(node)):
             settings.log(f"`{name}`: running")
             upstream = {n: v for n, v in verified.items() if n in nx.ancestors(graph, name)}
-            entry = _store(program, node, provider, keys[name], cache, settings, upstream)
+            entry = _store(program, node, provider, keys[name], cache, settings, upstream,
+                           node_job(program, graph, name, cache, entries))
             used.add(entry.path)
             entries[name] = entry
             verified.update(_recorded_verification(entry))
             if name != program.output:
-                providers[name] = stored_provider(entry.path)
+                providers[name] = operation.restore(node, entry.path, entry.record, providers)
         elif name != program.output and (check := operation_of(node).verify(node, provider, settings.log)):
             verified[name] = check
     manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
-                             output_dir, settings, verified, cache)
+                             output_dir, settings, verified, cache, node_job(program, graph, program.output, cache, entries))
     cache.evict(keep=used)
     return manifest, {name: s.tensors for name, s in stats.items()}
 
 
-def _is_model(node) -> bool:
-    return getattr(node, "node_type", None) == NodeKind.MODEL
-
-
-def _holds_model(entry) -> bool:
-    return entry.record.get("node_type") == NodeKind.MODEL.value
-
-
-def _store(program, node, provider, key: str, cache: Cache, settings: BuildSettings, upstream: dict):
+def _store(program, node, provider, key: str, cache: Cache, settings: BuildSettings, upstream: dict,
+           job: NodeJob):
     """Write a node into the cache; the entry also records the checks of the nodes
     upstream (`upstream`), so that a cached output carries its whole history."""
     progress = settings.progress if node.name == program.output else None
 
     def write(folder: Path) -> dict:
-        output = write_output(node, provider, folder, settings, progress)
+        output = write_output(node, provider, folder, settings, progress, job)
         if upstream:
             output = replace(output, extras={**output.extras,
                                              "verified": {**upstream, **output.extras.get("verified", {})}})
@@ -216,7 +228,7 @@ def _recorded_verification(entry) -> dict[str, dict]:
 
 
 def _place_output(program, graph, keys, entry, provider, output_dir, settings: BuildSettings,
-                  verified: dict, cache: Cache) -> dict:
+                  verified: dict, cache: Cache, job: NodeJob) -> dict:
     """The artifact: the output's cache entry linked into place when its shard layout is
     the one asked for; otherwise (uncacheable output, other shard size) written anew."""
     with atomic_directory(output_dir) as tmp:
@@ -225,10 +237,11 @@ def _place_output(program, graph, keys, entry, provider, output_dir, settings: B
             recorded = entry.record["output"]
             output = Output(recorded["files"], recorded["tensors"], recorded["bytes"], recorded["extras"])
         else:
-            output = write_output(program.node(program.output), provider, tmp, settings, settings.progress)
+            output = write_output(program.node(program.output), provider, tmp, settings, settings.progress, job)
         manifest = build_manifest(program, graph, keys, output, verified)
         _lower_into(tmp, manifest, settings)
         write_manifest(tmp, manifest)
+        write_card(tmp, program, manifest, cache.file_hash)
         cache.require_unchanged_inputs()
     return manifest
 

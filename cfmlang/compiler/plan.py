@@ -4,8 +4,9 @@ alone (no weight is read); `compile` follows the same plan it would print.
 
 Estimates (documented in docs/cli.md):
 - bytes read by a running node: the outputs of the nodes it reads, whole;
-  bytes written: its own output when it is the output or (with the cache) a model others
-  read; a source writes only when a GGUF file is converted;
+  bytes written: its own output when it is the output, or (with the cache) its cache
+  entry when others read it (`Operation.stored_bytes`: a model's tensors, an expert
+  partition); a source writes only when a GGUF file is converted;
 - peak memory: a process baseline plus the largest working set of a running node (with
   the cache every node is written before its consumers read it; without it the graph is
   pulled through at once and the working sets add up). A merge's working set is
@@ -97,9 +98,9 @@ def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | 
 
 
 def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dict) -> dict[str, Entry]:
-    """Cached entries: for a node others read, a model's tensors (any shard layout); for
-    the output, a model's tensors (resharded if need be) or any other kind of output in
-    the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
+    """Cached entries: for a node others read, one its operation can restore (a model's
+    tensors in any shard layout, a lora brick, an expert partition); for the output, such
+    an entry or any other kind of output in the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
     found = {}
     for name in graph.nodes:
         if keys[name] is None or sources[name] is not None:
@@ -107,22 +108,25 @@ def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dic
         entry = cache.lookup(keys[name])
         if entry is None:
             continue
-        if entry.record.get("node_type") == "model" or (
+        node = program.node(name)
+        if operation_of(node).restorable(node) or (
                 name == program.output and entry.record.get("max_shard_bytes") == shard_bytes):
             found[name] = entry
     return found
 
 
 def _needed(program: CheckedProgram, output: str, entries: dict) -> set[str]:
-    """Nodes whose output this compile reads: from the output down to cached nodes."""
+    """Nodes whose output this compile reads: from the output down to cached nodes (and
+    the inputs of cached nodes whose entries are read with them)."""
     needed, todo = set(), [output]
     while todo:
         name = todo.pop()
         if name in needed:
             continue
         needed.add(name)
-        if name not in entries:
-            todo.extend(program.node(name).deps)
+        node = program.node(name)
+        if name not in entries or operation_of(node).restore_reads_inputs(node):
+            todo.extend(node.deps)
     return needed
 
 
@@ -136,8 +140,8 @@ def _estimate(program, graph, node, key, status, source: SourceCost | None, chun
         return NodePlan(node.name, f"{op}, {source.note}" if source.note else op, key, READ, source.bytes_read,
                         source.bytes_written, source.peak_bytes, source.seconds)
     read = sum(s.nbytes for d in node.deps for s in input_specs(program, d))
-    stored = node.name == program.output or (use_cache and getattr(node, "node_type", None) == "model")
-    written = sum(s.nbytes for s in operation.output_specs(program, node)) if stored else 0
+    stored = node.name == program.output or (use_cache and operation.restorable(node))
+    written = operation.stored_bytes(program, node) if stored else 0
     peak = operation.working_set(program, node, chunk_bytes)
     rate = operation.rate(node)
     return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)

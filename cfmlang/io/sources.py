@@ -2,6 +2,7 @@
 config.json, safetensors headers and GGUF metadata. No tensor data is read here."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from cfmlang.architectures import ArchitectureError, describe, gguf_tensor_name, num_layers_key
 from cfmlang.compiler.ir import ArchInfo, Source, TensorSpec
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error
+from cfmlang.io.filecache import per_file_version
 
 SOURCE_TAGS = ("hf", "gguf", "pkg", "safetensors", "peft")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -114,6 +116,11 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise SourceError("E051", f"no config.json in {folder}",
                           "a model directory needs the config.json written by save_pretrained")
+    return copy.deepcopy(_config_file(path))
+
+
+@per_file_version(maxsize=64)
+def _config_file(path: Path) -> dict:
     try:
         config = json.loads(path.read_bytes(), parse_constant=_not_finite, parse_float=_finite_float)
     except ValueError as exc:
@@ -347,10 +354,12 @@ def _check_tiling(header: dict, path: Path, data_size: int) -> None:
                           "the file is damaged; download or convert it again")
 
 
-def safetensors_header_specs(path: Path) -> list[TensorSpec]:
+@per_file_version(maxsize=256)
+def safetensors_header_specs(path: Path) -> tuple[TensorSpec, ...]:
+    """The tensors a safetensors header lists (kept per file version: see filecache)."""
     header, _ = safetensors_header(path)
-    return [TensorSpec(name, tuple(info["shape"]), info["dtype"])
-            for name, info in header.items() if name != "__metadata__"]
+    return tuple(TensorSpec(name, tuple(info["shape"]), info["dtype"])
+                 for name, info in header.items() if name != "__metadata__")
 
 
 def gguf_arch(path: Path) -> ArchInfo:

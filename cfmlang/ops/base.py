@@ -15,7 +15,7 @@ from typing import Callable, ClassVar
 from cfmlang.artifact.write import copy_support_files, nbytes, write_sharded
 from cfmlang.compiler.ir import CheckedProgram, IRNode, TensorSpec
 from cfmlang.frontend import ast
-from cfmlang.io.provider import Provider
+from cfmlang.io.provider import Provider, stored_provider
 
 OnTrainStep = Callable[[str, int, int, float], None]
 """`on_train_step(brick, step, steps, loss)`: follows bricks that train."""
@@ -76,6 +76,9 @@ class Operation:
     fallback: ClassVar[bool] = False
     """A fallback operation handles a statement only when no other operation claims it
     (plain `merge` yields to merges over lora bricks)."""
+    distributable: ClassVar[bool] = False
+    """Whether the node's provider computes each tensor on its own from its inputs' tensors
+    (so an executor may compute them elsewhere, in batches, from the same program)."""
 
     # ---- checking ----------------------------------------------------------------------
     def claims(self, checker, decl: ast.Decl, body: ast.MapValue) -> bool:
@@ -129,6 +132,26 @@ class Operation:
         """Write the node's output into `folder`. Default: the model's safetensors shards
         and support files."""
         return write_model(provider, folder, sizes, progress)
+
+    # ---- caching ------------------------------------------------------------------------
+    def restorable(self, node) -> bool:
+        """Whether the node's cache entry (what `write` put there) can stand in for running
+        it when other nodes read it. Default: models."""
+        return getattr(node, "node_type", None) == "model"
+
+    def stored_bytes(self, program: CheckedProgram, node) -> int:
+        """Estimated bytes of the node's cache entry. Default: its output tensors."""
+        return sum(s.nbytes for s in self.output_specs(program, node))
+
+    def restore(self, node, folder: Path, record: dict, providers: dict[str, Provider]) -> Provider:
+        """The node's provider read back from its cache entry `folder` (`record`: what the
+        entry recorded). Default: the stored model's tensors."""
+        return stored_provider(folder)
+
+    def restore_reads_inputs(self, node) -> bool:
+        """Whether `restore` reads the providers of the node's inputs (they are then
+        opened even when the node is cached)."""
+        return False
 
     def refuse_output(self, node):
         """A diagnostic when the node cannot be a compile's output (None: it can)."""

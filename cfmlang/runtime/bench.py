@@ -9,6 +9,7 @@ program is faster). JSON keys keep their names in both modes: `eager_*` is the a
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from functools import partial
@@ -32,12 +33,40 @@ def bench(directory, batches=(1, 8), prompt_tokens: int = 64, new_tokens: int = 
         anchor, anchor_name = partial(compiled_run, other), f"{other.target} {Path(against)}"
         vocab = min(compiled.config.vocab_size, other.config.vocab_size)
     program = partial(compiled_run, compiled)
+    load_before = machine_load()
     rows = [bench_batch(anchor, program, vocab, compiled.device, batch, prompt_tokens, new_tokens, repeat)
             for batch in batches]
     return {"directory": str(Path(directory)), "target": compiled.target, "anchor": anchor_name,
             "device": str(compiled.device), "dtype": str(compiled.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "repeat": repeat, "results": rows}
+            "repeat": repeat, "results": rows, "load": busiest(load_before, machine_load())}
+
+
+BUSY_LOAD_PER_CORE = 0.5
+"""A machine whose 1-minute load average exceeds this many runnable processes per core
+is busy: other work shares the cores, and the measured ratios are not the machine's."""
+
+
+def machine_load() -> dict:
+    """The 1-minute load average, the core count, and whether the machine is busy."""
+    try:
+        one_minute = os.getloadavg()[0]
+    except OSError:
+        return {"load_1min": None, "cores": os.cpu_count(), "busy": False}
+    cores = os.cpu_count() or 1
+    return {"load_1min": round(one_minute, 2), "cores": cores, "busy": one_minute > BUSY_LOAD_PER_CORE * cores}
+
+
+def busiest(*loads: dict) -> dict:
+    """The highest of several load readings (before and after the measurements)."""
+    return max(loads, key=lambda load: load["load_1min"] or 0.0)
+
+
+def load_line(load: dict) -> str:
+    if load["load_1min"] is None:
+        return "load average unknown"
+    state = "busy: the ratios are not this machine's" if load["busy"] else "idle enough"
+    return f"load average {load['load_1min']:.2f} on {load['cores']} cores ({state})"
 
 
 def lowered(directory, device: str | None, trust_code: bool = False):
@@ -112,7 +141,7 @@ def render_table(result: dict) -> str:
     target, anchor = result["target"], result["anchor"]
     lines = [(f"{target} vs {anchor} on {result['device']} ({result['threads']} threads, {result['dtype']}), "
               f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
-              f"median of {result['repeat']}"),
+              f"median of {result['repeat']}; {load_line(result['load'])}"),
              f"{'batch':>5}  {'phase':<8}{'anchor tok/s':>14}{target + ' tok/s':>18}{'ratio':>9}  same greedy tokens"]
     for row in result["results"]:
         for phase in ("prefill", "decode"):

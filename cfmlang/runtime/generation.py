@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from cfmlang.artifact.programs import native_program, open_export_program, refused
+from cfmlang.artifact.load import transformers_config
 from cfmlang.artifact.read import lowered_entry
 from cfmlang.compiler.lower.decoder import empty_cache
 from cfmlang.diagnostics import CompileError, error
@@ -108,12 +109,12 @@ class LoweredModel:
                  trust_code: bool = False):
         """`entry` is the manifest's `lowered` entry; it is checked (`artifact.read`) unless
         `program` is given. `trust_code` loads native programs this machine did not build."""
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import GenerationConfig
 
         self.directory, self.entry = Path(directory), entry
         self.target = entry["target"]
         self.device = torch.device(device or entry.get("device", "cpu"))
-        self.config = AutoConfig.from_pretrained(directory)
+        self.config = transformers_config(self.directory)
         self.generation_config = GenerationConfig.from_pretrained(directory) \
             if (self.directory / "generation_config.json").is_file() else GenerationConfig.from_model_config(self.config)
         self.dtype = getattr(torch, entry["dtype"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from cfmlang.artifact.load import load_eager
 from cfmlang.artifact.read import lowered_entry, read_manifest
-from cfmlang.compiler.lower import validate_target
+from cfmlang.compiler.lower import FILE_TARGETS, validate_target
 from cfmlang.diagnostics import CompileError, error
 from cfmlang.runtime.generation import LoweredModel
 
@@ -23,6 +23,10 @@ def load(directory, target: str | None = None, device: str | None = None, trust_
     lowered = lowered_entry(directory, manifest)
     if target is not None:
         validate_target(target)
+    if target in FILE_TARGETS:
+        raise CompileError([error("E254", f"`{target}` is a model file for other runtimes, not a program cfmlang "
+                                  "runs", None, f"run {directory}/lowered/model.{target} with llama.cpp or Ollama, "
+                                  "or load the artifact with target=\"eager\"")])
     if target == "eager" or (target is None and lowered is None):
         model = load_eager(directory, manifest, **kwargs)
         return model.to(device) if device else model

@@ -7,6 +7,7 @@ from typing import TextIO
 import torch
 
 from cfmlang.api import load
+from cfmlang.artifact.read import refused_by_transformers, tokenizer_files
 
 
 def generate(directory, prompt: str, *, max_new_tokens: int = 64, chat: bool = True,
@@ -18,12 +19,11 @@ def generate(directory, prompt: str, *, max_new_tokens: int = 64, chat: bool = T
     The artifact's lowered program runs when it has one (`target` picks another, e.g.
     "eager"), with a static KV cache. With `stream`, tokens are written to it as they are
     produced. `trust_code` loads native programs this machine did not build."""
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     model = load(directory, target=target, device=device, trust_code=trust_code)
-    tokenizer = AutoTokenizer.from_pretrained(Path(directory))
+    tokenizer = load_tokenizer(Path(directory))
     inputs = {name: value.to(model.device) for name, value in encode(tokenizer, prompt, chat).items()}
     streamer = _Streamer(tokenizer, stream) if stream is not None else None
     torch.manual_seed(seed)
@@ -34,6 +34,16 @@ def generate(directory, prompt: str, *, max_new_tokens: int = 64, chat: bool = T
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **settings)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+def load_tokenizer(directory: Path):
+    """The tokenizer of an artifact `load` accepted (its manifest, program and config.json
+    checked); E218 when it has none or transformers cannot load it."""
+    from transformers import AutoTokenizer
+
+    tokenizer_files(directory)
+    with refused_by_transformers(f"the tokenizer in {directory}", "E218"):
+        return AutoTokenizer.from_pretrained(directory)
 
 
 def encode(tokenizer, prompt: str, chat: bool) -> dict:

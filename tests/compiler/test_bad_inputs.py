@@ -486,6 +486,12 @@ CASES = {
     "artifact-lowered-bad-device": lambda t, m: run_artifact(t, m, lowered(device="nowhere"), m / "program.pt2"),
     "artifact-routing-not-object": lambda t, m: run_artifact(t, m, {"kind": "routed-topk", "routing": 5}),
     "artifact-adapter-hub-base": adapter_with_hub_base,
+    "artifact-no-tokenizer": lambda t, m: run_artifact(t, m, {"kind": "model"}),
+    "artifact-tokenizer-not-json": lambda t, m: run_artifact(t, m, {"kind": "model"},
+                                                             files={"tokenizer.json": b'{"version": '}),
+    "artifact-config-not-json": lambda t, m: run_artifact(t, m, {"kind": "model"}, files={"config.json": b"{nope"}),
+    "artifact-config-unknown-model-type": lambda t, m: run_artifact(
+        t, m, {"kind": "model"}, files={"config.json": b'{"model_type": "nonsense"}'}),
     "lora-alpha-nan": lambda t, m: fused_case(t, m, "lora-alpha-nan"),
     "lora-b-nan": lambda t, m: fused_case(t, m, "lora-b-nan"),
     "lora-config-nested-deep": lambda t, m: fused_case(t, m, "lora-config-deep"),

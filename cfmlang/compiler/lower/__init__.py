@@ -3,7 +3,8 @@
 `lower_artifact` runs after the weights are written (inside the artifact's temporary
 directory, so a failed lowering leaves nothing behind) and returns the manifest's
 `lowered` entry. Each target lives in its own module; the passes every program goes
-through before it is saved are in `passes`.
+through before it is saved are in `passes`. The program targets write torch programs that
+`cfmlang.load` runs; the file targets (`gguf`) write a model file for other runtimes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from typing import Callable
 from cfmlang.artifact.programs import NATIVE_TARGETS, record_trusted
 from cfmlang.diagnostics import CompileError, did_you_mean, error
 
-TARGETS = ("eager", "export", "inductor", "tensorrt")
+PROGRAM_TARGETS = ("export", "inductor", "tensorrt")
+FILE_TARGETS = ("gguf",)
+TARGETS = ("eager",) + PROGRAM_TARGETS + FILE_TARGETS
 PRECISIONS = ("float32", "float16", "bfloat16")
 LOWERED_DIR = "lowered"
 
@@ -25,7 +28,8 @@ class LowerOptions:
     `batch`, `prompt_length` and `cache_length` are the static shapes of the tensorrt
     programs; export and inductor programs take any batch, prompt and cache length.
     `pack_weights`: the inductor decode program reads float32 weights that are exact GGUF
-    block values as their block codes (lossless; see `packing`)."""
+    block values as their block codes (lossless; see `packing`). `quant`: the gguf
+    target's weight type (see `gguf_file.QUANTS`)."""
 
     target: str = "eager"
     device: str = "cpu"
@@ -35,6 +39,7 @@ class LowerOptions:
     cache_length: int = 512
     use_fp32_acc: bool = True
     pack_weights: bool = True
+    quant: str = "f16"
 
 
 def validate_target(target: str) -> None:
@@ -50,6 +55,10 @@ def preflight(options: LowerOptions) -> None:
         from cfmlang.compiler.lower.tensorrt import require_runtime
 
         require_runtime(options.device)
+    if options.target == "gguf":
+        from cfmlang.compiler.lower.gguf_file import require_quant
+
+        require_quant(options.quant)
 
 
 def lower_artifact(directory: Path, manifest: dict, options: LowerOptions,
@@ -58,15 +67,28 @@ def lower_artifact(directory: Path, manifest: dict, options: LowerOptions,
     validate_target(options.target)
     if options.target == "eager":
         return None
+    preflight(options)
+    (directory / LOWERED_DIR).mkdir()
+    entry = _lowering(options.target)(directory, manifest, options, log)
+    return {"target": options.target, "device": options.device, **entry}
+
+
+def _lowering(target: str) -> Callable[[Path, dict, LowerOptions, Callable[[str], None]], dict]:
+    """The function that writes `target` into an artifact directory."""
+    if target == "gguf":
+        from cfmlang.compiler.lower import gguf_file
+
+        return gguf_file.lower
     from cfmlang.compiler.lower import export, inductor, tensorrt
     from cfmlang.compiler.lower.decoder import load_for_lowering
 
-    lower = {"export": export.lower, "inductor": inductor.lower, "tensorrt": tensorrt.lower}[options.target]
-    preflight(options)
-    model = load_for_lowering(directory, manifest, options)
-    (directory / LOWERED_DIR).mkdir()
-    entry = lower(model, directory / LOWERED_DIR, options, log)
-    if options.target in NATIVE_TARGETS:
-        for file in entry["files"].values():
-            record_trusted(directory / file)
-    return {"target": options.target, "device": options.device, **entry}
+    program = {"export": export.lower, "inductor": inductor.lower, "tensorrt": tensorrt.lower}[target]
+
+    def lower(directory: Path, manifest: dict, options: LowerOptions, log) -> dict:
+        model = load_for_lowering(directory, manifest, options)
+        entry = program(model, directory / LOWERED_DIR, options, log)
+        if target in NATIVE_TARGETS:
+            for file in entry["files"].values():
+                record_trusted(directory / file)
+        return entry
+    return lower

@@ -9,6 +9,7 @@ from cfmlang.ops.base import Operation, method_word, node_seed, referenced, regi
 from cfmlang.ops.experts import methods  # noqa: F401  (registers the methods)
 from cfmlang.ops.experts.check import check_experts, check_route
 from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
+from cfmlang.ops.experts.stored import partition_bytes, restore_partition, write_partition
 from cfmlang.ops.experts.writer import calibration_record, write_routed
 
 
@@ -56,7 +57,23 @@ class ExpertsOperation(Operation):
         return RouteProvider(node, providers[node.experts], context.seed(node), NodeStats())
 
     def write(self, node, provider, folder, sizes, progress, log):
+        if isinstance(node, ExpertsNode):
+            return write_partition(provider, folder)
         return write_routed(node, provider, folder, sizes, progress, log)
+
+    def stored_bytes(self, program, node) -> int:
+        if not isinstance(node, ExpertsNode):
+            return super().stored_bytes(program, node)
+        return partition_bytes(node)
+
+    def restorable(self, node) -> bool:
+        return isinstance(node, ExpertsNode)
+
+    def restore(self, node, folder, record, providers):
+        return restore_partition(node, folder, record, providers[node.model])
+
+    def restore_reads_inputs(self, node) -> bool:
+        return isinstance(node, ExpertsNode)
 
     def manifest(self, program, node, verified) -> dict:
         seed = node_seed(program, node)

@@ -73,6 +73,17 @@ class ExpertsProvider:
         gate, up = self.weight(layer, "gate_proj").float(), self.weight(layer, "up_proj").float()
         return cooccurrence_split(self.act(inputs @ gate.t()) * (inputs @ up.t()), count, seed)
 
+    def own_inputs(self) -> dict[int, torch.Tensor]:
+        """The FFN inputs computed so far on the brick's own calibration text (none when
+        its split did not need them)."""
+        return self._inputs.get(self.node.calibration, {})
+
+    def adopt(self, orders: dict[int, torch.Tensor], inputs: dict[int, torch.Tensor]) -> None:
+        """Take the partition (and calibration inputs) stored by an earlier compile."""
+        self._orders.update(orders)
+        if inputs:
+            self._inputs[self.node.calibration] = inputs
+
     def func_scores(self) -> torch.Tensor:
         """FuncScore of every FFN neuron for every ability of the probe set (run once)."""
         if self._scores is None:

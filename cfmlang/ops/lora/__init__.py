@@ -12,7 +12,7 @@ from cfmlang.ops.lora import combine, factors  # noqa: F401  (registers the meth
 from cfmlang.ops.lora.check import check_adapter_merge, check_lora, merges_adapters
 from cfmlang.ops.lora.factors import is_target
 from cfmlang.ops.lora.providers import (ExtractProvider, MergedAdapterProvider, PeftSourceProvider,
-                                        TrainProvider)
+                                        StoredAdapterProvider, TrainProvider)
 from cfmlang.ops.lora.writer import write_adapter_dir
 
 LABELS = {
@@ -84,6 +84,12 @@ class LoraOperation(Operation):
 
     def write(self, node, provider, folder, sizes, progress, log):
         return write_adapter_dir(provider, folder, progress, log)
+
+    def restorable(self, node) -> bool:
+        return True
+
+    def restore(self, node, folder, record, providers):
+        return StoredAdapterProvider(folder, record["output"]["extras"]["adapter"])
 
     def manifest(self, program, node, verified) -> dict:
         if isinstance(node, LoraExtractNode):

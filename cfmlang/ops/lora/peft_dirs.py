@@ -19,7 +19,7 @@ UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "lora_bias": "LoRA b
                "layer_replication": "layer replication", "target_parameters": "`target_parameters`"}
 
 
-def read_peft_dir(folder: Path) -> tuple[dict, list[TensorSpec]]:
+def read_peft_dir(folder: Path) -> tuple[dict, tuple[TensorSpec, ...]]:
     """The adapter's configuration and tensor specs, or E152 for what cfmlang cannot read."""
     if not folder.is_dir():
         raise SourceError("E050", f"`{folder}` is not a directory",

@@ -4,6 +4,7 @@ from a fine-tune, or merged from other adapters. `AttachProvider` is a model pro
 that fuses adapters into its base's weights a block of rows at a time."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from cfmlang.ops.lora.peft_dirs import WEIGHTS_FILE
+from cfmlang.ops.lora.peft_dirs import CONFIG_FILE, WEIGHTS_FILE
 from cfmlang.compiler.ir import (AttachNode, LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode,
                                  TensorSpec)
 from cfmlang.io.materialise import materialise
@@ -59,6 +60,23 @@ class PeftSourceProvider(AdapterProvider):
     def build(self, progress: Progress) -> LoraAdapter:
         tensors = load_file(Path(self.node.source.path) / WEIGHTS_FILE)
         return adapter_from_peft(tensors, self.node.config)
+
+
+class StoredAdapterProvider(AdapterProvider):
+    """An adapter read back from its cache entry: a PEFT directory holding the base's
+    support files, and the report recorded when it was computed (loss curve ...)."""
+
+    def __init__(self, folder: Path, report: dict):
+        self.folder = folder
+        self.support_dir = folder
+        self.config = json.loads((folder / "config.json").read_text())
+        self.stats = NodeStats()
+        self.report = report
+        self._adapter = None
+
+    def build(self, progress: Progress) -> LoraAdapter:
+        config = json.loads((self.folder / CONFIG_FILE).read_text())
+        return adapter_from_peft(load_file(self.folder / WEIGHTS_FILE), config)
 
 
 class TrainProvider(AdapterProvider):

@@ -25,6 +25,7 @@ class MergeOperation(Operation):
     name = "merge"
     nodes = (MergeNode,)
     fallback = True     # a merge over lora bricks belongs to the lora operation
+    distributable = True
 
     def claims(self, checker, decl, body) -> bool:
         return decl.keyword == "merge"

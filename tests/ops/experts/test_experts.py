@@ -517,3 +517,31 @@ def test_smollm2_neuron_experts_with_the_quantized_router_keep_perplexity(tmp_pa
     for mlp in routed_layers:
         mlp.router = SimilarityRouter(centres(mlp.columns()))
     assert perplexity(model) / dense > 2
+
+
+def test_an_experts_brick_is_cached_and_not_calibrated_again(tiny, tmp_path, monkeypatch):
+    """A route with another `k` over a cached experts brick neither splits nor runs the
+    calibration again, and gives the routing a compile without the cache gives."""
+    from cfmlang.ops.experts import providers
+
+    calls = []
+
+    def counted(function):
+        def wrapper(*args, **kwargs):
+            calls.append(function.__name__)
+            return function(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(providers, "ffn_inputs", counted(providers.ffn_inputs))
+    monkeypatch.setattr(providers, "cooccurrence_split", counted(providers.cooccurrence_split))
+    cache = tmp_path / "cache"
+    cfmlang.compile(program(tiny, "cooccurrence", 8, 2, "mlp"), tmp_path / "k2", cache_dir=cache)
+    assert calls.count("ffn_inputs") == 1 and calls.count("cooccurrence_split") == 4
+    plan = cfmlang.plan(program(tiny, "cooccurrence", 8, 4, "mlp"), cache_dir=cache)
+    assert plan.node("e").status == "cached" and plan.node("r").status == "run"
+    calls.clear()
+    cached = cfmlang.compile(program(tiny, "cooccurrence", 8, 4, "mlp"), tmp_path / "k4", cache_dir=cache)
+    assert calls == [] and "e" not in cached.stats
+    cfmlang.compile(program(tiny, "cooccurrence", 8, 4, "mlp"), tmp_path / "fresh", use_cache=False)
+    assert len(calls) == 5
+    for file in ("routing.safetensors", "model.safetensors"):
+        assert (tmp_path / "k4" / file).read_bytes() == (tmp_path / "fresh" / file).read_bytes()

@@ -300,3 +300,34 @@ def test_factorwise_merge_refuses_unequal_module_ranks():
         combine([a, b], [1.0, 1.0], "linear", {"majority_sign_method": "total"}, 0)
     merged = combine([a, b], [1.0, 1.0], "cat", {}, 0)
     torch.testing.assert_close(merged.modules["m.q_proj"].delta(), torch.full((8, 8), 6.0))
+
+
+def test_a_trained_brick_is_cached_and_not_trained_again(talker, tmp_path):
+    """Changing only `output:` after a compile that trained a brick restores the brick
+    from the cache: no training step runs, and the adapter and its report are those a
+    fresh training gives."""
+    fused = TRAIN + "model fused:\n  from: base\n  attach: [tone]\n"
+    cache, steps = tmp_path / "cache", []
+
+    def compile_(text, out, **options):
+        (talker / "cached.brick").write_text(text)
+        return cfmlang.compile(talker / "cached.brick", tmp_path / out, on_train_step=lambda *step: steps.append(step),
+                               **options)
+
+    compile_(fused + "output: fused\n", "fused", cache_dir=cache)
+    assert len(steps) == 12
+    (talker / "cached.brick").write_text(fused + "output: tone\n")
+    assert cfmlang.plan(talker / "cached.brick", cache_dir=cache).node("tone").status == "cached"
+    cached = compile_(fused + "output: tone\n", "tone", cache_dir=cache)
+    assert len(steps) == 12 and "tone" not in cached.stats          # no step ran the second time
+    trained = compile_(fused + "output: tone\n", "fresh", use_cache=False)
+    assert len(steps) == 24
+    one, two = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("tone", "fresh"))
+    assert len(one) == 2 * 3 * 4 and all(torch.equal(one[k], two[k]) for k in one)
+    assert cached.manifest["adapter"] == trained.manifest["adapter"] and len(cached.manifest["adapter"]["loss"]) == 12
+    assert (tmp_path / "tone" / "loss.csv").read_text() == (tmp_path / "fresh" / "loss.csv").read_text()
+    # the restored brick attaches exactly as the trained one did
+    again = compile_(fused + "model twice:\n  from: base\n  attach: [tone]\noutput: twice\n", "twice", cache_dir=cache)
+    assert len(steps) == 24 and "tone" not in again.stats
+    first, second = (load_file(tmp_path / d / "model.safetensors") for d in ("fused", "twice"))
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -1,0 +1,1 @@
+"""`cfmc lsp`: the language server (pygls over stdio)."""

@@ -1,0 +1,57 @@
+"""One document's analysis: every stage's diagnostics, and what navigation needs.
+
+The checker reads only headers, configs and GGUF metadata, all kept per file version
+(cfmlang.io.filecache, io.sources), so re-analysing after a keystroke costs milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cfmlang.compiler.check import check
+from cfmlang.compiler.ir import CheckedProgram
+from cfmlang.diagnostics import CompileError, Diagnostic
+from cfmlang.frontend import ast
+from cfmlang.frontend.resolve import Resolved, resolve
+from cfmlang.frontend.to_ast import parse
+
+
+@dataclass(frozen=True)
+class Analysis:
+    path: str
+    text: str
+    diagnostics: tuple[Diagnostic, ...]
+    program: ast.Program | None
+    """This file's syntax tree (None when it does not parse)."""
+    resolved: Resolved | None
+    """Every declaration of the file and its imports (None on a syntax error)."""
+    checked: CheckedProgram | None
+    """The checked program (None when the checker found errors)."""
+
+    def declarations(self) -> dict[str, ast.Decl]:
+        if self.resolved is not None:
+            return {name: declared.decl for name, declared in self.resolved.symbols}
+        if self.program is not None:
+            return {s.name: s for s in self.program.statements if isinstance(s, ast.Decl)}
+        return {}
+
+    def node(self, name: str):
+        if self.checked is None:
+            return None
+        return next((n for n in self.checked.nodes if n.name == name), None)
+
+
+def analyze(text: str, path: str) -> Analysis:
+    try:
+        program = parse(text, path)
+    except CompileError as exc:
+        return Analysis(path, text, exc.diagnostics, None, None, None)
+    try:
+        resolved = resolve(text, path, Path(path).parent)
+    except CompileError as exc:          # a syntax error in an imported file
+        return Analysis(path, text, exc.diagnostics, program, None, None)
+    try:
+        checked = check(resolved)
+    except CompileError as exc:
+        return Analysis(path, text, exc.diagnostics, program, resolved, None)
+    return Analysis(path, text, checked.warnings, program, resolved, checked)
