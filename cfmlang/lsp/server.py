@@ -11,6 +11,7 @@ from pygls.lsp.server import LanguageServer
 from cfmlang.lsp.actions import for_file, quick_fixes
 from cfmlang.lsp.analysis import Analysis, analyze
 from cfmlang.lsp.completion import complete
+from cfmlang.lsp.formatting import formatting_edits
 from cfmlang.lsp.hover import hover
 from cfmlang.lsp.navigation import RenameRefused, definition, document_symbols, references, rename
 from cfmlang.lsp.positions import uri_to_path
@@ -106,6 +107,10 @@ def build_server() -> BrickServer:
     @server.feature(types.TEXT_DOCUMENT_DOCUMENT_SYMBOL)
     def on_symbols(ls: BrickServer, params: types.DocumentSymbolParams):
         return document_symbols(ls.analysis(params.text_document.uri))
+
+    @server.feature(types.TEXT_DOCUMENT_FORMATTING)
+    def on_formatting(ls: BrickServer, params: types.DocumentFormattingParams):
+        return formatting_edits(ls.analysis(params.text_document.uri))
 
     @server.feature(types.TEXT_DOCUMENT_CODE_ACTION,
                     types.CodeActionOptions(code_action_kinds=[types.CodeActionKind.QuickFix]))

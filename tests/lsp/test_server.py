@@ -73,7 +73,7 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
     hover = await client.text_document_hover_async(types.HoverParams(text_document=doc, position=at(3, 12)))
     assert "LLaMA Pro" in hover.contents.value and "`every` (int or null" in hover.contents.value
     hover = await client.text_document_hover_async(types.HoverParams(text_document=doc, position=at(5, 3)))
-    assert "`tolerance`" not in hover.contents.value and "`every` (int or null, `None`)" in hover.contents.value
+    assert "`tolerance`" not in hover.contents.value and "`every` (int or null ≥ 1, `None`)" in hover.contents.value
     hover = await client.text_document_hover_async(types.HoverParams(text_document=doc, position=at(4, 10)))
     assert "llama, 30 layers, hidden 576" in hover.contents.value
     assert "tensors: 272" in hover.contents.value and "reads: nothing" in hover.contents.value
@@ -111,3 +111,13 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
         [(2, 5, "pro_grown"), (7, 8, "pro_grown")]
     symbols = await client.text_document_document_symbol_async(types.DocumentSymbolParams(text_document=doc))
     assert [(s.name, s.detail, s.selection_range.start) for s in symbols] == [("pro", "grow", at(2, 5))]
+
+    # formatting: one edit replacing the document with cfmc fmt's layout; none once canonical
+    formatting = types.DocumentFormattingParams(text_document=doc,
+                                                options=types.FormattingOptions(tab_size=2, insert_spaces=True))
+    assert not await client.text_document_formatting_async(formatting)
+    change(client, uri, 7, PROGRAM.replace("  every: 6", "  every:    6     # one new block per six"))
+    await published(client, uri)
+    [edit] = await client.text_document_formatting_async(formatting)
+    assert edit.range.start == at(0, 0)
+    assert edit.new_text == PROGRAM.replace("  every: 6", "  every: 6  # one new block per six")
