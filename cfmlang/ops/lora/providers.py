@@ -33,6 +33,8 @@ class AdapterProvider:
 
     def __init__(self, base):
         self.support_dir, self.config = base.support_dir, base.config   # the base model's
+        self.base_path = getattr(base, "base_path", str(base.support_dir.resolve()))
+        """What the adapter's config names as its base (`base_model_name_or_path`)."""
         self.stats = NodeStats()
         self.report: dict = {}
         self._adapter: LoraAdapter | None = None
@@ -70,13 +72,14 @@ class StoredAdapterProvider(AdapterProvider):
         self.folder = folder
         self.support_dir = folder
         self.config = json.loads((folder / "config.json").read_text())
+        self.adapter_config = json.loads((folder / CONFIG_FILE).read_text())
+        self.base_path = self.adapter_config["base_model_name_or_path"]   # as computed, not the entry
         self.stats = NodeStats()
         self.report = report
         self._adapter = None
 
     def build(self, progress: Progress) -> LoraAdapter:
-        config = json.loads((self.folder / CONFIG_FILE).read_text())
-        return adapter_from_peft(load_file(self.folder / WEIGHTS_FILE), config)
+        return adapter_from_peft(load_file(self.folder / WEIGHTS_FILE), self.adapter_config)
 
 
 class TrainProvider(AdapterProvider):

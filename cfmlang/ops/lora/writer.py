@@ -24,7 +24,7 @@ def write_adapter_dir(provider: AdapterProvider, folder: Path, progress, log) ->
 def _write_peft_dir(folder: Path, provider: AdapterProvider) -> list[str]:
     """A PEFT adapter directory whose base is the output's support directory (the base
     model's config and tokenizer), with the training loss curve when it was trained."""
-    config = {**provider.adapter().config, "base_model_name_or_path": str(provider.support_dir.resolve())}
+    config = {**provider.adapter().config, "base_model_name_or_path": provider.base_path}
     files = write_adapter(folder, provider.adapter().peft_tensors(), config)
     if "loss" in provider.report:
         lines = ["step,loss"] + [f"{step},{loss:.6f}" for step, loss in enumerate(provider.report["loss"], 1)]
