@@ -34,6 +34,19 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
     return zoo
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models gain nothing from threads and lose
+    much on a loaded machine (test files opt in with `usefixtures`; artifacts whose hashes
+    are recorded keep the default thread count, which their bits depend on)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 SHARED_GGUF = default_cache_dir() / "gguf"
 """GGUF conversions (SmolLM2: ~20 s) are shared by every test and every run."""
 

@@ -72,3 +72,18 @@ def layer_index(tensor_name: str) -> int | None:
 
     match = re.search(r"(?:^|\.)layers\.(\d+)\.", tensor_name)
     return int(match.group(1)) if match else None
+
+
+LINEAR_MERGE = """model a:
+  source: hf "{a}"
+model b:
+  source: hf "{b}"
+merge mix:
+  method: linear
+  inputs:
+    a: {{weight: 0.3}}
+    b: {{weight: 0.7}}
+output: mix
+"""
+"""A linear merge of two models (`.format(a=..., b=...)`): the smallest program that reads
+two inputs and writes a model."""

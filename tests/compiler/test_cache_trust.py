@@ -21,19 +21,9 @@ import cfmlang
 from cfmlang.compiler.cache import ENTRY_FILE, Cache
 from cfmlang.diagnostics import CompileError
 from cfmlang.io import weights
-from models import tiny_model
+from models import LINEAR_MERGE, tiny_model
 
-MERGE = """model a:
-  source: hf "{a}"
-model b:
-  source: hf "{b}"
-merge mix:
-  method: linear
-  inputs:
-    a: {{weight: 0.3}}
-    b: {{weight: 0.7}}
-output: mix
-"""
+MERGE = LINEAR_MERGE
 WEIGHTS = "model.safetensors"
 
 

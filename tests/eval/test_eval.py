@@ -21,13 +21,7 @@ CHOICES = [{"question": "the sea is", "choices": ["love", "night", "sky"], "answ
            {"question": "add the", "choices": ["number", "sky"], "answer": 1}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run 40 times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

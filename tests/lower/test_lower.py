@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_model
+from models import LINEAR_MERGE, tiny_model
 
 import cfmlang
 from cfmlang.cli import main
@@ -24,17 +24,7 @@ from cfmlang.diagnostics import CompileError
 from cfmlang.runtime.generation import LoweredModel, Sampler, StaticProgram
 from paths import REPO, TESTS
 
-MERGE = """model a:
-  source: hf "{a}"
-model b:
-  source: hf "{b}"
-merge mix:
-  method: linear
-  inputs:
-    a: {{weight: 0.3}}
-    b: {{weight: 0.7}}
-output: mix
-"""
+MERGE = LINEAR_MERGE
 FRESH_PROCESS = TESTS / "reload_pt2.py"
 TRT_MISSING = importlib.util.find_spec("torch_tensorrt") is None
 

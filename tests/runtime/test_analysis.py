@@ -23,13 +23,7 @@ from paths import REPO
 SMALL = Settings(levels=(0.0, 0.5, 0.9), cett_targets=(0.2,), eval_per_ability=4, cett_tokens=256)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose much on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
