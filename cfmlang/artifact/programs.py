@@ -29,6 +29,7 @@ from typing import Iterator
 
 from cfmlang.cachedir import default_cache_dir
 from cfmlang.diagnostics import CompileError, error
+from cfmlang.io.seal import digest_of
 
 NATIVE_TARGETS = ("inductor", "tensorrt")
 TRUSTED_DIR = "trusted-programs"
@@ -122,7 +123,7 @@ def trust_list(root: Path | None = None) -> Path:
 
 def record_trusted(path: Path, root: Path | None = None) -> str:
     """Add the program at `path` (one this process built) to the trust list."""
-    digest = _sha256(path)
+    digest = digest_of(path)
     folder = trust_list(root)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / digest).touch()
@@ -152,13 +153,5 @@ def _copy_hashing(source: Path, copy: Path) -> str:
         while block := reader.read(CHUNK):
             digest.update(block)
             writer.write(block)
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as reader:
-        while block := reader.read(CHUNK):
-            digest.update(block)
     return digest.hexdigest()
 
