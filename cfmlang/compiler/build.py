@@ -152,11 +152,7 @@ def _build_streamed(program, graph, keys, cache: Cache, output_dir, settings: Bu
     with atomic_directory(output_dir) as tmp:
         output = write_output(program.node(program.output), run.output, tmp, settings, settings.progress,
                               node_job(program, graph, program.output, cache, {}))
-        manifest = build_manifest(program, graph, keys, output, verified)
-        _lower_into(tmp, manifest, settings)
-        write_manifest(tmp, manifest)
-        write_card(tmp, program, manifest, cache.file_hash)
-        cache.require_unchanged_inputs()
+        manifest = _finish(tmp, program, graph, keys, output, verified, settings, cache)
     return manifest, {n: p.stats.tensors for n, p in run.providers.items() if hasattr(p, "stats")}
 
 
@@ -176,9 +172,9 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             touch(entry.path)
             used.add(entry.path)
             verified.update(_recorded_verification(entry))
-            node = program.node(name)
-            if operation_of(node).restorable(node):
-                providers[name] = operation_of(node).restore(node, entry.path, entry.record, providers)
+            node, operation = program.node(name), operation_of(program.node(name))
+            if operation.restorable(node):
+                providers[name] = operation.restore(node, entry.path, entry.record, providers)
             continue
         node = program.node(name)
         operation = operation_of(node)
@@ -196,7 +192,7 @@ def _build_cached(program, graph, keys, build_plan: Plan, cache: Cache, output_d
             verified.update(_recorded_verification(entry))
             if name != program.output:
                 providers[name] = operation.restore(node, entry.path, entry.record, providers)
-        elif name != program.output and (check := operation_of(node).verify(node, provider, settings.log)):
+        elif name != program.output and (check := operation.verify(node, provider, settings.log)):
             verified[name] = check
     manifest = _place_output(program, graph, keys, entries.get(program.output), providers.get(program.output),
                              output_dir, settings, verified, cache, node_job(program, graph, program.output, cache, entries))
@@ -238,11 +234,19 @@ def _place_output(program, graph, keys, entry, provider, output_dir, settings: B
             output = Output(recorded["files"], recorded["tensors"], recorded["bytes"], recorded["extras"])
         else:
             output = write_output(program.node(program.output), provider, tmp, settings, settings.progress, job)
-        manifest = build_manifest(program, graph, keys, output, verified)
-        _lower_into(tmp, manifest, settings)
-        write_manifest(tmp, manifest)
-        write_card(tmp, program, manifest, cache.file_hash)
-        cache.require_unchanged_inputs()
+        manifest = _finish(tmp, program, graph, keys, output, verified, settings, cache)
+    return manifest
+
+
+def _finish(tmp: Path, program, graph, keys, output: Output, verified: dict, settings: BuildSettings,
+            cache: Cache) -> dict:
+    """Complete the artifact in `tmp` around its written output: the manifest, the lowered
+    program, the model card; then make sure no input changed while it was built."""
+    manifest = build_manifest(program, graph, keys, output, verified)
+    _lower_into(tmp, manifest, settings)
+    write_manifest(tmp, manifest)
+    write_card(tmp, program, manifest, cache.file_hash)
+    cache.require_unchanged_inputs()
     return manifest
 
 

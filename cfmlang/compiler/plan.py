@@ -100,7 +100,8 @@ def make_plan(program: CheckedProgram, graph: nx.DiGraph, keys: dict[str, str | 
 def _reusable(program, graph, keys, cache: Cache, shard_bytes: int, sources: dict) -> dict[str, Entry]:
     """Cached entries: for a node others read, one its operation can restore (a model's
     tensors in any shard layout, a lora brick, an expert partition); for the output, such
-    an entry or any other kind of output in the shard layout asked for. Sources (`sources[name]` not None) are never cached."""
+    an entry or any other kind of output in the shard layout asked for. Sources
+    (`sources[name]` not None) are never cached."""
     found = {}
     for name in graph.nodes:
         if keys[name] is None or sources[name] is not None:
