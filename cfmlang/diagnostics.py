@@ -87,12 +87,17 @@ class SourceCache:
     """Source texts by file name, so renderers can quote the offending line."""
 
     texts: dict[str, str] = field(default_factory=dict)
+    _lines: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)
+    """Each text split into lines once (rendering N diagnostics stays linear)."""
 
     def line(self, file: str, line: int) -> str | None:
         text = self.texts.get(file)
         if text is None:
             return None
-        lines = text.splitlines()
+        split = self._lines.get(file)
+        if split is None or split[0] is not text:
+            split = self._lines[file] = (text, text.splitlines())
+        lines = split[1]
         return lines[line - 1] if 0 < line <= len(lines) else None
 
 

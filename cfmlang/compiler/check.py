@@ -26,7 +26,7 @@ METHOD_KEYS = {"brick": "kind"}
 
 
 def check(resolved: Resolved) -> CheckedProgram:
-    checker = _Checker(resolved.table())
+    checker = _Checker(resolved.table(), resolved.may_declare)
     checker.problems += resolved.problems
     checker.run()
     settings = _Settings(resolved.settings, checker)
@@ -38,8 +38,10 @@ def check(resolved: Resolved) -> CheckedProgram:
 
 
 class _Checker:
-    def __init__(self, table: dict[str, Declared]):
+    def __init__(self, table: dict[str, Declared], may_declare=lambda name: False):
         self.table = table
+        self.may_declare = may_declare
+        """Whether an undeclared name may be declared by a statement with a syntax error."""
         self.problems: list[Diagnostic] = []
         self.nodes: dict[str, Node] = {}
         self.order: list[str] = []
@@ -244,10 +246,7 @@ class _Checker:
             self.problems.append(error("E033", f"the {role} must name a model, not {ast.describe(value)}",
                                        value.span))
             return None
-        if value.name not in self.table:
-            self.problems.append(error("E020", f"unknown name `{value.name}`", value.name_span,
-                                       did_you_mean(value.name, self.table) or
-                                       "declare it first, e.g. `model NAME: {source: hf \"dir\"}`"))
+        if not self.declared(value, "declare it first, e.g. `model NAME: {source: hf \"dir\"}`"):
             return None
         if not value.is_plain:
             self.problems.append(error("E021", f"the {role} must be a whole model, not the selection "
@@ -262,6 +261,16 @@ class _Checker:
                                        "must be a model", value.span))
             return None
         return value.name
+
+    def declared(self, ref: ast.Ref, hint: str) -> bool:
+        """Whether the name `ref` starts with is declared; E020 (with a did-you-mean, else
+        `hint`) when not, unless a statement left out for its syntax error may declare it."""
+        if ref.name in self.table:
+            return True
+        if not self.may_declare(ref.name):
+            self.problems.append(error("E020", f"unknown name `{ref.name}`", ref.name_span,
+                                       did_you_mean(ref.name, self.table) or hint))
+        return False
 
     def layout_of(self, name: str, purpose: str, span: Span):
         """How the model `name` names its layers (its Architecture); E056 when cfmlang
@@ -367,10 +376,7 @@ class _Settings:
         if not (isinstance(value, ast.Ref) and value.is_plain):
             checker.problems.append(error("E033", f"`output` must name a node, not {ast.describe(value)}",
                                           value.span))
-        elif value.name not in checker.table:
-            checker.problems.append(error("E020", f"unknown name `{value.name}`", value.name_span,
-                                          did_you_mean(value.name, checker.table) or "declare it first"))
-        else:
+        elif checker.declared(value, "declare it first"):
             self.output = value.name
 
     def set_seed(self, setting: ast.Setting, checker: _Checker):

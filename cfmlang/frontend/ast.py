@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from cfmlang.diagnostics import Span
+from cfmlang.diagnostics import Diagnostic, Span
 
 KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
 """The words that begin a declaration, `KEYWORD NAME:`."""
@@ -152,9 +152,28 @@ Statement = Union[Decl, Setting, Import]
 
 
 @dataclass(frozen=True)
+class Broken:
+    """A top-level statement left out for its syntax error, known by its first line:
+    `KEYWORD NAME ...` declares `name` (None for a setting or a line that names nothing);
+    an `import` whose path is unknown makes every undeclared name possibly its."""
+
+    keyword: str | None
+    name: str | None
+    span: Span
+
+    @property
+    def is_import(self) -> bool:
+        return self.keyword == "import"
+
+
+@dataclass(frozen=True)
 class Program:
     file: str
     statements: tuple[Statement, ...]
+    """The statements that parse."""
+    broken: tuple[Broken, ...] = ()
+    """The statements that do not (their syntax errors are `problems`)."""
+    problems: tuple[Diagnostic, ...] = ()
 
 
 def describe(value: Value) -> str:

@@ -2,12 +2,15 @@
 
 The grammar is LALR(1); indentation is handled by lark's Indenter post-lexer.
 When a file has syntax errors (tabs in indentation included), every other top-level
-statement is re-parsed on its own so that all of them are reported at once.
+statement is re-parsed on its own so that all of them are reported at once;
+`parse_recovering` also returns the tree of the statements that parse, so that the
+later stages check them (linear in the file's size: each statement is parsed alone once,
+and the file once more with the failed statements blanked out).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
@@ -43,21 +46,87 @@ def _parser() -> Lark:
                 propagate_positions=True, maybe_placeholders=True)
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A line that begins a top-level statement that does not parse: its number
+    (1-based) and text."""
+
+    line: int
+    head: str
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """The statements of a file that parse (a tree whose positions are those of the file),
+    the syntax errors of the others, and those others."""
+
+    tree: Tree
+    problems: tuple[Diagnostic, ...]
+    failed: tuple[Failed, ...]
+
+
 def parse_tree(text: str, file: str) -> Tree:
     """Parse one file; raise CompileError with every syntax error found."""
     text = normalise(text)
+    tree, tabs = _parse_whole(text, file)
+    if tree is not None:
+        return tree
+    problems, _ = _errors_per_statement(text, file, {d.span.line for d in tabs})
+    raise CompileError(_in_order(tabs + problems))
+
+
+def parse_recovering(text: str, file: str) -> Recovered:
+    """Parse one file, leaving out the top-level statements with syntax errors. Raises
+    CompileError only when nothing can be kept (nesting beyond MAX_NESTING, or an error
+    that no statement shows on its own)."""
+    text = normalise(text)
+    tree, tabs = _parse_whole(text, file)
+    if tree is not None:
+        return Recovered(tree, (), ())
+    problems, failed = _errors_per_statement(text, file, {d.span.line for d in tabs})
+    problems = _in_order(tabs + problems)
+    lines = text.split("\n")
+    for first_line, chunk in failed:
+        for index in range(first_line - 1, min(first_line - 1 + chunk.count("\n"), len(lines))):
+            lines[index] = ""
+    try:
+        tree = _parser().parse("\n".join(lines))
+    except (UnexpectedInput, DedentError):
+        raise CompileError(problems) from None
+    heads = tuple(Failed(first_line + offset, head) for first_line, chunk in failed
+                  for offset, head in _heads(chunk))
+    return Recovered(tree, tuple(problems), heads)
+
+
+def _parse_whole(text: str, file: str) -> tuple[Tree | None, list[Diagnostic]]:
+    """The tree of a file without syntax errors (else None), and its tab problems.
+    Raises E144 when the file nests too deep to be parsed at all."""
     problems = _nesting_problems(text, file)
     if problems:
         raise CompileError(problems)
     tabs = _tab_problems(text, file)
     if not tabs:
         try:
-            return _parser().parse(text)
+            return _parser().parse(text), tabs
         except (UnexpectedInput, DedentError):
             pass
-    tab_lines = {d.span.line for d in tabs}
-    raise CompileError(sorted(tabs + _errors_per_statement(text, file, tab_lines),
-                              key=lambda d: (d.span.line, d.span.col)))
+    return None, tabs
+
+
+def _in_order(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diagnostics, key=lambda d: (d.span.line, d.span.col))
+
+
+def _heads(chunk: str) -> list[tuple[int, str]]:
+    """(offset, text) of the lines of a failed statement's chunk that may begin a
+    statement: its first line that is neither blank nor a comment (a chunk may begin with
+    the comments above the file's first statement), and every later line at column 0
+    (a statement swallowed by a bracket left open above it)."""
+    heads = []
+    for offset, line in enumerate(chunk.split("\n")):
+        if line.strip() and not line.lstrip().startswith("#") and (not heads or line[:1] not in " \t"):
+            heads.append((offset, line))
+    return heads
 
 
 def normalise(text: str) -> str:
@@ -162,21 +231,29 @@ def _unclosed_bracket(chunk: str, before_line: int | None = None) -> tuple[int, 
     return None
 
 
-def _errors_per_statement(text: str, file: str, skipped_lines: set[int] = frozenset()) -> list[Diagnostic]:
+def _errors_per_statement(text: str, file: str, skipped_lines: set[int] = frozenset()
+                          ) -> tuple[list[Diagnostic], list[tuple[int, str]]]:
     """The syntax error of each statement parsed on its own (linear in the file's size),
-    leaving out statements with a line in `skipped_lines` (already reported)."""
+    leaving out statements with a line in `skipped_lines` (already reported); and every
+    statement that failed, those left out included, as (line of its first line, text)."""
     found: list[Diagnostic] = []
+    failed: list[tuple[int, str]] = []
     for first_line, chunk in _statement_chunks(text):
         lines = range(first_line, first_line + chunk.count("\n"))
         if any(line in skipped_lines for line in lines):
+            failed.append((first_line, chunk))
             continue
         try:
             _parser().parse(chunk)
+            continue
         except DedentError as exc:
             found.append(_moved_down(_dedent_error(exc, chunk, file), first_line - 1))
         except UnexpectedInput as exc:
             found.append(_moved_down(_syntax_error(exc, file, chunk), first_line - 1))
-    return found or ([] if skipped_lines else [error("E002", "syntax error", Span.point(file, 1, 1))])
+        failed.append((first_line, chunk))
+    if not found and not skipped_lines:
+        found = [error("E002", "syntax error", Span.point(file, 1, 1))]
+    return found, failed
 
 
 def _moved_down(diagnostic: Diagnostic, lines: int) -> Diagnostic:

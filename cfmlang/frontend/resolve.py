@@ -1,9 +1,12 @@
 """Resolve: read a .brick file and its imports, and bind every declared name.
 
 Produces the symbol table (name -> declaration and the directory its paths are relative
-to) and the root file's settings. Syntax errors stop here; other problems (unknown
-keywords, duplicate names, missing or cyclic imports, unknown settings) are carried to
-the checker so that one run reports them together with its own.
+to) and the root file's settings. Every problem (syntax errors, unknown keywords,
+duplicate names, missing or cyclic imports, unknown settings) is carried to the checker
+so that one run reports them together with its own. A statement with a syntax error is
+left out, but the name it declares is kept as `broken`, so that references to it are not
+reported as unknown names; an import that does not parse, or a file that cannot be read
+as text, makes the program `incomplete` (any undeclared name may be declared there).
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from cfmlang.frontend import ast
-from cfmlang.frontend.to_ast import parse
-from cfmlang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error, raise_if_errors, warning
+from cfmlang.frontend.to_ast import parse_recovering
+from cfmlang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error, warning
 
 KEYWORDS, SETTINGS = ast.KEYWORDS, ast.SETTINGS
 
@@ -32,9 +35,18 @@ class Resolved:
     settings: tuple[ast.Setting, ...]
     files: tuple[tuple[str, str], ...]
     problems: tuple[Diagnostic, ...]
+    broken: frozenset[str] = frozenset()
+    """Names declared by statements left out for a syntax error."""
+    incomplete: bool = False
+    """An import could not be read: any undeclared name may be declared in it."""
 
     def table(self) -> dict[str, Declared]:
         return dict(self.symbols)
+
+    def may_declare(self, name: str) -> bool:
+        """Whether `name`, which no statement that parsed declares, may still be declared
+        by one that did not (so an unknown-name error would be a consequence, not news)."""
+        return self.incomplete or name in self.broken
 
 
 def read_source(path: Path, file: str) -> str:
@@ -64,10 +76,8 @@ def resolve(text: str, file: str, base_dir: Path) -> Resolved:
     state = _Loader()
     root_key = str(Path(file).resolve()) if Path(file).is_file() else file
     state.load_text(text, file, base_dir, importer=None, key=root_key, project=base_dir.resolve())
-    if state.syntax_failed:
-        raise_if_errors(state.problems)
     return Resolved(file, tuple(state.symbols.items()), tuple(state.root_settings),
-                    tuple(state.files), tuple(state.problems))
+                    tuple(state.files), tuple(state.problems), frozenset(state.broken), state.incomplete)
 
 
 class _Loader:
@@ -78,18 +88,22 @@ class _Loader:
         self.files: list[tuple[str, str]] = []
         self.stack: list[str] = []
         self.loaded: set[str] = set()
-        self.syntax_failed = False
+        self.broken: set[str] = set()
+        self.incomplete = False
 
     def load_text(self, text: str, file: str, base_dir: Path, importer: ast.Import | None,
                   key: str, project: Path):
         """`project` is the directory tree that relative imports of this file must stay in."""
         self.files.append((file, hashlib.sha256(text.encode()).hexdigest()))
         try:
-            program = parse(text, file)
-        except CompileError as exc:
+            program = parse_recovering(text, file)
+        except CompileError as exc:      # nothing of the file could be kept
             self.problems += exc.diagnostics
-            self.syntax_failed = True
+            self.incomplete = True
             return
+        self.problems += program.problems
+        self.broken.update(b.name for b in program.broken if b.name is not None)
+        self.incomplete = self.incomplete or any(b.is_import for b in program.broken)
         self.stack.append(key)
         for statement in program.statements:
             if isinstance(statement, ast.Import):
@@ -169,7 +183,7 @@ class _Loader:
             text = read_source(path, str(path))
         except CompileError as exc:
             self.problems += exc.diagnostics
-            self.syntax_failed = True
+            self.incomplete = True
             return
         self.load_text(text, str(path), path.parent, importer=node, key=key, project=project)
 

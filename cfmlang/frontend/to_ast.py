@@ -1,26 +1,74 @@
-"""lark tree -> AST (frozen dataclasses with spans)."""
+"""lark tree -> AST (frozen dataclasses with spans).
+
+A statement whose literals are invalid (a string's escapes, a number's range) is left out
+like one with a syntax error: both become the program's `broken` statements."""
 from __future__ import annotations
 
 import json
 import math
+import re
 
 from lark import Token, Tree
 
-from cfmlang.diagnostics import SOURCES
+from cfmlang.diagnostics import SOURCES, Diagnostic, Span, error, raise_if_errors
 from cfmlang.frontend import ast
-from cfmlang.frontend.parser import parse_tree
-from cfmlang.diagnostics import CompileError, Span, error
+from cfmlang.frontend.parser import Failed, parse_tree
+from cfmlang.frontend.parser import parse_recovering as parse_recovering_tree
 
 LITERAL_WORDS = {"true": True, "false": False}
 
 
+HEAD = re.compile(r"([A-Za-z_]\w*)(?:[ \t]+([A-Za-z_]\w*))?")
+"""The first words of a statement's first line: `KEYWORD NAME`, `SETTING`, `import`."""
+
+
 def to_ast(tree: Tree, file: str) -> ast.Program:
+    """The program of a tree; raises CompileError when a literal is invalid (a string's
+    escapes, a number's range)."""
+    program = _program(tree, file)
+    raise_if_errors(program.problems)
+    return program
+
+
+def _program(tree: Tree, file: str, failed: tuple[Failed, ...] = (),
+             problems: tuple[Diagnostic, ...] = ()) -> ast.Program:
+    """The statements of `tree` whose literals are valid; the others, and those that did
+    not parse (`failed`, with their syntax errors `problems`), are the program's broken
+    statements."""
     builder = _Builder(file)
-    statements = tuple(builder.statement(child) for child in tree.children
-                       if isinstance(child, Tree))
-    if builder.problems:
-        raise CompileError(builder.problems)
-    return ast.Program(file, statements)
+    statements: list[ast.Statement] = []
+    broken = [_broken_head(f, file) for f in failed]
+    for child in tree.children:
+        if not isinstance(child, Tree):
+            continue
+        known = len(builder.problems)
+        statement = builder.statement(child)
+        if len(builder.problems) == known:
+            statements.append(statement)
+        else:
+            broken.append(_broken_statement(statement))
+    broken.sort(key=lambda b: (b.span.line, b.span.col))
+    found = sorted((*problems, *builder.problems), key=lambda d: (d.span.line, d.span.col))
+    return ast.Program(file, tuple(statements), tuple(broken), tuple(found))
+
+
+def _broken_head(failed: Failed, file: str) -> ast.Broken:
+    """What a statement that did not parse declares, read from its first line."""
+    span = Span(file, failed.line, 1, failed.line, len(failed.head) + 1)
+    words = HEAD.match(failed.head.lstrip())
+    if words is None:
+        return ast.Broken(None, None, span)
+    keyword, name = words.groups()
+    names_nothing = keyword == "import" or keyword in ast.SETTINGS
+    return ast.Broken(keyword, None if names_nothing else name, span)
+
+
+def _broken_statement(statement: ast.Statement) -> ast.Broken:
+    if isinstance(statement, ast.Decl):
+        return ast.Broken(statement.keyword, statement.name, statement.span)
+    if isinstance(statement, ast.Setting):
+        return ast.Broken(statement.key, None, statement.span)
+    return ast.Broken(statement.keyword, None, statement.span)
 
 
 class _Builder:
@@ -130,3 +178,12 @@ def parse(text: str, file: str = "<input>") -> ast.Program:
     """Source text -> AST; raises CompileError with all syntax errors."""
     SOURCES.texts[file] = text
     return to_ast(parse_tree(text, file), file)
+
+
+def parse_recovering(text: str, file: str = "<input>") -> ast.Program:
+    """Source text -> the AST of the statements without syntax errors; the errors are the
+    program's `problems` and the statements they are in its `broken`. Raises
+    CompileError only when no statement can be kept (parser.parse_recovering)."""
+    SOURCES.texts[file] = text
+    recovered = parse_recovering_tree(text, file)
+    return _program(recovered.tree, file, recovered.failed, recovered.problems)

@@ -13,7 +13,7 @@ from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.diagnostics import CompileError, Diagnostic
 from cfmlang.frontend import ast
 from cfmlang.frontend.resolve import Resolved, resolve
-from cfmlang.frontend.to_ast import parse
+from cfmlang.frontend.to_ast import parse_recovering
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,10 @@ class Analysis:
     text: str
     diagnostics: tuple[Diagnostic, ...]
     program: ast.Program | None
-    """This file's syntax tree (None when it does not parse)."""
+    """This file's statements that parse, and those that do not (None when nothing of
+    the file can be kept)."""
     resolved: Resolved | None
-    """Every declaration of the file and its imports (None on a syntax error)."""
+    """Every declaration of the file and its imports that parses (None with `program`)."""
     checked: CheckedProgram | None
     """The checked program (None when the checker found errors)."""
 
@@ -42,14 +43,13 @@ class Analysis:
 
 
 def analyze(text: str, path: str) -> Analysis:
+    """Syntax errors leave out only their statements: the others are checked, and the
+    diagnostics of every stage come together."""
     try:
-        program = parse(text, path)
+        program = parse_recovering(text, path)
     except CompileError as exc:
         return Analysis(path, text, exc.diagnostics, None, None, None)
-    try:
-        resolved = resolve(text, path, Path(path).parent)
-    except CompileError as exc:          # a syntax error in an imported file
-        return Analysis(path, text, exc.diagnostics, program, None, None)
+    resolved = resolve(text, path, Path(path).parent)
     try:
         checked = check(resolved)
     except CompileError as exc:

@@ -109,6 +109,8 @@ def rename(analysis: Analysis, position: types.Position, new_name: str) -> types
         raise RenameRefused(f"`{new_name}` is not a name (letters, digits and _, not starting with a digit)")
     if new_name in analysis.declarations():
         raise RenameRefused(f"`{new_name}` is already declared")
+    if analysis.program is None or analysis.program.broken:
+        raise RenameRefused("the file has syntax errors; a statement that does not parse may use the name")
     spans = [o.span for o in occurrences(analysis) if o.name == hit.name]
     std = stdlib_path("std").resolve()
     if any(Path(s.file).resolve().is_relative_to(std) for s in spans):

@@ -1,5 +1,6 @@
-"""Syntax-error recovery reports the error of every statement, and its cost grows
-linearly with the number of statements (it once padded statement k with k newlines)."""
+"""Syntax-error recovery reports the error of every statement, keeps the statements that
+parse for the checker, and its cost grows linearly with the number of statements (it
+once padded statement k with k newlines)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,10 @@ import time
 
 import pytest
 
+import cfmlang
 from cfmlang.diagnostics import CompileError
 from cfmlang.frontend.parser import parse_tree
+from cfmlang.frontend.to_ast import parse_recovering
 from paths import TESTS
 
 ROOT = TESTS.parent
@@ -46,6 +49,40 @@ def test_recovery_time_grows_linearly():
     recovery_seconds(100)   # warm the parser
     small = min(recovery_seconds(250) for _ in range(3))
     large = min(recovery_seconds(2000) for _ in range(2))
+    assert large / small < 12, f"8x the statements took {large / small:.1f}x the time"
+
+
+def test_the_statements_that_parse_are_kept_and_the_others_named():
+    program = parse_recovering(program_with_errors(300) + "output m50\nmerge x:\n  inputs: [m1,\nmodel y:\n", "f.brick")
+    assert [s.name for s in program.statements] == [f"m{i}" for i in range(300) if i % 100 != 50]
+    assert program.statements[1].name_span.line == 3          # positions are those of the file
+    assert [(b.keyword, b.name, b.span.line) for b in program.broken] == [
+        ("model", "m50", 101), ("model", "m150", 301), ("model", "m250", 501),
+        ("output", None, 601), ("merge", "x", 602), ("model", "y", 604)]   # y: inside x's open bracket
+    assert [(d.code, d.span.line) for d in program.problems] == [
+        ("E002", 101), ("E002", 301), ("E002", 501), ("E002", 601), ("E002", 604)]
+
+
+def checked_with_errors(statements: int) -> tuple[float, list]:
+    """Check (resolve included) `statements` models, every 100th without its `:`, and a
+    merge of every 7th of them: the syntax errors, the checker's errors of the others
+    (their sources do not exist) and no unknown name for the broken ones."""
+    text = program_with_errors(statements) + "merge all:\n  method: linear\n  inputs: [" + \
+        ", ".join(f"m{i}" for i in range(0, statements, 7)) + "]\noutput: m50\n"
+    start = time.perf_counter()
+    with pytest.raises(CompileError) as info:
+        cfmlang.check(text)
+    return time.perf_counter() - start, info.value.diagnostics
+
+
+def test_checking_past_syntax_errors_grows_linearly():
+    _, diagnostics = checked_with_errors(200)
+    broken = [2 * i + 1 for i in range(50, 200, 100)]
+    assert [d.span.line for d in diagnostics if d.code == "E002"] == broken
+    assert [d.span.line for d in diagnostics if d.code == "E050"] == [2 * i + 2 for i in range(200) if 2 * i + 1 not in broken]
+    assert "E020" not in {d.code for d in diagnostics}
+    small = min(checked_with_errors(200)[0] for _ in range(3))
+    large = min(checked_with_errors(1600)[0] for _ in range(2))
     assert large / small < 12, f"8x the statements took {large / small:.1f}x the time"
 
 

@@ -67,7 +67,15 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
     change(client, uri, 3, PROGRAM.replace("block_expand", "block_expnd"))
     diagnostics = await published(client, uri)
     assert [d.range.start for d in diagnostics] == [at(3, 10)]
-    change(client, uri, 4, PROGRAM)
+    # a syntax error hides nothing else: the statement after it is checked (its unknown
+    # method reported), and its reference to the broken `pro` is not an unknown name
+    change(client, uri, 4, PROGRAM.replace("grow pro:", "grow pro") + "grow more:\n  method: block_expnd\n  from: pro\n")
+    diagnostics = await published(client, uri)
+    assert [(d.code, d.range.start) for d in diagnostics] == [("E002", at(2, 8)), ("E030", at(9, 10))]
+    with pytest.raises(Exception, match="syntax errors"):   # the broken statement may use the name
+        await client.text_document_rename_async(types.RenameParams(text_document=doc, position=at(8, 6),
+                                                                   new_name="renamed"))
+    change(client, uri, 5, PROGRAM)
     assert await published(client, uri) == []
 
     hover = await client.text_document_hover_async(types.HoverParams(text_document=doc, position=at(3, 12)))
@@ -84,7 +92,7 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
         return {i.label for i in completion.items}
 
     editing = PROGRAM.replace("  every: 6\n", "  every: 6\n  \n")
-    change(client, uri, 5, editing)
+    change(client, uri, 6, editing)
     await published(client, uri)
     keys = await client.text_document_completion_async(types.CompletionParams(text_document=doc, position=at(6, 2)))
     assert {"every", "positions", "tolerance", "verify"} <= labels(keys)
@@ -97,7 +105,7 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
     imports = await client.text_document_completion_async(types.CompletionParams(text_document=doc,
                                                                                  position=at(0, 12)))
     assert "smollm2.brick" in labels(imports)
-    change(client, uri, 6, PROGRAM)
+    change(client, uri, 7, PROGRAM)
     await published(client, uri)
 
     target = await client.text_document_definition_async(types.DefinitionParams(text_document=doc, position=at(4, 10)))
@@ -116,7 +124,7 @@ async def test_session_on_smollm2(client: LanguageClient, tmp_path: Path):
     formatting = types.DocumentFormattingParams(text_document=doc,
                                                 options=types.FormattingOptions(tab_size=2, insert_spaces=True))
     assert not await client.text_document_formatting_async(formatting)
-    change(client, uri, 7, PROGRAM.replace("  every: 6", "  every:    6     # one new block per six"))
+    change(client, uri, 8, PROGRAM.replace("  every: 6", "  every:    6     # one new block per six"))
     await published(client, uri)
     [edit] = await client.text_document_formatting_async(formatting)
     assert edit.range.start == at(0, 0)

@@ -11,7 +11,7 @@ from cfmlang.analysis.probes import read_probes
 from cfmlang.frontend import ast
 from cfmlang.compiler.ir import ArchInfo, Calibration, ExpertsNode, RouteNode
 from cfmlang.frontend.resolve import Declared
-from cfmlang.diagnostics import CompileError, did_you_mean, error
+from cfmlang.diagnostics import CompileError, error
 
 EXPERTS_KEYS = ("kind", "from", "description")
 ROUTE_KEYS = ("method", "experts", "description")
@@ -134,9 +134,7 @@ def experts_ref(checker, entry: ast.Entry | None, decl: ast.Decl) -> ExpertsNode
 
 def _declared_node(checker, value: ast.Ref):
     """The checked node `value` names; None (reported when undeclared) otherwise."""
-    if value.name not in checker.table:
-        checker.problems.append(error("E020", f"unknown name `{value.name}`", value.name_span,
-                                      did_you_mean(value.name, checker.table) or "declare it first"))
+    if not checker.declared(value, "declare it first"):
         return None
     return checker.nodes.get(value.name)   # None: its declaration failed and was reported
 

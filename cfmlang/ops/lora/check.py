@@ -182,10 +182,7 @@ def adapter_ref(checker, value: ast.Value, role: str) -> str | None:
         checker.problems.append(error("E033", f"the {role} must name a lora brick, not {ast.describe(value)}",
                                    value.span))
         return None
-    if value.name not in checker.table:
-        checker.problems.append(error("E020", f"unknown name `{value.name}`", value.name_span,
-                                   did_you_mean(value.name, checker.table) or
-                                   'declare it, e.g. `brick NAME: {kind: lora, source: peft "dir", base: MODEL}`'))
+    if not checker.declared(value, 'declare it, e.g. `brick NAME: {kind: lora, source: peft "dir", base: MODEL}`'):
         return None
     if not is_adapter_decl(checker, value.name):
         checker.problems.append(error("E154", f"`{value.name}` is not a lora brick, but the {role} must be one",
