@@ -3,6 +3,7 @@ a change of the compiler's structure can be shown not to move any output.
 
     python tests/artifact_hashes.py record [--smollm2]    # writes tests/golden/artifact_hashes.json
     python tests/artifact_hashes.py verify [--smollm2]    # prints every artifact that moved
+    python tests/artifact_hashes.py record --smollm2 --only examples/smol.brick   # just these keys
 
 `tests/compiler/test_artifact_hashes.py` verifies the tiny-model programs in every run of the suite;
 the SmolLM2 examples (tens of minutes on 2 cores) are verified with `--smollm2`, or in the
@@ -141,7 +142,10 @@ def compute(smollm2: bool, only: set[str] | None = None, log=print) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="cfm-hashes-") as tmp:
         root = Path(tmp)
         places = workspace(root)
-        roots = {"<BUILD>": str(root.resolve()), "<REPO>": str(REPO)}
+        # the venv as if it were REPO/.venv (where `make` puts it): a checkout that uses a
+        # venv elsewhere (a git worktree) hashes the packaged SmolLM2's path the same way
+        venv = {"<REPO>/.venv": sys.prefix} if sys.prefix != sys.base_prefix else {}
+        roots = {"<BUILD>": str(root.resolve()), **venv, "<REPO>": str(REPO)}
         for key, program, node in targets(smollm2):
             if only is not None and key not in only:
                 continue
@@ -163,8 +167,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("record", "verify"))
     parser.add_argument("--smollm2", action="store_true", help="the SmolLM2 examples too (slow)")
+    parser.add_argument("--only", action="append", metavar="KEY",
+                        help="only this record key (repeatable), e.g. examples/linear.brick")
     args = parser.parse_args(argv)
-    found = compute(args.smollm2)
+    only = set(args.only) if args.only else None
+    unknown = sorted((only or set()) - {key for key, _, _ in targets(args.smollm2)})
+    if unknown:
+        parser.error(f"no artifact is recorded as {', '.join(unknown)} (SmolLM2 keys need --smollm2)")
+    found = compute(args.smollm2, only)
     if args.action == "record":
         merged = {**(recorded() if RECORD.exists() else {}), **found}
         RECORD.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
