@@ -242,12 +242,15 @@ def cmd_fmt(args) -> int:
     import os
     from pathlib import Path
 
-    from cfmlang.diagnostics import CompileError
+    from cfmlang.diagnostics import CompileError, error
     from cfmlang.frontend.format import format_source
     from cfmlang.frontend.resolve import read_source
 
     problems, changed = [], []
     for path in args.files:
+        if not Path(path).is_file():
+            problems.append(error("E040", f"cannot read `{path}`: no such file", None, "check the path"))
+            continue
         try:
             text = read_source(path, str(path))
             formatted = format_source(text, str(path))

@@ -2,8 +2,9 @@
 formatted program means the same (the same AST without spans; for programs that check,
 the same IR).
 
-Run over every example, every golden file that parses, and (a property test) programs of
-the fuzzer's grammar-aware generator decorated with comments and blank lines."""
+Run over every example, every golden file that parses, and (a property test) the fuzzer's
+programs (its valid program, its mutations, its grammar-aware generator's programs)
+decorated with comments and blank lines; every example and golden program is canonical."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,11 +18,13 @@ from pydantic import BaseModel
 
 import cfmlang
 from cfmlang.cli import main
+from cfmlang.compiler.check import check
+from cfmlang.frontend.resolve import resolve
 from cfmlang.diagnostics import CompileError, Span
 from cfmlang.frontend.format import _comment_column, format_source, print_program
 from cfmlang.frontend.to_ast import parse
 from paths import TESTS
-from test_fuzz import model_sources, programs, valid_text
+from test_fuzz import model_sources, mutations, programs, valid_text
 from test_golden import golden_models, place  # noqa: F401  (fixtures)
 
 ROOT = TESTS.parent
@@ -78,6 +81,13 @@ def test_examples_and_golden_files_format_faithfully(path):
     assert_formats_faithfully(path.read_text())
 
 
+def test_examples_and_golden_programs_are_canonical(capsys):
+    """`cfmc fmt --check` passes on every example, standard-library file and golden
+    program that checks or compiles (golden error files may be laid out as a user would)."""
+    canonical = EXAMPLES + OK + sorted((TESTS / "golden" / "artifacts").glob("*.brick"))
+    assert main(["fmt", "--check", *map(str, canonical)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("source", OK, ids=lambda p: p.name)
 def test_formatted_golden_programs_check_to_the_same_ir(source, place):  # noqa: F811
     case = place(source)
@@ -107,7 +117,7 @@ def test_the_canonical_layout():
              '  inputs: [ math ,code, ]\n'
              '     # about deep\n'
              '  deep:\n'
-             '      - {a:1,b : [1,2]}\n'
+             '      - {a:1,b : [1,2],}\n'
              '      -  b.layers[ 0 : +2 ][ * ].mlp   # trailing\n'
              '  more: [\n'
              '     a,   # on a\n'
@@ -159,17 +169,39 @@ def decorated(draw, text: str) -> str:
     return "\n".join(out)
 
 
+def checked(text: str) -> tuple:
+    """What checking `text` gives: the IR (positions left out), settings and warnings of a
+    valid program, or the codes of its diagnostics."""
+    try:
+        program = check(resolve(text, "<input>", Path.cwd()))
+    except CompileError as exc:
+        return ("errors", sorted(d.code for d in exc.diagnostics))
+    return ("ok", without_spans(program.nodes), program.output, program.seed, program.dtype,
+            sorted(w.code for w in program.warnings))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])
 @given(data=st.data())
 def test_generated_programs_format_faithfully(tiny_zoo, data):
-    base = data.draw(st.one_of(st.just(valid_text(tiny_zoo)), programs(model_sources(tiny_zoo))))
+    """The fuzzer's programs (its valid program, its mutations of it, and the
+    grammar-aware generator's programs), decorated: every one that parses formats
+    idempotently to the same AST, and checks to the same IR (or the same diagnostics)."""
+    valid = valid_text(tiny_zoo)
+    base = data.draw(st.one_of(st.just(valid), mutations(valid), programs(model_sources(tiny_zoo))))
     text = data.draw(decorated(base))
     try:
         parse(text)
     except CompileError:
         return   # not a program; the fuzz tests cover what happens to it
-    assert_formats_faithfully(text)
+    formatted = assert_formats_faithfully(text)
+    assert checked(formatted) == checked(text)
+
+
+def test_the_fuzzers_valid_program_formats_to_the_same_ir(tiny_zoo):
+    text = valid_text(tiny_zoo)
+    assert checked(text)[0] == "ok"
+    assert checked(assert_formats_faithfully(text)) == checked(text)
 
 
 # ---------------------------------------------------------------- the command
@@ -201,3 +233,6 @@ def test_cfmc_fmt_check_diff_and_in_place(tmp_path, capsys):
     assert messy.stat().st_mode & 0o777 == 0o640
     assert broken.read_text() == "model a:\n  source: hf \"m\"\nmodel b\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.brick", "messy.brick", "tidy.brick"]
+
+    result = cfmc("fmt", "--check", str(tmp_path / "missing.brick"), str(tidy))
+    assert result.returncode == 1 and "error[E040]: cannot read" in result.stderr and "internal error" not in result.stderr
