@@ -143,7 +143,7 @@ class Architecture:
         return f"{self.layers}.{layer}."
 
     def _layer_match(self, tensor: str) -> re.Match | None:
-        return re.match(rf"{re.escape(self.layers)}\.(\d+)\.(.+)$", tensor)
+        return _layer_pattern(self.layers).match(tensor)
 
     def layer_of(self, tensor: str) -> int | None:
         """The layer index of a tensor name, None for tensors outside the layers."""
@@ -215,6 +215,13 @@ def describe(config: dict, *, layout: str = "checkpoint") -> Architecture:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ArchitectureError("config.json has no `model_type`", "a transformers config names its model_type")
     return _described(json.dumps(config, sort_keys=True, default=str), layout)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_pattern(layers: str) -> re.Pattern:
+    """`model.layers.N.rest` for the layer list at `layers` (compiled once: the checker
+    asks it of every tensor of every model)."""
+    return re.compile(rf"{re.escape(layers)}\.(\d+)\.(.+)$")
 
 
 @functools.lru_cache(maxsize=64)

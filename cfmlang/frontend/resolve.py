@@ -72,10 +72,12 @@ def stdlib_path(name: str) -> Path:
     return Path(str(resources.files("cfmlang.frontend").joinpath(name)))
 
 
-def resolve(text: str, file: str, base_dir: Path) -> Resolved:
+def resolve(text: str, file: str, base_dir: Path, program: ast.Program | None = None) -> Resolved:
+    """`program`: the root file's text already parsed (parse_recovering), if it was."""
     state = _Loader()
     root_key = str(Path(file).resolve()) if Path(file).is_file() else file
-    state.load_text(text, file, base_dir, importer=None, key=root_key, project=base_dir.resolve())
+    state.load_text(text, file, base_dir, importer=None, key=root_key, project=base_dir.resolve(),
+                    program=program)
     return Resolved(file, tuple(state.symbols.items()), tuple(state.root_settings),
                     tuple(state.files), tuple(state.problems), frozenset(state.broken), state.incomplete)
 
@@ -92,11 +94,11 @@ class _Loader:
         self.incomplete = False
 
     def load_text(self, text: str, file: str, base_dir: Path, importer: ast.Import | None,
-                  key: str, project: Path):
+                  key: str, project: Path, program: ast.Program | None = None):
         """`project` is the directory tree that relative imports of this file must stay in."""
         self.files.append((file, hashlib.sha256(text.encode()).hexdigest()))
         try:
-            program = parse_recovering(text, file)
+            program = program or parse_recovering(text, file)
         except CompileError as exc:      # nothing of the file could be kept
             self.problems += exc.diagnostics
             self.incomplete = True

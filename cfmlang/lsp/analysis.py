@@ -49,7 +49,7 @@ def analyze(text: str, path: str) -> Analysis:
         program = parse_recovering(text, path)
     except CompileError as exc:
         return Analysis(path, text, exc.diagnostics, None, None, None)
-    resolved = resolve(text, path, Path(path).parent)
+    resolved = resolve(text, path, Path(path).parent, program)
     try:
         checked = check(resolved)
     except CompileError as exc:
