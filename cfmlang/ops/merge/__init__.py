@@ -7,6 +7,7 @@ from cfmlang.ops.base import Operation, node_seed, referenced, register_operatio
 from cfmlang.ops.merge import linear, other, sparse, spherical  # noqa: F401  (registers the methods)
 from cfmlang.ops.merge.check import check_merge
 from cfmlang.ops.merge.provider import MergeProvider
+from cfmlang.ops.merge.vocabulary_check import vocabulary_manifest
 from cfmlang.ops.registry import lookup
 
 BYTES_PER_SECOND = {
@@ -35,7 +36,7 @@ class MergeOperation(Operation):
 
     def check(self, checker, declared, body):
         method = checker.method_of(declared.decl, body)
-        return None if method is None else check_merge(checker, declared.decl, body, method)
+        return None if method is None else check_merge(checker, declared.decl, body, method, declared.base_dir)
 
     def attributes(self, node) -> dict:
         return {"op": "merge", "method": node.method, "base": node.base or "",
@@ -67,11 +68,12 @@ class MergeOperation(Operation):
         return write_model(provider, folder, sizes, progress, provider.dtype)
 
     def manifest(self, program, node, verified) -> dict:
-        return {"op": "merge", "method": node.method, "base": node.base,
-                "dtype": node.dtype or program.dtype,
-                "seed": node_seed(program, node),
-                "options": dict(node.options),
-                "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        entry = {"op": "merge", "method": node.method, "base": node.base,
+                 "dtype": node.dtype or program.dtype,
+                 "seed": node_seed(program, node),
+                 "options": dict(node.options),
+                 "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        return {**entry, **vocabulary_manifest(node)}
 
 
 def _dtype_code(program, node) -> str | None:
