@@ -50,7 +50,7 @@ class MergeProvider:
     def vocabulary_error(self, message: str) -> WeightError:
         error = WeightError(f"merge `{self.node.name}`: {message}", self.node.span,
                             "save each input's tokenizer again with transformers (a fast tokenizer)")
-        error.code = "E295"
+        error.code = "E294"
         return error
 
     def layer_t(self, name: str) -> float:

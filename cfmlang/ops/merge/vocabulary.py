@@ -38,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class VocabularyError(Exception):
-    """A tokenizer that cannot take part in a vocabulary merge (reported as E295)."""
+    """A tokenizer that cannot take part in a vocabulary merge (reported as E294)."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,15 @@ def write_tokenizer(folder: Path, tokenizer, chat_template: str | None) -> None:
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(folder))
+    settings_file = folder / "tokenizer_config.json"
+    if chat_template is not None and settings_file.is_file():
+        # transformers 5 writes the template to chat_template.jinja only; earlier versions
+        # (and other readers) look for it in tokenizer_config.json
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        if "chat_template" not in settings:
+            settings["chat_template"] = chat_template
+            settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                     encoding="utf-8")
 
 
 def support_folder(source: Path, config: dict, tokenizer, chat_template: str | None) -> Path:

@@ -64,7 +64,7 @@ def check_vocabulary(checker, decl: ast.Decl, entry: ast.Entry, base: str | None
     try:
         vocab = vocabularies(source, members, tuple(r.token for r in rules))
     except VocabularyError as exc:
-        checker.problems.append(error("E295", str(exc), entry.key_span,
+        checker.problems.append(error("E294", str(exc), entry.key_span,
                                       "save the tokenizer again with transformers (a fast tokenizer)"))
         return None
     if not _rules_apply(checker, body.get("tokens"), rules, vocab, names):
@@ -256,7 +256,7 @@ def check_chat_template(checker, entry: ast.Entry, names: list[str], base_dir: P
             return value.value
         path = Path(value.value) if Path(value.value).is_absolute() else (base_dir / value.value).resolve()
         if not path.is_file():
-            checker.problems.append(error("E294", f"chat template file `{value.value}` does not exist "
+            checker.problems.append(error("E293", f"chat template file `{value.value}` does not exist "
                                           f"(looked in {path})", value.span,
                                           f"built-in templates: {', '.join(chat_templates.BUILT_IN)}"))
             return None
@@ -271,19 +271,22 @@ def check_chat_template(checker, entry: ast.Entry, names: list[str], base_dir: P
     if value.name == "auto":
         return _plurality(checker, names, value.span)
     if value.name not in names:
-        checker.problems.append(error("E294", f"unknown chat template `{value.name}`", value.span,
+        checker.problems.append(error("E293", f"unknown chat template `{value.name}`", value.span,
                                       did_you_mean(value.name, choices) or
                                       f"a built-in ({', '.join(chat_templates.BUILT_IN)}), `auto`, an input "
                                       "of this merge, or a file path in quotes"))
         return None
     template = _model_template(checker.nodes[value.name])
     if template is None:
-        checker.problems.append(error("E294", f"`{value.name}` has no chat template", value.span,
+        checker.problems.append(error("E293", f"`{value.name}` has no chat template", value.span,
                                       f"built-in templates: {', '.join(chat_templates.BUILT_IN)}"))
     return template
 
 
 def _model_template(node) -> str | None:
+    """A source model's own chat template (a GGUF file's from its metadata)."""
+    if isinstance(node, ModelNode) and node.source.kind == "gguf":
+        return chat_templates.of_gguf(Path(node.source.path))
     folder = tokenizer_folder(node)
     return None if folder is None else chat_templates.of_folder(folder)
 
@@ -291,7 +294,7 @@ def _model_template(node) -> str | None:
 def _plurality(checker, names: list[str], span) -> str | None:
     found = [t.strip() for t in (_model_template(checker.nodes[n]) for n in names) if t]
     if not found:
-        checker.problems.append(error("E294", "no merged model has a chat template to choose", span,
+        checker.problems.append(error("E293", "no merged model has a chat template to choose", span,
                                       f"name a built-in: {', '.join(chat_templates.BUILT_IN)}"))
         return None
     return Counter(found).most_common(1)[0][0]

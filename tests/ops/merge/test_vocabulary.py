@@ -208,3 +208,116 @@ def test_named_source_and_token_rules_equal_mergekit(zoo, tmp_path, source):
     vocab, merged = _vocab(ours), tensors(ours)
     assert len(vocab) % 16 and merged["model.embed_tokens.weight"].shape[0] % 16 == 0
     assert torch.equal(merged["model.embed_tokens.weight"][vocab["sat"]], torch.zeros(32))
+
+
+def fill(text: str, zoo) -> str:
+    for name, folder in zoo.items():
+        text = text.replace("{" + name + "}", str(folder))
+    return text
+
+
+def diagnostics(zoo, text: str) -> list:
+    with pytest.raises(CompileError) as info:
+        cfmlang.check(fill(text, zoo))
+    return info.value.diagnostics
+
+
+MODELS = """
+model a:
+  source: hf "{a}"
+model b:
+  source: hf "{b}"
+model c:
+  source: hf "{c}"
+"""
+
+
+def test_vocabularies_differ_without_tokenizer(zoo):
+    found = diagnostics(zoo, MODELS + "merge m:\n  method: linear\n  weight: 1\n  inputs: [a, b]\n")
+    assert [d.code for d in found] == ["E060"] and "tokenizer: union" in found[0].help[0]
+
+
+@pytest.mark.parametrize("setting, code, line, text", [
+    ("tokenizer: d", "E290", 12, "not an input of this merge"),
+    ('tokenizer: {source: union, tokens: {"cat": {source: d}}}', "E290", 12, "`d` is not an input"),
+    ('tokenizer: {source: union, tokens: {"<think>": {source: a}}}', "E292", 12, "not in the vocabulary of `a`"),
+    ('tokenizer: {source: union, tokens: {"<none>": {source: {kind: mean}}}}', "E292", 12, "no rows to average"),
+    ('tokenizer: {source: union, tokens: {"x": {source: {kind: model_token, model: c, token: "zzz"}}}}',
+     "E292", 12, "`zzz` is not in the vocabulary of `c`"),
+    ('tokenizer: {source: union, tokens: {"x": {source: {kind: model_token, model: c, token_id: 900}}}}',
+     "E292", 12, "beyond the"),
+    ('tokenizer: {source: union, tokens: {"x": {source: {kind: average}}}}', "E032", 12, "needs `kind:`"),
+    ("tokenizer: {source: union, pad_to_multiple_of: 0}", "E032", 12, "positive integer"),
+    ("tokenizer: {sauce: union}", "E013", 12, "unknown key `sauce`"),
+    ("tokenizer: union\n  chat_template: chatm", "E293", 13, "did you mean `chatml`"),
+    ('tokenizer: union\n  chat_template: "missing.jinja"', "E293", 13, "does not exist"),
+    ("tokenizer: union\n  chat_template: a", "E293", 13, "`a` has no chat template"),
+])
+def test_misuse_is_located(zoo, setting, code, line, text):
+    found = diagnostics(zoo, MODELS + f"merge m:\n  method: linear\n  weight: 1\n  inputs: [a, b, c]\n  {setting}\n")
+    assert [d.code for d in found] == [code], [d.message for d in found]
+    assert found[0].span.line == line
+    assert text in "\n".join((found[0].message,) + found[0].help)
+
+
+def test_inputs_without_tokenizers_are_refused(zoo, tmp_path):
+    bare = tiny_model(tmp_path / "bare", seed=9, vocab_size=40)
+    found = diagnostics(zoo, MODELS + f'model bare:\n  source: hf "{bare}"\n'
+                        "merge m:\n  method: linear\n  weight: 1\n  inputs: [a, bare]\n  tokenizer: union\n"
+                        "merge n:\n  method: linear\n  weight: 1\n  inputs: [m, b]\n  tokenizer: union\n")
+    assert [(d.code, d.span.line) for d in found] == [("E291", 14)]
+    assert "has no tokenizer" in found[0].message and "save_pretrained" in found[0].help[0]
+    found = diagnostics(zoo, MODELS + "merge m:\n  method: linear\n  weight: 1\n  inputs: [a, b]\n  tokenizer: union\n"
+                        "merge n:\n  method: linear\n  weight: 1\n  inputs: [m, c]\n  tokenizer: union\n")
+    assert [(d.code, d.span.line) for d in found] == [("E291", 17)]
+    assert "not known before compiling" in found[0].message
+
+
+def test_unreadable_tokenizer_is_located(zoo, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(zoo["c"], broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    found = diagnostics(zoo, MODELS + f'model broken:\n  source: hf "{broken}"\n'
+                        "merge m:\n  method: linear\n  weight: 1\n  inputs: [a, broken]\n  tokenizer: union\n")
+    assert [(d.code, d.span.line) for d in found] == [("E294", 14)]
+
+
+CHAT = MODELS + """
+merge m:
+  method: linear
+  weight: 1
+  inputs: [a, b, c]
+  tokenizer: union
+  chat_template: {template}
+output: m
+"""
+
+
+@pytest.mark.parametrize("template", ["chatml", "c", "auto", "file"])
+def test_chat_template_is_written_and_used_by_run(zoo, tmp_path, template):
+    from transformers import AutoTokenizer
+
+    from cfmlang.cli import main
+    from cfmlang.ops.merge.chat_templates import CHATML
+    from cfmlang.runtime.run import encode, load_tokenizer
+
+    own = json.loads((zoo["c"] / "tokenizer_config.json").read_text())["chat_template"]
+    if template == "file":
+        (tmp_path / "t.jinja").write_text(CHATML)
+        template = f'"{tmp_path / "t.jinja"}"'
+    out = tmp_path / "out"
+    cfmlang.compile(fill(CHAT.replace("{template}", template), zoo), out)
+    expected = own if template in ("c", "auto") else CHATML
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.chat_template == expected
+    assert AutoTokenizer.from_pretrained(out).chat_template == expected
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == expected
+    assert (out / "chat_template.jinja").read_text() == expected
+    ids = encode(tokenizer, "the cat", chat=True)["input_ids"][0].tolist()
+    rendered = ("[user] the cat\n" if expected == own else "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n")
+    assert ids == tokenizer(rendered)["input_ids"]
+    if template == "chatml":
+        assert tokenizer.convert_ids_to_tokens(ids)[0] == "<|im_start|>"
+        assert main(["run", str(out), "--prompt", "the cat", "--max-new-tokens", "3"]) == 0
