@@ -134,9 +134,19 @@ output: mix
 
 
 def test_union_equals_mergekit(zoo, tmp_path):
-    ours, theirs = run_both(zoo, tmp_path, UNION, {
-        "merge_method": "task_arithmetic", "base_model": str(zoo["a"]),
-        "models": [{"model": str(zoo["b"]), "parameters": {"weight": 0.7}}], "tokenizer_source": "union"})
+    import yaml
+
+    from cfmlang.importers.mergekit import translate
+
+    config = {"merge_method": "task_arithmetic", "base_model": str(zoo["a"]),
+              "models": [{"model": str(zoo["b"]), "parameters": {"weight": 0.7}}], "tokenizer_source": "union"}
+    ours, theirs = run_both(zoo, tmp_path, UNION, config)
+    imported = translate(yaml.safe_dump({**config, "dtype": "float32"}))
+    assert "  tokenizer: union\n" in imported
+    cfmlang.compile(imported, tmp_path / "imported")
+    for name, value in tensors(tmp_path / "imported").items():
+        assert torch.equal(value, tensors(ours)[name]), name
+    assert (tmp_path / "imported" / "tokenizer.json").read_bytes() == (ours / "tokenizer.json").read_bytes()
     base_tokens = len(_vocab(zoo["a"]))
     assert_same_merge(ours, theirs, base_tokens)
     vocab = _vocab(ours)
