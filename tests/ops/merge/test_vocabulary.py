@@ -5,6 +5,7 @@ output's tokenizer."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,12 +69,15 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     (root / "c" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     for seed, (name, size) in enumerate(sizes.items()):
         tiny_model(root / name, seed=40 + seed, vocab_size=size)
-    return {name: root / name for name in sizes}
+    # b's tokenizer on a model with 2 rows fewer: its added tokens are not part of it
+    shutil.copytree(root / "b", root / "short", ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    tiny_model(root / "short", seed=45, vocab_size=sizes["b"] - 2)
+    return {name: root / name for name in [*sizes, "short"]}
 
 
 def run_both(zoo, tmp_path, brick: str, mergekit: dict) -> tuple[Path, Path]:
     ours = tmp_path / "ours"
-    cfmlang.compile(brick.format(**{k: str(v) for k, v in zoo.items()}), ours)
+    cfmlang.compile(brick.replace("{short}", str(zoo["short"])).format(**{k: str(v) for k, v in zoo.items()}), ours)
     theirs = tmp_path / "mk"
     run_mergekit({**mergekit, "dtype": "float32"}, theirs)
     return ours, theirs
@@ -162,6 +166,17 @@ def test_union_equals_mergekit(zoo, tmp_path):
     assert next(e for e in special if e["content"] == "<think>")["normalized"] is False
     assert next(e for e in special if e["content"] == "<tool>")["lstrip"] is True
     assert json.loads((ours / "cfm.json").read_text())["nodes"]["mix"]["tokenizer"]["vocab_size"] == len(vocab)
+
+
+def test_base_tokens_beyond_its_rows_are_dropped_as_in_mergekit(zoo, tmp_path):
+    brick = UNION.replace('"{a}"', '"{short}"')
+    ours, theirs = run_both(zoo, tmp_path, brick, {
+        "merge_method": "task_arithmetic", "base_model": str(zoo["short"]),
+        "models": [{"model": str(zoo["b"]), "parameters": {"weight": 0.7}}], "tokenizer_source": "union"})
+    rows = json.loads((zoo["short"] / "config.json").read_text())["vocab_size"]
+    assert_same_merge(ours, theirs, rows)
+    vocab = _vocab(ours)
+    assert vocab["<think>"] >= rows and "<tool>" not in vocab
 
 
 LINEAR = """
