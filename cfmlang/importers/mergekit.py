@@ -62,7 +62,7 @@ MODEL_ENTRY_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 # keys of a merge node that are not method parameters
-STRUCTURAL = ("method", "inputs", "base", "dtype", "seed", "description")
+STRUCTURAL = ("method", "inputs", "base", "dtype", "seed", "description", "tokenizer", "chat_template")
 RESERVED_NAMES = {"true", "false", "null"}
 NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 UNSUPPORTED = {

@@ -13,7 +13,7 @@ from cfmlang.compiler.ir import ArchInfo, MergeNode
 from cfmlang.diagnostics import did_you_mean, error, warning
 from cfmlang.frontend import ast
 from cfmlang.ops.merge.base import MergeMethod, input_count_problem
-from cfmlang.ops.merge.vocabulary_check import check_chat_template, check_vocabulary
+from cfmlang.ops.merge.vocabulary_check import check_chat_template, check_vocabulary, template_tokenizer
 from cfmlang.ops.registry import FILTER_DEFAULT, aliases
 
 MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description", "tokenizer", "chat_template")
@@ -64,7 +64,8 @@ def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeM
     chat = body.get("chat_template")
     template = check_chat_template(checker, chat, [m for m in dict.fromkeys(models) if m], base_dir) \
         if chat is not None else None
-    if chat is not None and template is None:
+    if chat is not None and (template is None or vocabulary is None and
+                             not template_tokenizer(checker, models[0], chat.key_span)):
         return None
     return MergeNode(decl.name, decl.span, method.name, base, inputs,
                      tuple(sorted(shared_values.items())), dtype, seed, arch, vocabulary=vocabulary,

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,6 +341,7 @@ class MergedVocabulary:
         if self._folder is None:
             self._folder = support_folder(Path(self.first.support_dir), config, self.built()[0],
                                           self.node.chat_template)
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
         return self._folder
 
     def aligns(self, name: str) -> bool:

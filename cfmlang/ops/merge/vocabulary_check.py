@@ -283,6 +283,18 @@ def check_chat_template(checker, entry: ast.Entry, names: list[str], base_dir: P
     return template
 
 
+def template_tokenizer(checker, name: str, span) -> bool:
+    """A chat template is written into the tokenizer of `name` (the merge's first model):
+    a model directory must hold one (another statement's output is checked when built)."""
+    folder = tokenizer_folder(checker.nodes[name])
+    if folder is None or has_tokenizer(folder):
+        return True
+    checker.problems.append(error("E291", f"`{name}` has no tokenizer to write the chat template into "
+                                  f"(looked in {folder})", span,
+                                  "save the model's tokenizer beside it: tokenizer.save_pretrained(DIR)"))
+    return False
+
+
 def _model_template(node) -> str | None:
     """A source model's own chat template (a GGUF file's from its metadata)."""
     if isinstance(node, ModelNode) and node.source.kind == "gguf":
