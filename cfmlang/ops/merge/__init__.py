@@ -49,12 +49,14 @@ class MergeOperation(Operation):
     def working_set(self, program, node, chunk_bytes: int) -> int:
         """Elementwise methods hold (2 * inputs + 3) float32 blocks of `chunk_bytes`; the
         others (3 * inputs + 4) float32 copies of the largest tensor (task vectors, masks,
-        the held result)."""
+        the held result); a merge of vocabularies also holds every input's aligned
+        embeddings (one copy of the largest tensor per input)."""
         largest = max((s.numel for s in node.arch.tensors), default=0) * 4
         inputs = len(node.deps)
+        aligned = inputs * largest if node.vocabulary is not None else 0   # each input's rows, aligned
         if lookup("merge", node.method).elementwise:
-            return (2 * inputs + 3) * min(chunk_bytes, largest)
-        return (3 * inputs + 4) * largest
+            return (2 * inputs + 3) * min(chunk_bytes, largest) + aligned
+        return (3 * inputs + 4) * largest + aligned
 
     def rate(self, node) -> float | None:
         return BYTES_PER_SECOND.get(node.method)
