@@ -346,3 +346,20 @@ def test_chat_template_is_written_and_used_by_run(zoo, tmp_path, template):
     if template == "chatml":
         assert tokenizer.convert_ids_to_tokens(ids)[0] == "<|im_start|>"
         assert main(["run", str(out), "--prompt", "the cat", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_model_merged_alone_gets_a_template_and_keeps_its_weights(zoo, tmp_path):
+    from cfmlang.ops.merge.chat_templates import LLAMA3
+    from cfmlang.runtime.run import load_tokenizer
+
+    out = tmp_path / "out"
+    cfmlang.compile(fill('model c:\n  source: hf "{c}"\nmerge chat: {method: linear, inputs: [c], weight: 1, '
+                         'chat_template: llama3}\noutput: chat\n', zoo), out)
+    merged, original = tensors(out), tensors(zoo["c"])
+    assert set(merged) == set(original) and all(torch.equal(merged[n], original[n]) for n in merged)
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.chat_template == LLAMA3 and tokenizer.get_vocab() == _vocab(zoo["c"])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": " the cat "}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == ("<s><|start_header_id|>user<|end_header_id|>\n\nthe cat<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
