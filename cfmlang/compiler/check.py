@@ -305,23 +305,27 @@ class _Checker:
             return None
         return name
 
-    def compatible(self, decl: ast.Decl, names: list[str]) -> ArchInfo | None:
+    def compatible(self, decl: ast.Decl, names: list[str], vocab: bool = True) -> ArchInfo | None:
+        """The first model's architecture when every model shares it (E060-E062 otherwise);
+        with `vocab=False` the vocabularies may differ (the rows of embeddings and LM head)."""
         archs = [(n, self.nodes[n].arch) for n in names]
         first_name, first = archs[0]
         ok = True
+        compared = ("model_type", "num_layers", "hidden_size", "vocab_size", "intermediate_size")
         for name, arch in archs[1:]:
-            for what in ("model_type", "num_layers", "hidden_size", "vocab_size", "intermediate_size"):
+            for what in compared if vocab else tuple(w for w in compared if w != "vocab_size"):
                 a, b = getattr(first, what), getattr(arch, what)
                 if a != b:
                     ok = False
                     self.problems.append(error(
                         "E060", f"cannot merge `{first_name}` and `{name}`: {what} {a} != {b}",
                         decl.name_span, "merged models must share one architecture"
-                        + (" and vocabulary; a `tokenizer:` policy is planned in the merge issue"
+                        + (" and vocabulary; a merge aligns different vocabularies with "
+                           "`tokenizer: union` (or `base`, or an input's name)"
                            if what == "vocab_size" else "")))
                     break
             else:
-                ok = self.same_tensors(decl, first_name, first, name, arch) and ok
+                ok = self.same_tensors(decl, first_name, first, name, arch, vocab) and ok
         return first if ok else None
 
     def float_tensors(self, decl: ast.Decl, names: list[str]) -> bool:
@@ -338,7 +342,7 @@ class _Checker:
                     return False
         return True
 
-    def same_tensors(self, decl, first_name, first: ArchInfo, name, arch: ArchInfo) -> bool:
+    def same_tensors(self, decl, first_name, first: ArchInfo, name, arch: ArchInfo, vocab: bool = True) -> bool:
         if not first.tensors or not arch.tensors:
             return True  # pickled checkpoints: shapes are checked while streaming
         theirs = {t.name: t for t in arch.tensors}
@@ -356,12 +360,20 @@ class _Checker:
                                            f"from `{name}`", decl.name_span,
                                            "merged models must have the same tensors"))
                 return False
-            if other.shape != spec.shape:
+            if other.shape != spec.shape and (vocab or not _vocabulary_rows(first, spec, arch, other)):
                 self.problems.append(error("E061", f"tensor `{spec.name}` has shape {list(spec.shape)} in "
                                            f"`{first_name}` but {list(other.shape)} in `{name}`",
                                            decl.name_span, "merged models must share every tensor shape"))
                 return False
         return True
+
+
+def _vocabulary_rows(first: ArchInfo, spec, arch: ArchInfo, other) -> bool:
+    """Whether two tensors differ only in their token rows (embeddings, LM head)."""
+    layout = first.layout
+    return (layout is not None and layout.role_of(spec.name) in ("embed", "lm_head")
+            and spec.shape[:1] == (first.vocab_size,) and other.shape[:1] == (arch.vocab_size,)
+            and spec.shape[1:] == other.shape[1:])
 
 
 class _Settings:

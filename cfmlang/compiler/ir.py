@@ -117,6 +117,41 @@ class MergeInput:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a merged model's embedding rows for one token come from (an entry of a
+    merge's `tokenizer: {tokens: ...}`): `model` (that token's rows in the model `model`),
+    `model_token` (the rows of `token`, or of id `token_id`, in `model`), `zero`, or
+    `mean` (the average over the inputs that have the token)."""
+
+    kind: str
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """A per-token override of a merge's vocabulary alignment; with `force`, the rows of
+    every input are replaced even where the input has the token."""
+
+    token: str
+    source: TokenSource
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class VocabularyPlan:
+    """A merge's output vocabulary (mergekit's `tokenizer:`): `source` is "base",
+    "union" or the name of an input; `vocab_size` is the rows of the output's
+    embeddings (the tokenizer's size, padded up to `pad_to_multiple_of`)."""
+
+    source: str
+    tokens: tuple[TokenRule, ...]
+    pad_to_multiple_of: int | None
+    vocab_size: int
+
+
+@dataclass(frozen=True)
 class MergeNode(IRNode):
     method: str
     base: str | None
@@ -126,6 +161,10 @@ class MergeNode(IRNode):
     seed: int | None
     arch: ArchInfo
     node_type: NodeKind = NodeKind.MODEL
+    vocabulary: VocabularyPlan | None = None
+    """Set when the inputs' vocabularies are aligned to a new tokenizer."""
+    chat_template: str | None = None
+    """The Jinja chat template written into the output's tokenizer config."""
 
     @property
     def deps(self) -> tuple[str, ...]:

@@ -19,8 +19,12 @@ What has a cfmlang equivalent is translated:
   wins, `default` otherwise). A per-input list without a catch-all falls back to the
   node-level value in mergekit; the translation folds that fallback into the map.
 
-Everything else (several slices or a partial slice of any other method, `modules:`, tokenizer settings other than
-`tokenizer_source: base`, an `out_dtype` other than `dtype`, LoRA `model+lora`
+- `tokenizer_source` and `tokenizer: {source, tokens, pad_to_multiple_of}` -> the merge's
+  `tokenizer:` (model paths become names); `chat_template` -> `chat_template:` (cfmlang's
+  built-ins `chatml`, `llama3`, `alpaca`, `auto`, or the template text itself).
+
+Everything else (several slices or a partial slice of any other method, `modules:`, a
+tokenizer model outside the merge, other built-in chat templates, an `out_dtype` other than `dtype`, LoRA `model+lora`
 references, hub revisions, unknown methods or keys) is reported as E100 with its
 position; all of them at once. A YAML syntax error is E101.
 """
@@ -38,6 +42,8 @@ from cfmlang.compiler.ir import FLOAT_DTYPES
 from cfmlang.diagnostics import SOURCES, CompileError, Diagnostic, Span, did_you_mean, error
 from cfmlang.frontend import ast
 from cfmlang.frontend.format import NOWHERE, print_program
+from cfmlang.importers.vocabulary import (TokenizerSetting, chat_template_entry, read_chat_template,
+                                          read_tokenizer, tokenizer_entry)
 
 CANNOT = "E100"
 BAD_YAML = "E101"
@@ -56,17 +62,12 @@ MODEL_ENTRY_KEYS = ("model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 # keys of a merge node that are not method parameters
-STRUCTURAL = ("method", "inputs", "base", "dtype", "seed", "description")
+STRUCTURAL = ("method", "inputs", "base", "dtype", "seed", "description", "tokenizer", "chat_template")
 RESERVED_NAMES = {"true", "false", "null"}
 NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 UNSUPPORTED = {
     "modules": ("`modules:` (per-module merges of multi-module models)",
                 "cfmlang merges whole models; per-module configs have no equivalent yet"),
-    "tokenizer": ("`tokenizer:` (vocabulary merging and token embeddings)",
-                  "cfmlang copies the base model's tokenizer; a `tokenizer:` policy is planned "
-                  "in the merge issue"),
-    "chat_template": ("`chat_template:`",
-                      "cfmlang copies the base model's tokenizer and chat template as they are"),
 }
 RANGE_HELP = ("cfmlang merges whole models, and stacks layer ranges with `grow` (`method: stack`, "
               "which `merge_method: passthrough` slices translate to); a different merge per layer "
@@ -160,6 +161,8 @@ class _Merge:
     name: str | None = None       # `name:` (mergekit-multi): later documents refer to it by it
     out_path: str | None = None   # `out_path:` (mergekit-mega): ... or by this path
     node: str = ""           # its node's name in the program
+    tokenizer: TokenizerSetting | None = None     # `tokenizer_source` / `tokenizer:`
+    chat_template: tuple[str, str] | None = None  # ("name" | "text", value)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -289,16 +292,11 @@ class _Importer:
             merge.method = self.method(top["merge_method"][1])
         else:
             self.cannot(root, "the config has no `merge_method:`", "add e.g. `merge_method: linear`")
-        for key in ("modules", "tokenizer", "chat_template"):
-            if key in top:
-                self.cannot(top[key][0], *UNSUPPORTED[key])
-        if "tokenizer_source" in top:
-            node = top["tokenizer_source"][1]
-            value = self.scalar(node) if isinstance(node, self.yaml.ScalarNode) else None
-            if value != "base":
-                self.cannot(node, f"`tokenizer_source: {value if isinstance(value, str) else '...'}`",
-                            "cfmlang copies the base model's tokenizer (`tokenizer_source: base`); "
-                            "vocabulary merging is planned as a `tokenizer:` policy in the merge issue")
+        if "modules" in top:
+            self.cannot(top["modules"][0], *UNSUPPORTED["modules"])
+        merge.tokenizer = read_tokenizer(self, top)
+        if "chat_template" in top:
+            merge.chat_template = read_chat_template(self, top["chat_template"][1])
         merge.dtype = self.dtype(top.get("dtype"), top.get("out_dtype"))
         forms = [k for k in ("models", "slices") if k in top]
         if len(forms) == 2:
@@ -720,6 +718,8 @@ class _Importer:
         for stage, (base, inputs) in zip(stages, plans):
             statements.append(self.stack_decl(stage, names) if stage.form == "stack" else
                               self.merge_decl(stage, base, inputs, names))
+        if self.problems:   # tokenizer models outside the merges
+            raise CompileError(self.problems)
         statements.append(ast.Setting("output", NOWHERE, name_ref(final.node), NOWHERE))
         return print_program(statements, self.header(models))
 
@@ -794,9 +794,21 @@ class _Importer:
             body.append(entry("inputs", ast.ListValue(tuple(name_ref(name) for name, _ in given), NOWHERE)))
         if merge.dtype:
             body.append(entry("dtype", name_ref(merge.dtype)))
+        if merge.tokenizer is not None:
+            local = {p: names[p] for p in [i.path for i in inputs] + ([base.path] if base else [])}
+            tokenizer = tokenizer_entry(self, merge.tokenizer, local)
+            body += [tokenizer] if tokenizer else []
+        if merge.chat_template is not None:
+            body.append(chat_template_entry(merge.chat_template))
         return declaration("merge", merge.node, body)
 
     def stack_decl(self, merge: _Merge, names: dict[str, str]) -> ast.Decl:
+        tokenizer = merge.tokenizer
+        if (tokenizer is not None and (tokenizer.source != "base" or tokenizer.tokens
+                                       or tokenizer.pad_to_multiple_of)) or merge.chat_template is not None:
+            self.cannot((tokenizer.node if tokenizer else None) or merge.root,
+                        "a tokenizer or chat template other than `tokenizer_source: base` on passthrough slices",
+                        "cfmlang's `grow` (stack) keeps the first slice's tokenizer")
         body = [entry("method", name_ref("stack"))]
         if merge.dtype:
             body.append(entry("dtype", name_ref(merge.dtype)))

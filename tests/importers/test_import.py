@@ -521,7 +521,7 @@ parameters:
 def test_settings_that_need_nothing():
     text = translate(MODELS_ONLY + "tokenizer_source: base\ndtype: torch.bfloat16\nout_dtype: bfloat16\n"
                      "chat_template: null\nbase_model: null\n")
-    assert "  dtype: bfloat16\n" in text and "tokenizer" not in text and "base:" not in text
+    assert "  dtype: bfloat16\n" in text and "  tokenizer: base\n" in text and "base:" not in text
     # in a slice, mergekit's linear does not use the base model: left out, and said so
     text = translate("merge_method: linear\nbase_model: /m/c\nslices:\n  - sources:\n"
                      "      - model: /m/a\n        layer_range: [0, 4]\nparameters: {weight: 1}\n")
@@ -677,10 +677,12 @@ def test_a_slice_of_part_of_the_model(tiny_zoo):
     ("merge_method: frankenmerge\n" + MODELS, 1, 15, "merge method `frankenmerge` has no cfmlang equivalent"),
     ("merge_method: lienar\n" + MODELS, 1, 15, "did you mean `linear`?"),
     ("merge_method: linear\n" + MODELS + "modules:\n  text_decoder: {}\n", 6, 1, "`modules:`"),
-    ("merge_method: linear\n" + MODELS + "tokenizer:\n  source: union\n", 6, 1, "`tokenizer:`"),
-    ("merge_method: linear\n" + MODELS + "tokenizer_source: union\n", 6, 19, "`tokenizer_source: union`"),
-    ("merge_method: linear\n" + MODELS + "tokenizer_source: /m/b\n", 6, 19, "`tokenizer_source: /m/b`"),
-    ("merge_method: linear\n" + MODELS + "chat_template: chatml\n", 6, 1, "`chat_template:`"),
+    ("merge_method: linear\n" + MODELS + "tokenizer:\n  source: /m/z\n", 7, 11,
+     "the tokenizer model `/m/z` is not one of the merged models"),
+    ("merge_method: linear\n" + MODELS + "tokenizer_source: /m/z\n", 6, 19, "`/m/z` is not one of the merged"),
+    ("merge_method: linear\n" + MODELS + "tokenizer:\n  tokens: {a: {source: {kind: mean}}}\n", 7, 24,
+     "token source kind `mean`"),
+    ("merge_method: linear\n" + MODELS + "chat_template: zephyr\n", 6, 16, "chat template `zephyr`"),
     ("merge_method: linear\n" + MODELS + "dtype: float16\nout_dtype: bfloat16\n", 7, 1,
      "`out_dtype: bfloat16` differs from `dtype: float16`"),
     ("merge_method: linear\n" + MODELS + "out_dtype: bfloat16\n", 6, 1, "differs from `dtype: (inputs)`"),
@@ -729,13 +731,26 @@ slices:
   - sources:
       - model: /m/b+/m/lora
         layer_range: [8, 32]
-tokenizer_source: union
+tokenizer_source: 3
 dtype: float16
 out_dtype: bfloat16
 modules: {}
 """)
     assert [(code, line, col) for code, line, col, _ in found] == [
         ("E100", 1, 15), ("E100", 2, 1), ("E100", 7, 16), ("E100", 9, 19), ("E100", 11, 1), ("E100", 12, 1)]
+
+
+def test_tokenizer_and_chat_template_settings_are_translated():
+    text = translate("merge_method: task_arithmetic\nbase_model: /m/a\nmodels:\n  - model: /m/b\n"
+                     "    parameters: {weight: 0.5}\ntokenizer:\n  source: union\n  pad_to_multiple_of: 8\n"
+                     "  tokens:\n    <|im_start|>: {source: /m/b}\n    <x>: {source: {kind: zero}, force: true}\n"
+                     "    <y>: {source: {kind: model_token, model: /m/a, token: <s>}}\nchat_template: chatml\n")
+    assert ('  tokenizer: {source: union, pad_to_multiple_of: 8, tokens: {"<|im_start|>": {source: b}, '
+            '"<x>": {source: {kind: zero}, force: true}, '
+            '"<y>": {source: {kind: model_token, model: a, token: "<s>"}}}}\n') in text
+    assert "  chat_template: chatml\n" in text and "# note: `chat_template: chatml` is cfmlang's own" in text
+    text = translate(MODELS_ONLY + "tokenizer_source: /m/b\nchat_template: \"{{ messages }}\"\n")
+    assert "  tokenizer: b\n" in text and '  chat_template: "{{ messages }}"\n' in text
 
 
 def test_yaml_syntax_error_is_e101_with_its_position():

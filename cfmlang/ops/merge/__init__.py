@@ -7,6 +7,7 @@ from cfmlang.ops.base import Operation, node_seed, referenced, register_operatio
 from cfmlang.ops.merge import linear, other, sparse, spherical  # noqa: F401  (registers the methods)
 from cfmlang.ops.merge.check import check_merge
 from cfmlang.ops.merge.provider import MergeProvider
+from cfmlang.ops.merge.vocabulary_check import vocabulary_manifest
 from cfmlang.ops.registry import lookup
 
 BYTES_PER_SECOND = {
@@ -35,7 +36,7 @@ class MergeOperation(Operation):
 
     def check(self, checker, declared, body):
         method = checker.method_of(declared.decl, body)
-        return None if method is None else check_merge(checker, declared.decl, body, method)
+        return None if method is None else check_merge(checker, declared.decl, body, method, declared.base_dir)
 
     def attributes(self, node) -> dict:
         return {"op": "merge", "method": node.method, "base": node.base or "",
@@ -48,12 +49,14 @@ class MergeOperation(Operation):
     def working_set(self, program, node, chunk_bytes: int) -> int:
         """Elementwise methods hold (2 * inputs + 3) float32 blocks of `chunk_bytes`; the
         others (3 * inputs + 4) float32 copies of the largest tensor (task vectors, masks,
-        the held result)."""
+        the held result); a merge of vocabularies also holds every input's aligned
+        embeddings (one copy of the largest tensor per input)."""
         largest = max((s.numel for s in node.arch.tensors), default=0) * 4
         inputs = len(node.deps)
+        aligned = inputs * largest if node.vocabulary is not None else 0   # each input's rows, aligned
         if lookup("merge", node.method).elementwise:
-            return (2 * inputs + 3) * min(chunk_bytes, largest)
-        return (3 * inputs + 4) * largest
+            return (2 * inputs + 3) * min(chunk_bytes, largest) + aligned
+        return (3 * inputs + 4) * largest + aligned
 
     def rate(self, node) -> float | None:
         return BYTES_PER_SECOND.get(node.method)
@@ -67,11 +70,12 @@ class MergeOperation(Operation):
         return write_model(provider, folder, sizes, progress, provider.dtype)
 
     def manifest(self, program, node, verified) -> dict:
-        return {"op": "merge", "method": node.method, "base": node.base,
-                "dtype": node.dtype or program.dtype,
-                "seed": node_seed(program, node),
-                "options": dict(node.options),
-                "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        entry = {"op": "merge", "method": node.method, "base": node.base,
+                 "dtype": node.dtype or program.dtype,
+                 "seed": node_seed(program, node),
+                 "options": dict(node.options),
+                 "inputs": [{"model": i.model, "params": dict(i.params)} for i in node.inputs]}
+        return {**entry, **vocabulary_manifest(node)}
 
 
 def _dtype_code(program, node) -> str | None:

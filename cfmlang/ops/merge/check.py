@@ -4,6 +4,7 @@ tensor-name filter maps checked against the tensors."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, create_model
@@ -12,12 +13,14 @@ from cfmlang.compiler.ir import ArchInfo, MergeNode
 from cfmlang.diagnostics import did_you_mean, error, warning
 from cfmlang.frontend import ast
 from cfmlang.ops.merge.base import MergeMethod, input_count_problem
+from cfmlang.ops.merge.vocabulary_check import check_chat_template, check_vocabulary, template_tokenizer
 from cfmlang.ops.registry import FILTER_DEFAULT, aliases
 
-MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description")
+MERGE_KEYS = ("method", "inputs", "base", "dtype", "seed", "description", "tokenizer", "chat_template")
 
 
-def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeMethod]) -> MergeNode | None:
+def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeMethod],
+                base_dir: Path) -> MergeNode | None:
     shared = _shared_model(method)
     allowed = MERGE_KEYS + tuple(aliases(shared))
     checker.unknown_keys(body, allowed, f"merge `{decl.name}` (method {method.name})")
@@ -40,7 +43,8 @@ def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeM
     shared_names = set(aliases(method.Options))
     shared_values = {k: v for k, v in options.items() if k in shared_names}
     models = [base] * (base is not None) + [i.model for i in inputs]
-    arch = checker.compatible(decl, [m for m in models if m])
+    tokenizer = body.get("tokenizer")
+    arch = checker.compatible(decl, [m for m in models if m], vocab=tokenizer is None)
     if arch is None or not checker.float_tensors(decl, [m for m in models if m]):
         return None
     if base in [i.model for i in inputs]:
@@ -51,8 +55,21 @@ def check_merge(checker, decl: ast.Decl, body: ast.MapValue, method: type[MergeM
     if arch.layout is None and _has_gradient(shared_values, inputs) and \
             checker.layout_of(models[0], "a gradient across layers", decl.name_span) is None:
         return None
+    vocabulary = None
+    if tokenizer is not None:
+        planned = check_vocabulary(checker, decl, tokenizer, base, [i.model for i in inputs], arch)
+        if planned is None:
+            return None
+        vocabulary, arch = planned
+    chat = body.get("chat_template")
+    template = check_chat_template(checker, chat, [m for m in dict.fromkeys(models) if m], base_dir) \
+        if chat is not None else None
+    if chat is not None and (template is None or vocabulary is None and
+                             not template_tokenizer(checker, models[0], chat.key_span)):
+        return None
     return MergeNode(decl.name, decl.span, method.name, base, inputs,
-                                      tuple(sorted(shared_values.items())), dtype, seed, arch)
+                     tuple(sorted(shared_values.items())), dtype, seed, arch, vocabulary=vocabulary,
+                     chat_template=template)
 
 
 def input_count(checker, method, inputs, span_value) -> bool:

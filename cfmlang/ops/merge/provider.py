@@ -10,6 +10,8 @@ from cfmlang.compiler.ir import MergeNode, TensorSpec
 from cfmlang.io.provider import Provider
 from cfmlang.io.weights import TORCH_DTYPES, NodeStats, Rows, WeightError
 from cfmlang.ops.merge.base import MergeContext, MergeError
+from cfmlang.ops.merge.vocabulary import MergedVocabulary
+from cfmlang.ops.merge.vocabulary_check import vocabulary_tensors
 from cfmlang.ops.registry import evaluate, lookup
 
 
@@ -27,9 +29,29 @@ class MergeProvider:
         self.options = dict(self.node.options)
         self.num_layers = self.node.arch.num_layers
         first = self.base or self.inputs[0]
-        self.support_dir, self.config = first.support_dir, first.config
-        self.specs = [TensorSpec(s.name, s.shape, self.dtype or s.dtype) for s in first.specs]
+        self._first, self.config = first, first.config
+        shapes = {s.name: s.shape for s in self.node.arch.tensors}
+        self.specs = [TensorSpec(s.name, shapes.get(s.name, s.shape), self.dtype or s.dtype) for s in first.specs]
         self._whole: tuple[str, torch.Tensor | None] = ("", None)
+        self.vocabulary = None
+        if self.node.vocabulary is not None or self.node.chat_template is not None:
+            named = {i.model: p for i, p in zip(self.node.inputs, self.inputs)}
+            named.update({self.node.base: self.base} if self.base is not None else {})
+            self.vocabulary = MergedVocabulary(self.node, named, first, vocabulary_tensors(self.node.arch),
+                                               self.vocabulary_error)
+            self.config = self.vocabulary.config(first.config)
+
+    @property
+    def support_dir(self):
+        """Tokenizer and generation config of the output: the first input's, or a folder
+        with the merged tokenizer and chat template."""
+        return self.vocabulary.support_dir(self.config) if self.vocabulary else self._first.support_dir
+
+    def vocabulary_error(self, message: str) -> WeightError:
+        error = WeightError(f"merge `{self.node.name}`: {message}", self.node.span,
+                            "save each input's tokenizer again with transformers (a fast tokenizer)")
+        error.code = "E294"
+        return error
 
     def layer_t(self, name: str) -> float:
         layer = self.node.arch.layer_of(name)
@@ -57,8 +79,13 @@ class MergeProvider:
 
     def compute(self, name: str, rows: Rows) -> torch.Tensor:
         t = self.layer_t(name)
-        tensors = [self.load(p, name, rows) for p in self.inputs]
-        base = self.load(self.base, name, rows) if self.base is not None else None
+        if self.vocabulary is not None and self.vocabulary.aligns(name):
+            aligned = self.vocabulary.aligned(name, self.load)
+            tensors = [_rows(aligned[i.model], rows) for i in self.node.inputs]
+            base = _rows(aligned[self.node.base], rows) if self.base is not None else None
+        else:
+            tensors = [self.load(p, name, rows) for p in self.inputs]
+            base = self.load(self.base, name, rows) if self.base is not None else None
         weights = [{k: evaluate(v, name, t) for k, v in i.params} for i in self.node.inputs]
         options = {k: evaluate(v, name, t) for k, v in self.options.items()}
         context = MergeContext(self.node.name, name, self.seed)
@@ -85,6 +112,10 @@ class MergeProvider:
                                    f"the weights of `{model}` are damaged; download or convert them again")
         return WeightError(f"merge `{self.node.name}` produced NaN or infinite values in "
                            f"tensor `{name}`", self.node.span)
+
+
+def _rows(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
