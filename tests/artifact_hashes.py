@@ -134,7 +134,24 @@ def manifest_without_keys(data: bytes) -> bytes:
     return json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
 
 
+RECORDED_THREADS = 2
+"""Torch's thread count when the hashes were recorded (the default on the 2-core machines
+of CI): the results of optimising nodes (edits, trained routers, fine-tunes) depend on how
+their reductions are split, so every compile here uses this many threads."""
+
+
 def compute(smollm2: bool, only: set[str] | None = None, log=print) -> dict[str, dict[str, str]]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        return _compute(smollm2, only, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compute(smollm2: bool, only: set[str] | None, log) -> dict[str, dict[str, str]]:
     import cfmlang
 
     os.environ["SOURCE_DATE_EPOCH"] = "0"

@@ -12,6 +12,19 @@ for _folder in sorted(Path(__file__).parent.glob("**/test_*.py")):   # tests sha
     if str(_folder.parent) not in sys.path:
         sys.path.append(str(_folder.parent))
 
+
+def _threads_per_worker() -> int | None:
+    """The cores shared out among xdist's workers (None when not run by xdist)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, (os.cpu_count() or 1) // workers) if workers else None
+
+
+if _threads_per_worker() is not None:
+    # `make test` runs one worker per core: torch's default (one thread per core in each
+    # worker, and in every cfmc process a test starts) would put several spinning threads
+    # on each core. Set before torch is imported; a user's own setting wins.
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads_per_worker()))
+
 from models import tiny_model  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -38,7 +51,8 @@ def tiny_zoo(tmp_path_factory) -> dict[str, Path]:
 def one_thread():
     """Torch on one thread for the test: tiny models gain nothing from threads and lose
     much on a loaded machine (test files opt in with `usefixtures`; artifacts whose hashes
-    are recorded keep the default thread count, which their bits depend on)."""
+    are recorded are built with the thread count they were recorded with, which the bits of
+    optimising nodes depend on: see tests/artifact_hashes.py)."""
     import torch
 
     previous = torch.get_num_threads()
