@@ -102,6 +102,8 @@ class RayShards:
             return ray.get(future)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
+            if isinstance(cause, CompileError):
+                raise cause from None
             raise CompileError([error("E244", f"a prompt shard failed on the Ray cluster: "
                                       f"{type(cause).__name__}: {cause}", None, WORKER_HINT)]) from None
         except ray.exceptions.RayError as exc:
