@@ -6,9 +6,14 @@ each, the load average, and whether the two artifacts are byte-identical.
     .venv/bin/python benchmarks/ray_vs_local.py                  # three ~1.34 GB models
     .venv/bin/python benchmarks/ray_vs_local.py --layers 2 --hidden 256 --intermediate 1024 --vocab 4096
 
-The models are built (once, cached by shape) under --work by merge_vs_mergekit.py's
-builder. Each compile runs in a fresh process (no cache, SOURCE_DATE_EPOCH fixed); the
-Ray cluster is started before the clock starts, so the wall times compare the compiles.
+The models are built (once, cached by shape) under --work (benchmarks/work/, not
+committed) by merge_vs_mergekit.py's builder. Each compile runs in a fresh process (no
+cache, SOURCE_DATE_EPOCH fixed); the Ray cluster is started before the clock starts, so the
+wall times compare the compiles (the workers' first import of cfmlang and torch is inside
+the Ray time). The driver's peak RSS is that process's own (getrusage RUSAGE_SELF: not
+the Ray head, raylets or workers, which are other processes). Also printed, for the
+arithmetic in docs/distributed.md: the rate at which input bytes were merged, in total and
+per worker CPU, and the driver's peak RSS as a share of one input model.
 """
 from __future__ import annotations
 
@@ -49,9 +54,11 @@ cluster = None
 if executor == "ray":
     import ray
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    store = 512 * 1024**2      # object store per node: results in flight are a few 64 MB batches
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "object_store_memory": store})
     for _ in range(workers):
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, object_store_memory=store)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
 start = time.perf_counter()
@@ -75,10 +82,26 @@ def run(executor: str, brick: Path, out: Path, workers: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def same_bytes(first: Path, second: Path) -> bool:
-    names = sorted(p.name for p in first.iterdir())
-    return names == sorted(p.name for p in second.iterdir()) and all(
-        (first / n).read_bytes() == (second / n).read_bytes() for n in names)
+def differences(first: Path, second: Path) -> list[str]:
+    """The files (and, in safetensors files, the tensors) whose bytes differ."""
+    names = sorted({p.name for p in first.iterdir()} | {p.name for p in second.iterdir()})
+    found = []
+    for name in names:
+        a, b = first / name, second / name
+        if not (a.is_file() and b.is_file()):
+            found.append(f"{name}: only in {'ray' if b.is_file() else 'local'}")
+        elif a.read_bytes() != b.read_bytes():
+            found.append(name)
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+                with safe_open(a, "pt") as x, safe_open(b, "pt") as y:
+                    for tensor in x.keys():
+                        left, right = x.get_tensor(tensor), y.get_tensor(tensor)
+                        if not left.equal(right):
+                            changed = (left != right).sum().item()
+                            found.append(f"  {tensor}: {changed} of {left.numel()} values differ, "
+                                         f"largest by {(left - right).abs().max().item():.3g}")
+    return found
 
 
 def main() -> int:
@@ -86,6 +109,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--workers", type=int, default=2, help="worker nodes of the local Ray cluster")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep both artifacts in this folder (default: deleted)")
     shape = parser.add_argument_group("model shape (defaults: ~1.34 GB float32 each)")
     for flag, default in (("hidden", 1024), ("intermediate", 4096), ("layers", 16), ("heads", 16),
                           ("kv-heads", 16), ("vocab", 32000), ("shards", 2), ("seed", 1234)):
@@ -95,7 +119,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     folders, model_bytes, _ = ensure_models(args)
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
-        scratch = Path(scratch)
+        scratch = Path(scratch) if args.keep is None else args.keep.resolve()
+        scratch.mkdir(parents=True, exist_ok=True)
         brick = scratch / "ties.brick"
         brick.write_text(BRICK.format(a=folders[0], b=folders[1], c=folders[2]))
         load_before = os.getloadavg()
@@ -104,17 +129,24 @@ def main() -> int:
         remote = run("ray", brick, scratch / "ray", args.workers)
         log(f"ray ({args.workers} workers): {remote['wall']:.1f} s, "
             f"driver peak RSS {remote['driver_peak_rss'] / 2**20:.0f} MiB")
-        identical = same_bytes(scratch / "local", scratch / "ray")
-    gb = model_bytes / 1e9
-    print(f"models: 3 x {gb:.2f} GB; load average before/after: "
+        different = differences(scratch / "local", scratch / "ray")
+    gb, inputs = model_bytes / 1e9, 3 * model_bytes
+    print(f"models: 3 x {gb:.2f} GB float32; load average before/after: "
           f"{load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"local wall {local['wall']:.2f} s ({local['wall'] / gb:.2f} s per GB of one input)")
-    print(f"ray   wall {remote['wall']:.2f} s ({remote['wall'] / gb:.2f} s per GB of one input)")
+    print(f"local wall {local['wall']:.2f} s ({local['wall'] / gb:.2f} s per GB of one input; "
+          f"{inputs / local['wall'] / 1e6:.1f} MB/s of input merged, one process)")
+    print(f"ray   wall {remote['wall']:.2f} s ({remote['wall'] / gb:.2f} s per GB of one input; "
+          f"{inputs / remote['wall'] / 1e6:.1f} MB/s of input merged, "
+          f"{inputs / remote['wall'] / args.workers / 1e6:.1f} MB/s per worker CPU)")
     print(f"ray / local wall: {remote['wall'] / local['wall']:.2f}")
-    print(f"driver peak RSS: local {local['driver_peak_rss'] / 2**20:.0f} MiB, ray "
-          f"{remote['driver_peak_rss'] / 2**20:.0f} MiB (ratio {remote['driver_peak_rss'] / local['driver_peak_rss']:.2f})")
-    print(f"artifacts byte-identical: {identical}")
-    return 0 if identical else 1
+    print(f"driver peak RSS: local {local['driver_peak_rss'] / 2**20:.0f} MiB "
+          f"({local['driver_peak_rss'] / model_bytes:.2f} x one input), ray "
+          f"{remote['driver_peak_rss'] / 2**20:.0f} MiB ({remote['driver_peak_rss'] / model_bytes:.2f} x one input); "
+          f"ray / local {remote['driver_peak_rss'] / local['driver_peak_rss']:.2f}")
+    print(f"artifacts byte-identical: {not different}")
+    for line in different[:40]:
+        print(f"  differs: {line}")
+    return 1 if different else 0
 
 
 if __name__ == "__main__":

@@ -56,6 +56,10 @@ class CompileError(Exception):
         self.diagnostics = tuple(sorted(diagnostics, key=_position))
         super().__init__(render_plain(self.diagnostics))
 
+    def __reduce__(self):
+        """Pickled as its diagnostics, so that one raised in a Ray task reaches the driver whole."""
+        return (CompileError, (self.diagnostics,))
+
 
 def _position(d: Diagnostic) -> tuple:
     s = d.span

@@ -6,6 +6,7 @@ The model itself runs unchanged (no reimplementation of any architecture)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from cfmlang.analysis.probes import Probes
+from cfmlang.analysis.shards import LOCAL, Shards
 from cfmlang.architectures import ArchitectureError, layer_module, of_model
 from cfmlang.diagnostics import CompileError, error
 
@@ -105,58 +107,67 @@ def sequence_nll(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Te
 
 
 def probe_nll(model: nn.Module, probes: Probes, edit: Edit | None = None, *,
-              max_batch_tokens: int = 2048, tick=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
+              max_batch_tokens: int = 2048, tick=lambda: None,
+              shards: Shards = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed NLL and predicted-token counts over `probes`, FFNs edited by `edit`."""
     total = torch.zeros(len(probes.sequences), dtype=torch.float64)
     counts = torch.zeros_like(total)
-    with torch.inference_mode(), edited_ffns(model, edit):
-        for batch in batches(probes, max_batch_tokens):
-            nll, count = sequence_nll(model, batch)
-            index = torch.tensor(batch.indices)
-            total[index], counts[index] = nll, count
-            tick()
+    grouped = list(batches(probes, max_batch_tokens))
+    for batch, (nll, count) in zip(grouped, shards.map(model, functools.partial(batch_nll, edit), grouped, tick)):
+        index = torch.tensor(batch.indices)
+        total[index], counts[index] = nll, count
     return total, counts
 
 
+def batch_nll(edit: Edit | None, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(), edited_ffns(model, edit):
+        return sequence_nll(model, batch)
+
+
 def instance_activations(model: nn.Module, probes: Probes, *, max_batch_tokens: int = 2048,
-                         tick=lambda: None) -> torch.Tensor:
+                         tick=lambda: None, shards: Shards = LOCAL) -> torch.Tensor:
     """A[i, layer, n]: the mean over the tokens of prompt i of |a_n| (float32)."""
-    layers = len(ffn_sites(model))
-    width = ffn_sites(model)[0].in_features
-    result = torch.zeros(len(probes.sequences), layers, width)
-    current: dict[str, torch.Tensor] = {}
+    result = torch.zeros(len(probes.sequences), len(ffn_sites(model)), ffn_sites(model)[0].in_features)
+    grouped = list(batches(probes, max_batch_tokens))
+    for batch, part in zip(grouped, shards.map(model, batch_activations, grouped, tick)):
+        result[torch.tensor(batch.indices)] = part
+    return result
+
+
+def batch_activations(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """[sequences of the batch, layer, n]: the mean over each sequence's tokens of |a_n|."""
+    result = torch.zeros(len(batch.indices), len(ffn_sites(model)), ffn_sites(model)[0].in_features)
+    mask = batch.attention_mask.float()
 
     def observe(layer: int, a: torch.Tensor) -> torch.Tensor:
-        mask = current["mask"]
-        summed = (a.abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        result[current["index"], layer] = summed
+        result[:, layer] = (a.abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return a
 
     with torch.inference_mode(), edited_ffns(model, observe):
-        for batch in batches(probes, max_batch_tokens):
-            current["mask"] = batch.attention_mask.float()
-            current["index"] = torch.tensor(batch.indices)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            tick()
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     return result
 
 
 def token_activations(model: nn.Module, probes: Probes, *, max_batch_tokens: int = 2048,
-                      tick=lambda: None) -> list[torch.Tensor]:
+                      tick=lambda: None, shards: Shards = LOCAL) -> list[torch.Tensor]:
     """Per layer, the activations of every real (unpadded) token of `probes`, [tokens, neurons]."""
-    per_layer: list[list[torch.Tensor]] = [[] for _ in ffn_sites(model)]
-    current: dict[str, torch.Tensor] = {}
+    grouped = list(batches(probes, max_batch_tokens))
+    parts = shards.map(model, batch_token_activations, grouped, tick)
+    return [torch.cat([part[layer] for part in parts]) for layer in range(len(ffn_sites(model)))]
+
+
+def batch_token_activations(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
+    """Per layer, the activations of the batch's real tokens, [tokens, neurons]."""
+    per_layer: list[torch.Tensor] = [torch.empty(0)] * len(ffn_sites(model))
+    mask = batch.attention_mask.bool()
 
     def observe(layer: int, a: torch.Tensor) -> torch.Tensor:
-        per_layer[layer].append(a[current["mask"]].float())
+        per_layer[layer] = a[mask].float()
         return a
 
     with torch.inference_mode(), edited_ffns(model, observe):
-        for batch in batches(probes, max_batch_tokens):
-            current["mask"] = batch.attention_mask.bool()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            tick()
-    return [torch.cat(chunks) for chunks in per_layer]
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return per_layer
 
 
 def batch_count(probes: Probes, max_batch_tokens: int) -> int:

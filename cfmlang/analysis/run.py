@@ -16,6 +16,7 @@ from cfmlang.analysis.funcscore import (scores_from_activations, shuffled, summa
 from cfmlang.analysis.indicators import INDICATORS, masked_count
 from cfmlang.analysis.perturbation import jaccard, layer_overlap, overlap, perplexity_with, random_neurons
 from cfmlang.analysis.probes import Probes
+from cfmlang.analysis.shards import LOCAL, Shards
 from cfmlang.analysis.sparsity import calibrate_cett, cett_loss, loss_curve, mean_loss, sample_tokens
 from cfmlang.diagnostics import CompileError, error
 
@@ -69,12 +70,15 @@ class Analysis:
 DEFAULTS, SILENT = Settings(), Silent()
 
 
-def analyze(model, probes: Probes, settings: Settings = DEFAULTS, progress: Progress = SILENT) -> Analysis:
+def analyze(model, probes: Probes, settings: Settings = DEFAULTS, progress: Progress = SILENT,
+            shards: Shards = LOCAL) -> Analysis:
+    """The whole analysis of `model` on `probes`; its forward passes run on `shards`
+    (here by default, or a Ray cluster: the numbers are the same)."""
     problems = settings.problems()
     if problems:
         raise CompileError(problems)
     model.eval()
-    options = {"max_batch_tokens": settings.max_batch_tokens}
+    options = {"max_batch_tokens": settings.max_batch_tokens, "shards": shards}
     steps = batch_count(probes, settings.max_batch_tokens)
     activations = instance_activations(model, probes, tick=progress.stage(
         "functional specialization: prompt activations", steps), **options)
@@ -89,8 +93,8 @@ def analyze(model, probes: Probes, settings: Settings = DEFAULTS, progress: Prog
         "settings": asdict(settings),
         "functional": functional_report(scores, baseline, settings),
         "partitions": partition_report(sets),
-        "perturbation": perturbation_report(model, probes, sets, settings, progress, steps),
-        "sparse_activation": sparse_report(model, probes, settings, progress),
+        "perturbation": perturbation_report(model, probes, sets, settings, progress, steps, shards),
+        "sparse_activation": sparse_report(model, probes, settings, progress, shards),
     }
     report["headline"] = headline(report)
     return Analysis(report, scores, baseline)
@@ -150,9 +154,9 @@ def partition_report(sets: torch.Tensor) -> dict:
 
 
 def perturbation_report(model, probes: Probes, sets: torch.Tensor, settings: Settings,
-                        progress: Progress, steps: int) -> dict:
+                        progress: Progress, steps: int, shards: Shards = LOCAL) -> dict:
     abilities, layers, neurons = sets.shape
-    options = {"max_batch_tokens": settings.max_batch_tokens}
+    options = {"max_batch_tokens": settings.max_batch_tokens, "shards": shards}
     tick = progress.stage("perturbation: perplexity with each ability's neurons zeroed", steps * (abilities + 2))
     intact = perplexity_with(model, probes, None, tick=tick, **options)
     masked = torch.stack([perplexity_with(model, probes, sets[f], tick=tick, **options) for f in range(abilities)])
@@ -167,9 +171,9 @@ def perturbation_report(model, probes: Probes, sets: torch.Tensor, settings: Set
     }
 
 
-def sparse_report(model, probes: Probes, settings: Settings, progress: Progress) -> dict:
+def sparse_report(model, probes: Probes, settings: Settings, progress: Progress, shards: Shards = LOCAL) -> dict:
     evaluation = probes.first_per_ability(settings.eval_per_ability)
-    options = {"max_batch_tokens": settings.max_batch_tokens}
+    options = {"max_batch_tokens": settings.max_batch_tokens, "shards": shards}
     steps = batch_count(evaluation, settings.max_batch_tokens)
     width = ffn_sites(model)[0].in_features
     tick = progress.stage("sparse activation: loss against masked fraction",

@@ -55,9 +55,10 @@ def _brick_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: None) -> Iterator[LoadedModel]:
-    """The model and tokenizer of `spec`; a .brick node is compiled into a temporary
-    artifact that lives as long as the block."""
+def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: None, executor: str = "local",
+               address: str | None = None) -> Iterator[LoadedModel]:
+    """The model and tokenizer of `spec`; a .brick node is compiled (with `executor`)
+    into a temporary artifact that lives as long as the block."""
     if spec.directory is not None:
         yield _load_directory(spec.directory, spec.title)
         return
@@ -65,7 +66,8 @@ def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: N
 
     with tempfile.TemporaryDirectory(prefix="cfm-analyze-") as scratch:
         log(f"compiling {spec.title} ...")
-        cfmlang.compile(spec.brick, Path(scratch) / "model", cache_dir=cache_dir, log=log, node=spec.node)
+        cfmlang.compile(spec.brick, Path(scratch) / "model", cache_dir=cache_dir, log=log, node=spec.node,
+                        executor=executor, address=address)
         yield _load_directory(Path(scratch) / "model", spec.title)
 
 

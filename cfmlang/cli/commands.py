@@ -172,7 +172,8 @@ def cmd_analyze(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     progress = StageLog(sys.stderr, enabled=not args.quiet)
     run = analyze_model(args.model, args.output, probes_dir=args.probes, settings=settings,
-                        max_prompts=args.max_prompts, max_tokens=args.max_tokens, cache_dir=args.cache_dir, progress=progress, log=log)
+                        max_prompts=args.max_prompts, max_tokens=args.max_tokens, cache_dir=args.cache_dir,
+                        progress=progress, log=log, executor=args.executor, address=args.address)
     progress.close()
     headline = run.analysis.report["headline"]
     if args.format == "json":

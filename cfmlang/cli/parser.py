@@ -8,6 +8,7 @@ from cfmlang.analysis.probes import PROBE_TOKENS
 from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_fmt,
                                   cmd_graph,
                                   cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
+from cfmlang.cluster import EXECUTORS
 from cfmlang.compiler.lower import PRECISIONS, PROGRAM_TARGETS, TARGETS
 from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
@@ -55,10 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--shard-size", type=shard_gigabytes, default=5.0,
                      help="max GB per safetensors shard (default 5)")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    sub.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="where merged tensors are computed: here (default) or on a Ray cluster")
-    sub.add_argument("--address", help="with --executor ray: the cluster's address (HOST:PORT or `auto`); "
-                     "default: a new local cluster")
+    executor_options(sub, "where merged tensors are computed: here (default) or on a Ray cluster")
     add_lowering_arguments(sub)
 
     sub = command("plan", cmd_plan, "show what a compile would run and reuse, with estimates")
@@ -127,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="json: print the headline numbers and diagnostics as JSON on stdout")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    executor_options(sub, "where the forward passes over the prompts run (and a .brick's merges are "
+                     "computed): here (default) or, in shards of prompts, on a Ray cluster")
 
     sub = command("eval", cmd_eval, "score a model on tasks: perplexity (.txt), multiple choice and "
                   "generation (.jsonl), lm-evaluation-harness tasks (.yaml)")
@@ -193,6 +193,12 @@ def size_argument(text: str) -> int:
     if size is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (500M, 8G, 1T ...)")
     return size
+
+
+def executor_options(sub: argparse.ArgumentParser, where: str) -> None:
+    sub.add_argument("--executor", choices=EXECUTORS, default="local", help=where)
+    sub.add_argument("--address", help="with --executor ray: the cluster's address (HOST:PORT or `auto`); "
+                     "default: a new local cluster")
 
 
 def cache_options(sub: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
+from local_cluster import add_worker
 from safetensors.torch import load_file, save_file
 
 from cfmlang.api import compile
@@ -32,23 +32,7 @@ merge tied:
   dtype: float32
 output: tied
 """
-STORE = 80 * 1024**2     # the smallest object store Ray accepts, per node
 CHUNK = 4096             # small row blocks: several per tensor
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A head without CPUs (so every task runs on a worker) and two one-CPU workers."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE,
-                                                            "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster, workers
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -125,10 +109,10 @@ def test_an_address_needs_the_ray_executor(ties_file, tmp_path, capsys):
 
 
 def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, tmp_path):
-    """Runs last: it leaves the cluster with one worker. The models are large enough
-    (~12 MB) that each task's result (~1.5 MB) is held in its worker's object store, so
-    removing the worker loses results not fetched yet as well as tasks running there:
-    Ray must run them again."""
+    """The models are large enough (~12 MB) that each task's result (~1.5 MB) is held in
+    its worker's object store, so removing the worker loses results not fetched yet as
+    well as tasks running there: Ray must run them again. A new worker node takes its
+    place afterwards (the cluster is the test session's)."""
     wide = dict(hidden_size=256, intermediate_size=512, vocab_size=512)
     models = {n: tiny_model(tmp_path / n, seed=i + 5, **wide) for i, n in enumerate("abc")}
     ties_file = tmp_path / "ties.brick"
@@ -141,8 +125,12 @@ def test_a_worker_node_removed_mid_compile_changes_nothing(cluster, tmp_path):
         written.append(done)
         if len(written) == 1:
             head.remove_node(workers[0])
-    compile(ties_file, tmp_path / "ray", use_cache=False, chunk_bytes=CHUNK, executor="ray",
-            address=head.address, progress=remove_a_worker_after_the_first_tensor)
-    assert len(written) > 10 and artifact_bytes(tmp_path / "ray") == expected
-    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
-    assert len(alive) == 1
+    try:
+        compile(ties_file, tmp_path / "ray", use_cache=False, chunk_bytes=CHUNK, executor="ray",
+                address=head.address, progress=remove_a_worker_after_the_first_tensor)
+        assert len(written) > 10 and artifact_bytes(tmp_path / "ray") == expected
+        alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+        assert len(alive) == 1
+    finally:
+        workers[0] = add_worker(head)
+        head.wait_for_nodes()

@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from cfmlang.cluster import check_executor
 from cfmlang.compiler.ir import CheckedProgram
-from cfmlang.diagnostics import CompileError, error
 from cfmlang.io.provider import Provider
 from cfmlang.ops.base import Sizes
-
-EXECUTORS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -51,13 +49,8 @@ LOCAL = LocalExecutor()
 
 def executor_named(name: str, address: str | None = None) -> Executor:
     """The executor `name` (E243 for an address without `ray`, E240 when Ray is missing)."""
-    if name not in EXECUTORS:
-        raise CompileError([error("E243", f"unknown executor `{name}`", None,
-                                  f"the executors: {', '.join(EXECUTORS)}")])
+    check_executor(name, address)
     if name == "local":
-        if address is not None:
-            raise CompileError([error("E243", "an address was given for the local executor", None,
-                                      "add `--executor ray` to compile on the Ray cluster at that address")])
         return LOCAL
     from cfmlang.compiler.executors.ray_cluster import RayExecutor
-    return RayExecutor.connecting(address)
+    return RayExecutor(address)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfmlang.artifact.write import nbytes, row_chunks
+from cfmlang.cluster import connect
 from cfmlang.compiler.executors import NodeJob
 from cfmlang.compiler.execute import make_provider
 from cfmlang.compiler.ir import TensorSpec
@@ -97,15 +98,6 @@ class RayExecutor:
     window: int = 4
     remote: object = None
 
-    @classmethod
-    def connecting(cls, address: str | None) -> RayExecutor:
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise CompileError([error("E240", "the Ray executor needs the `ray` package, which is not installed",
-                                      None, "install it: pip install 'cfmlang[ray]' (or pip install ray)")]) from None
-        return cls(address)
-
     def provider(self, job: NodeJob, provider: Provider, sizes: Sizes, log) -> Provider:
         if not operation_of(job.program.node(job.name)).distributable:
             return provider
@@ -120,17 +112,10 @@ class RayExecutor:
         """Connect (once) and return the cluster's CPU count."""
         import ray
 
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.address, log_to_driver=False, include_dashboard=False)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise CompileError([error("E241", f"cannot connect to the Ray cluster at "
-                                          f"{self.address or 'a new local cluster'}: {exc}", None,
-                                          "start it with `ray start --head` (then give its address as "
-                                          "--address HOST:PORT), or leave out --address for a local one")]) from None
+        cpus = connect(self.address)
         if self.remote is None:
             self.remote = ray.remote(max_retries=RETRIES, scheduling_strategy="SPREAD")(compute_batch)
-        return int(ray.cluster_resources().get("CPU", 1))
+        return cpus
 
 
 @dataclass
