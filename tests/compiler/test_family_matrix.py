@@ -420,9 +420,12 @@ AVAILABLE = [c for c in CASES if getattr(transformers, c.config, None) is not No
 
 @pytest.mark.parametrize("case", AVAILABLE, ids=[c.family for c in AVAILABLE])
 def test_every_operation_on_the_family(case, tmp_path_factory):
+    """Every cell passes its oracle or ends in its documented diagnostic, and the
+    family's row of docs/architectures.md says so."""
     row = family_results(case, tmp_path_factory.mktemp(case.family))
     merges = [name for name in row if name.startswith("merge ")]
     assert all(row[name] == "yes" for name in merges + ["stack", "block_expand", "finetune"]), row
+    assert documented_rows().get(case.family) == matrix_cells(row), REGENERATE
 
 
 # ---- the support matrix in docs/architectures.md -------------------------------------------
@@ -477,12 +480,30 @@ def matrix_markdown(rows: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REGENERATE = "regenerate: CFM_WRITE_DOCS=1 pytest tests/compiler/test_family_matrix.py"
+
+
+def documented_rows() -> dict[str, dict[str, str]]:
+    """The family rows of docs/architectures.md, by column."""
+    rows = {}
+    for line in MATRIX.read_text().splitlines():
+        parts = [part.strip() for part in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and parts[0] not in ("family", "---") and len(parts) == len(COLUMNS) + 1:
+            rows[parts[0]] = dict(zip(COLUMNS, parts[1:]))
+    return rows
+
+
 def test_docs_matrix_is_what_the_code_does(tmp_path_factory):
-    rows = {case.family: family_results(case, tmp_path_factory.mktemp(case.family)) for case in AVAILABLE}
-    text = matrix_markdown(rows)
+    """The page is the generated text: its rows are checked against the compiled cells
+    by each family's test above; here its families, legend and layout are. With
+    CFM_WRITE_DOCS=1 every family is compiled and the page written."""
     if os.environ.get("CFM_WRITE_DOCS") == "1":
-        MATRIX.write_text(text)
-    assert MATRIX.read_text() == text, "regenerate: CFM_WRITE_DOCS=1 pytest tests/compiler/test_family_matrix.py"
+        rows = {case.family: family_results(case, tmp_path_factory.mktemp(case.family)) for case in AVAILABLE}
+        MATRIX.write_text(matrix_markdown(rows))
+    documented = documented_rows()
+    assert sorted(documented) == sorted(case.family for case in AVAILABLE), REGENERATE
+    as_cells = {family: {cell.name: columns[cell.column] for cell in CELLS} for family, columns in documented.items()}
+    assert MATRIX.read_text() == matrix_markdown(as_cells), REGENERATE
 
 
 def test_a_family_cfmlang_cannot_describe_merges_but_refuses_what_needs_its_layers(tmp_path):
@@ -509,3 +530,18 @@ def test_a_family_cfmlang_cannot_describe_merges_but_refuses_what_needs_its_laye
             cfmlang.check(program)
         found = [d for d in info.value.diagnostics if d.code == "E056"]
         assert found and "mystery_lm" in found[0].message and found[0].span.line == line
+
+
+def test_check_names_the_family_of_every_source_model(tmp_path, capsys):
+    from cfmlang.cli import main
+
+    by_family = {case.family: case for case in AVAILABLE}
+    for name, family in (("a", "gpt2"), ("b", "qwen3"), ("c", "gpt2")):
+        save_model(by_family[family], tmp_path / name, seed=1)
+    (tmp_path / "p.brick").write_text(HEAD + "merge m:\n  method: linear\n  inputs: [a, c]\n  weight: 0.5\n"
+                                      "output: m\n")
+    assert main(["check", str(tmp_path / "p.brick")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert f"model a: gpt2 (transformers GPT2LMHeadModel), {LAYERS} layers" in lines
+    assert f"model b: qwen3 (transformers Qwen3ForCausalLM), {LAYERS} layers" in lines
+    assert lines[-1].endswith("p.brick: ok (4 nodes)")
