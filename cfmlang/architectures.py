@@ -121,6 +121,8 @@ class Architecture:
     unclassified: tuple[str, ...] = ()   # tensor-holding members of a layer with no role
     parallel: bool = False               # attention and FFN read the same input (phi, falcon, neox ...)
     layout: str = "checkpoint"
+    transposed: bool = False             # projections stored [in, out] (GPT-2's Conv1D), not [out, in]
+    causal_lm: str = ""                  # the transformers class, e.g. LlamaForCausalLM
 
     def member(self, role: str) -> str | None:
         """The member path (inside a layer) of a role, or None."""
@@ -201,6 +203,13 @@ class Architecture:
         """The roles whose tensors write into the residual stream in this family's layers."""
         ffn = "ffn.experts" if self.member("ffn.experts") else "ffn.down"
         return ("attn.o", ffn)
+
+    def leaves(self, roles: Iterable[str]) -> list[str]:
+        """The module names (last path part, as PEFT's `target_modules` take them) of
+        those of `roles` this family has, in order: ["q_proj", "v_proj"] for a Llama's
+        ("attn.q", "attn.v")."""
+        found = [self.member(role) for role in roles]
+        return list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in found if path))
 
     @property
     def gated_ffn(self) -> bool:
@@ -292,6 +301,29 @@ def of_model(model) -> Architecture:
     return describe(model.config.to_dict(), layout="module")
 
 
+def checkpoint_tensors(model, tensors: dict) -> dict:
+    """Tensors of a loaded model, named as the module names them, renamed (and split)
+    as `save_pretrained` would write them: Mixtral's fused experts become per-expert
+    `w1`/`w2`/`w3`."""
+    return _revert(model, tensors)
+
+
+def head_logits(model, hidden):
+    """The logits a loaded causal LM computes from final hidden states: its output head,
+    then the family's own scaling of the result (Cohere's `logit_scale`, Granite's
+    `logits_scaling`, Gemma 2/3's final soft-capping), as its forward does."""
+    config = model.config.get_text_config()
+    logits = model.get_output_embeddings()(hidden)
+    if getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        cap = config.final_logit_softcapping
+        logits = (logits / cap).tanh() * cap
+    return logits
+
+
 def layer_module(model, layer: int, role: str | None = None):
     """The torch module of layer `layer` of a loaded model, or of one of its roles
     (`ffn.down` ...); ArchitectureError when the family has no such role."""
@@ -372,7 +404,9 @@ def _describe(config_json: str, layout: str) -> Architecture:
         lm_head=_module_of(saved, head),
         tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
         position_embed=_module_of(saved, _position_embed(model, parent, embed)),
-        unclassified=unclassified, parallel=_parallel(cfg), layout=layout)
+        unclassified=unclassified, parallel=_parallel(cfg), layout=layout,
+        transposed=any(type(m).__name__ == "Conv1D" for m in model.get_submodule(layers)[0].modules()),
+        causal_lm=type(model).__name__)
 
 
 def _meta_model(raw: dict):

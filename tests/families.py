@@ -38,6 +38,7 @@ class Case:
     top: tuple = MODEL             # embed, final_norm, lm_head
     width: int = 64
     parallel: bool = False
+    lora: tuple = ("q_proj", "v_proj")   # leaf names of the attention inputs an adapter targets
 
 
 CASES = [
@@ -61,21 +62,22 @@ CASES = [
          {"attn.o": "self_attn.dense", "ffn.up": "mlp.fc1", "ffn.down": "mlp.fc2"},
          top=("model.embed_tokens", "model.final_layernorm", "lm_head"), parallel=True),
     Case("phi3", "Phi3Config", SMALL, FUSED_ATTN | {"ffn.gate_up", "ffn.down"} | NORMS,
-         {"attn.qkv": "self_attn.qkv_proj", "ffn.gate_up": "mlp.gate_up_proj"}),
+         {"attn.qkv": "self_attn.qkv_proj", "ffn.gate_up": "mlp.gate_up_proj"}, lora=("qkv_proj",)),
     Case("stablelm", "StableLmConfig", SMALL, LLAMA),
     Case("starcoder2", "Starcoder2Config", SMALL, ATTN | PLAIN | NORMS, {"ffn.up": "mlp.c_fc", "ffn.down": "mlp.c_proj"}),
     Case("gpt2", "GPT2Config", GPT, FUSED_ATTN | PLAIN | NORMS,
          {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "ffn.down": "mlp.c_proj", "norm.ffn": "ln_2"},
-         layers="transformer.h", top=TRANSFORMER, width=128),
+         layers="transformer.h", top=TRANSFORMER, width=128, lora=("c_attn",)),
     Case("gpt_bigcode", "GPTBigCodeConfig", GPT, FUSED_ATTN | PLAIN | NORMS, {"ffn.up": "mlp.c_fc"},
-         layers="transformer.h", top=TRANSFORMER, width=128),
+         layers="transformer.h", top=TRANSFORMER, width=128, lora=("c_attn",)),
     Case("gpt_neox", "GPTNeoXConfig", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"},
          FUSED_ATTN | PLAIN | NORMS, {"attn.qkv": "attention.query_key_value", "ffn.down": "mlp.dense_4h_to_h"},
-         layers="gpt_neox.layers", top=("gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"), parallel=True),
+         layers="gpt_neox.layers", top=("gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"), parallel=True,
+         lora=("query_key_value",)),
     Case("falcon", "FalconConfig", FALCON, FUSED_ATTN | PLAIN | {"norm.attn"},
          {"attn.qkv": "self_attention.query_key_value", "attn.o": "self_attention.dense", "norm.attn": "input_layernorm"},
          layers="transformer.h", top=("transformer.word_embeddings", "transformer.ln_f", "lm_head"), width=128,
-         parallel=True),
+         parallel=True, lora=("query_key_value",)),
     Case("cohere", "CohereConfig", SMALL, ATTN | GATED | {"norm.attn"}, parallel=True),
     Case("olmo", "OlmoConfig", SMALL, ATTN | GATED, top=("model.embed_tokens", None, "lm_head")),
     Case("olmo2", "Olmo2Config", SMALL, ATTN | QK_NORM | GATED | {"norm.attn_out", "norm.ffn_out"},

@@ -47,6 +47,27 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
     return Path(folder)
 
 
+def byte_bpe_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
+    """A byte-level BPE tokenizer (GPT-2/Qwen style) of at most `vocab_size` entries,
+    trained on WORDS and a few sentences, saved beside a tiny model. Unlike the
+    word-level one it survives transformers rebuilding it as a family's own class
+    (AutoTokenizer makes any tokenizer of a `qwen2` model a Qwen2Tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    texts = [" ".join(WORDS)] * 3 + ["the sea and the sky", "a poem of love at night", "the code in the loop"]
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"], limit_alphabet=40,
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def peft_adapter(folder: Path, base: Path, seed: int, r: int = 4, targets=("q_proj", "v_proj"),
                  **config) -> Path:
     """Save a PEFT LoRA adapter for the model in `base`, made by peft itself, with random

@@ -34,8 +34,26 @@ def cmd_check(args) -> int:
     _, dropped = build_graph(program)
     report(program.warnings + tuple(dropped), args)
     if args.format == "text":
+        for line in family_lines(program):
+            print(line, file=sys.stderr)
         print(f"{args.file}: ok ({len(program.nodes)} nodes)", file=sys.stderr)
     return EXIT_OK
+
+
+def family_lines(program) -> list[str]:
+    """`model base: llama (transformers LlamaForCausalLM), 30 layers` for every model the
+    program reads from a source (a model node that depends on no other node)."""
+    from cfmlang.compiler.ir import NodeKind
+
+    lines = []
+    for node in program.nodes:
+        if node.node_type != NodeKind.MODEL or node.deps or node.arch is None:
+            continue
+        layout = node.arch.layout
+        family = (f"{layout.model_type} (transformers {layout.causal_lm})" if layout is not None
+                  else f"{node.arch.model_type} (a family cfmlang cannot describe: merges without gradients only)")
+        lines.append(f"model {node.name}: {family}, {node.arch.num_layers} layers")
+    return lines
 
 
 def cmd_graph(args) -> int:

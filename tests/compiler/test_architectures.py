@@ -219,3 +219,21 @@ def test_descriptions_are_stored_and_a_damaged_entry_is_described_again(tmp_path
     architectures._described.cache_clear()
     assert architectures._described(text, "checkpoint") == built          # damaged: described again
     assert architectures._read_stored(stored) == built
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.family for c in CASES])
+def test_head_logits_are_the_models_own(case: Case):
+    """What edits compute on a few positions is what the family's forward computes."""
+    from cfmlang.architectures import head_logits
+
+    config_class = getattr(transformers, case.config, None)
+    if config_class is None:
+        pytest.skip(f"the installed transformers has no {case.config}")
+    extra = {"logit_scale": 0.5} if case.family == "cohere" else {"logits_scaling": 4.0} \
+        if case.family == "granite" else {"final_logit_softcapping": 3.0} if case.family in ("gemma2", "gemma3_text") else {}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**case.kwargs, **extra)).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        ours = head_logits(model, model.base_model(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(ours, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)

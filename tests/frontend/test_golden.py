@@ -56,6 +56,7 @@ def build_models(models: Path) -> Path:
     tiny_model(models / "wide", seed=4, hidden_size=64)             # E060: hidden_size
     tiny_model(models / "shallow", seed=5, num_hidden_layers=2)     # E060: num_layers
     tiny_model(models / "biased", seed=6, attention_bias=True)      # E113: upcycle needs no biases
+    tiny_gpt2(models / "gpt2")                                        # E280: Conv1D projections
     config, weights = a / "config.json", a / "model.safetensors"
     tensors = load_file(weights)
 
@@ -97,6 +98,13 @@ def build_models(models: Path) -> Path:
     save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].to(torch.int64)},
               folder("int_tensor") / "model.safetensors", metadata={"format": "pt"})
     return models
+
+
+def tiny_gpt2(folder: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128)).save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,10 @@ from torch import nn
 from cfmlang.artifact.load import load_eager
 from cfmlang.diagnostics import CompileError, error
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Families whose decoder layer this module restates: pre-norm attention (separate q, k,
+v and o projections, rotary positions, optionally a per-head query/key norm) and a
+pre-norm FFN, each added to the residual stream."""
 
 
 class CachedDecoder(nn.Module):
@@ -76,8 +79,11 @@ class CachedDecoder(nn.Module):
         group = self.heads // self.kv_heads
         # queries sharing a KV head stacked along the sequence axis: [B, kv, group*T, D]
         query = attn.q_proj(x).view(batch, length, self.kv_heads, group, self.head_dim)
+        key = attn.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:     # per-head RMS norms before rotary (Qwen3)
+            query, key = attn.q_norm(query), attn.k_norm(key)
         query = query.permute(0, 2, 3, 1, 4).reshape(batch, self.kv_heads, group * length, self.head_dim)
-        key = attn.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        key = key.transpose(1, 2)
         value = attn.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
         query = rotate(query, cos.repeat(group, 1), sin.repeat(group, 1))
         key = rotate(key, cos, sin)
@@ -106,7 +112,9 @@ def masked_attention(query, key_cache, value_cache, mask, scale: float):
 
 
 def sliding_window(config) -> int | None:
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+    """The attention window, None for full attention (Qwen's configs state a window they
+    do not use unless `use_sliding_window`)."""
+    if getattr(config, "use_sliding_window", True) is False:
         return None
     return getattr(config, "sliding_window", None)
 
@@ -137,3 +145,8 @@ def require_supported(model: nn.Module) -> None:
         raise CompileError([error(
             "E173", f"lowering supports the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}), "
             f"not `{config.model_type}`", None, "compile with `--target eager`")])
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if len(kinds) > 1:
+        raise CompileError([error(
+            "E173", f"lowering restates one attention kind for every layer, but this {config.model_type} "
+            f"model mixes {', '.join(sorted(kinds))} layers", None, "compile with `--target eager`")])

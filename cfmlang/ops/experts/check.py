@@ -151,6 +151,12 @@ def gated_ffns(checker, arch: ArchInfo, model: str, layers: tuple[int, ...], spa
     if layout is None:
         return False
     names = {t.name for t in arch.tensors}
+    if not layout.gated_ffn:
+        checker.problems.append(error(
+            "E165", layout.lacking(f"experts split the neurons of a gated FFN (separate gate, up and down "
+                                   f"projections) of `{model}`"), span,
+            "experts need gated FFNs without biases (Llama, Mistral, Qwen2 style; see docs/architectures.md)"))
+        return False
     for layer in layers:
         wanted = [layout.module(layer, role) + ".weight" if layout.member(role) else f"{role} of layer {layer}"
                   for role in FFN_ROLES]
@@ -160,7 +166,7 @@ def gated_ffns(checker, arch: ArchInfo, model: str, layers: tuple[int, ...], spa
         if missing or biased:
             what = f"has no `{missing[0]}`" if missing else f"has a bias `{biased[0]}`"
             checker.problems.append(error(
-                "E165", f"layer {layer} of `{model}` {what}", span,
+                "E165", f"layer {layer} of `{model}` ({layout.model_type}) {what}", span,
                 "experts need gated FFNs without biases (gate_proj, up_proj, down_proj: "
                 "Llama, Mistral, Qwen2 style)"))
             return False

@@ -272,23 +272,33 @@ def _layer_shapes(arch: ArchInfo) -> dict[str, tuple[int, ...]]:
 
 # ---- widen and upcycle ----------------------------------------------------------------------
 
-def _mlp_problem(checker, arch: ArchInfo, source: str, method: str, span) -> bool:
-    """Report (E113) a layer without a gated FFN (separate gate, up and down
-    projections); True when there is one."""
+WIDENED_ROLES = ("ffn.up", "ffn.down")
+"""What widen needs: an FFN whose neurons are rows of its input projections (the gate's
+too, where there is one) and columns of its output projection, stored `[out, in]`."""
+
+
+def _mlp_problem(checker, arch: ArchInfo, source: str, method: str, span, roles=FFN_ROLES) -> bool:
+    """Report (E113) a layer without the FFN projections `roles` (gated: separate gate,
+    up and down projections); True when one is missing."""
     layout = arch.layout
-    if not layout.gated_ffn:
+    what = "a gated FFN (separate gate, up and down projections)" if roles == FFN_ROLES else \
+        "an FFN with separate input and output projections"
+    if not all(layout.member(role) for role in roles) or layout.member("ffn.gate_up") or layout.transposed:
+        lacking = layout.lacking(f"{method} needs {what}")
+        if layout.transposed:
+            lacking = (f"{method} needs {what} stored `[out, in]`, but {layout.model_type} models store theirs "
+                       "transposed (GPT-2's Conv1D layers)")
         checker.problems.append(error(
-            "E113", layout.lacking(f"{method} needs a gated FFN (separate gate, up and down projections)"), span,
-            "widen and upcycle work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
+            "E113", lacking, span, f"{method} works on the families marked `yes` in docs/architectures.md"))
         return True
     names = {s.name for s in arch.tensors}
     for layer in range(arch.num_layers) if names else ():
-        absent = [layout.module(layer, role) + ".weight" for role in FFN_ROLES
+        absent = [layout.module(layer, role) + ".weight" for role in roles
                   if layout.module(layer, role) + ".weight" not in names]
         if absent:
             checker.problems.append(error(
-                "E113", f"{method} needs a gated FFN, but layer {layer} of `{source}` has no `{absent[0]}`", span,
-                "widen and upcycle work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
+                "E113", f"{method} needs {what}, but layer {layer} of `{source}` has no `{absent[0]}`", span,
+                f"{method} works on the families marked `yes` in docs/architectures.md"))
             return True
     return False
 
@@ -303,7 +313,7 @@ def _widen(checker, decl, body, options, source: str):
             f"give a size larger than {arch.intermediate_size}"))
         return None
     if checker.layout_of(source, "widen", body.get("method").value.span) is None or \
-            _mlp_problem(checker, arch, source, "widen", body.get("method").value.span):
+            _mlp_problem(checker, arch, source, "widen", body.get("method").value.span, WIDENED_ROLES):
         return None
     tensors = tuple(widened_spec(s, size, arch.layout) for s in arch.tensors)
     return (source,), (), replace(arch, intermediate_size=size, tensors=tensors)

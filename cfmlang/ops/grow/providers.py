@@ -80,7 +80,7 @@ class WidenProvider:
         self.reference = self.source
         self.support_dir = self.source.support_dir
         self.specs = [widened_spec(s, self.size, self.node.arch.layout) for s in self.source.specs]
-        self.config = widen_config(self.source.config, self.size)
+        self.config = widen_config(self.source.config, self.size, self.node.arch.layout)
         self.whole = _WholeTensors()
 
     def get(self, name: str, rows: Rows = None) -> torch.Tensor:

@@ -202,9 +202,11 @@ def widen_tensor(tensor: torch.Tensor, role: str, sources: torch.Tensor, init: s
     return torch.cat([split, split[..., sources]], dim=-1).to(tensor.dtype)
 
 
-def widen_config(config: dict, size: int) -> dict:
+def widen_config(config: dict, size: int, layout: Architecture) -> dict:
+    """The config with the FFN width under the family's key (`intermediate_size`,
+    `n_inner`, `ffn_hidden_size` ...)."""
     out = _with_text(config)
-    _text(out)["intermediate_size"] = size
+    _text(out)[layout.keys.intermediate_size or "intermediate_size"] = size
     return out
 
 

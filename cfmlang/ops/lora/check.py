@@ -14,7 +14,7 @@ from cfmlang.compiler.ir import (AttachNode, LoraExtractNode, LoraMergeNode, Lor
 from cfmlang.io.sources import SourceError
 from cfmlang.diagnostics import did_you_mean, error, warning
 from cfmlang.ops.registry import lookup, names_for
-from cfmlang.ops.lora.factors import TrainOptions, module_order, peft_rank
+from cfmlang.ops.lora.factors import EXTRACTED_ROLES, TRAINED_ROLES, TrainOptions, default_targets, module_order, peft_rank
 from cfmlang.ops.lora.combine import ADAPTER_MERGE, NEEDS_DENSITY, SAME_RANK, CombineOptions, merged_rank
 from cfmlang.ops.lora.train import DataError, read_samples
 
@@ -74,6 +74,8 @@ def check_lora_source(checker, decl, entry: ast.Entry, base: str | None, base_di
     if base is None:
         return
     arch = checker.nodes[base].arch
+    if refused_transposed(checker, arch, base, value.span):
+        return
     try:
         config, specs = read_peft_dir(path)
         modules = adapter_modules(config, specs, arch, base)
@@ -101,6 +103,10 @@ def check_lora_train(checker, decl, entry: ast.Entry, base: str | None, base_dir
     if data is None or base is None or not has_tokenizer(checker, base, spec.span):
         return
     arch = checker.nodes[base].arch
+    if refused_transposed(checker, arch, base, spec.span):
+        return
+    if options["targets"] is None:
+        options["targets"] = default_targets(arch.layout, TRAINED_ROLES)
     modules = base_modules(arch, options["targets"], options["rank"])
     if not modules and arch.tensors:
         checker.problems.append(error("E150", f"no weight of `{base}` matches the targets "
@@ -110,6 +116,19 @@ def check_lora_train(checker, decl, entry: ast.Entry, base: str | None, base_dir
         return
     checker.nodes[decl.name] = LoraTrainNode(decl.name, decl.span, base, data,
                                           tuple(sorted(options.items())), modules, arch)
+
+def refused_transposed(checker, arch, base: str, span) -> bool:
+    """E280 for a base whose projections are stored transposed (GPT-2's Conv1D, `[in,
+    out]`): adapter factors are read, trained, fused and extracted as `[out, in]`."""
+    layout = arch.layout
+    if layout is None or not layout.transposed:
+        return False
+    checker.problems.append(error(
+        "E280", f"a lora brick on `{base}` needs linear projections stored `[out, in]`, but {layout.model_type} "
+        "models store theirs transposed (GPT-2's Conv1D layers)", span,
+        "LoRA bricks support the families whose projections are nn.Linear (see docs/architectures.md)"))
+    return True
+
 
 def has_tokenizer(checker, base: str, span) -> bool:
     """Training tokenizes its data with the base's tokenizer: a model directory must
@@ -159,8 +178,10 @@ def check_lora_extract(checker, decl, extract: ast.Entry, kind) -> None:
     if options is None or None in refs.values() or len(refs) < 2:
         return
     arch = checker.compatible(decl, [refs["base"], refs["from"]])
-    if arch is None:
+    if arch is None or refused_transposed(checker, arch, refs["base"], spec.span):
         return
+    if options["targets"] is None:
+        options["targets"] = default_targets(arch.layout, EXTRACTED_ROLES)
     modules = base_modules(arch, options["targets"], options["rank"])
     checker.nodes[decl.name] = LoraExtractNode(decl.name, decl.span, refs["from"], refs["base"],
                                             options["rank"], options["threshold"],

@@ -14,6 +14,22 @@ from pydantic import Field
 from cfmlang.ops.registry import Method, Params, register
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Llama's projection names: the targets of a model whose family cfmlang cannot describe."""
+TRAINED_ROLES = (("attn.q", "attn.v"), ("attn.qkv",))
+"""What a trained adapter targets by default: the query and value projections, or the
+fused query/key/value projection of families that have one (PEFT's usual choice)."""
+EXTRACTED_ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.gate", "ffn.up", "ffn.down",
+                   "ffn.gate_up")
+"""What an extracted adapter targets by default: every linear projection of a layer."""
+
+
+def default_targets(layout, roles) -> list[str]:
+    """The module names of the first of `roles` (a tuple of role groups, or one group)
+    the family has; Llama's names for a family cfmlang cannot describe."""
+    groups = roles if isinstance(roles[0], tuple) else (roles,)
+    if layout is None:
+        return ["q_proj", "v_proj"] if groups is TRAINED_ROLES else list(LINEAR_MODULES)
+    return next((found for group in groups if (found := layout.leaves(group))), [])
 
 
 class TrainOptions(Params):
@@ -27,7 +43,8 @@ class TrainOptions(Params):
     seed: Annotated[int, Field(ge=0)] = 0
     batch_size: Annotated[int, Field(ge=1)] = 4
     max_length: Annotated[int, Field(ge=8)] = 128
-    targets: Annotated[list[str], Field(min_length=1)] = ["q_proj", "v_proj"]
+    targets: Annotated[list[str], Field(min_length=1)] | None = None
+    """Module names; None: the family's query and value projections (TRAINED_ROLES)."""
     rslora: bool = False
     system: str | None = None
     """The system message chat-formatted prompts get; None: the chat template's own
@@ -41,7 +58,7 @@ class ExtractSpec(Params):
     base: str
     rank: Annotated[int, Field(ge=1)]
     threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    targets: Annotated[list[str], Field(min_length=1)] = list(LINEAR_MODULES)
+    targets: Annotated[list[str], Field(min_length=1)] | None = None
 
 
 @register
@@ -56,7 +73,7 @@ class LoraBrick(Method):
 
         rank: Annotated[int, Field(ge=1)]
         threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0
-        targets: Annotated[list[str], Field(min_length=1)] = list(LINEAR_MODULES)
+        targets: Annotated[list[str], Field(min_length=1)] | None = None
 
     class Options(Params):
         """What a lora brick statement holds: exactly one of `source`, `train`, `extract`

@@ -53,16 +53,19 @@ def edit_node(checker, decl: ast.Decl, body: ast.MapValue, method, base_dir: Pat
 
 
 def _gated(checker, source: str, method: str, span) -> bool:
-    """Edits write rank-one changes into a gated FFN's down projection (its input is the
-    key): E113 for a family without one."""
+    """Edits write rank-one changes into an FFN's down projection (its input is the key,
+    its output the value; ROME's GPT-2 and GPT-J had plain FFNs, Llama's are gated): E113
+    for a family without a dense one stored `[out, in]` (MoE experts, GPT-2's Conv1D)."""
     layout = checker.layout_of(source, method, span)
     if layout is None:
         return False
-    if not layout.gated_ffn:
+    if layout.member("ffn.down") is None or layout.transposed:
+        lacking = layout.lacking(f"{method} edits the down projection of a dense FFN")
+        if layout.transposed:
+            lacking = (f"{method} edits an FFN down projection stored `[out, in]`, but {layout.model_type} models "
+                       "store theirs transposed (GPT-2's Conv1D layers)")
         checker.problems.append(error(
-            "E113", layout.lacking(f"{method} edits the down projection of a gated FFN (separate gate, up and "
-                                   "down projections)"), span,
-            "knowledge edits work on Llama-style FFNs (Llama, Mistral, Qwen2, Gemma ...)"))
+            "E113", lacking, span, f"{method} works on the families marked `yes` in docs/architectures.md"))
         return False
     return True
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from cfmlang.architectures import layer_module
+from cfmlang.architectures import head_logits, layer_module
 
 
 Log = Callable[[str], None]
@@ -187,8 +187,8 @@ def frozen(model) -> Iterator[None]:
 def logits_at(model, batch: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Logits at (rows, positions) only: the LM head (the largest matrix of a small
     model) runs on the few positions a loss reads, not on every token."""
-    hidden = model.model(**batch).last_hidden_state
-    return model.lm_head(hidden[rows, positions]).float()
+    hidden = model.base_model(**batch).last_hidden_state
+    return head_logits(model, hidden[rows, positions]).float()
 
 
 def optimise_value(model, tokenizer, layer: int, request: Request, prefixes: tuple[str, ...],
@@ -298,7 +298,7 @@ def key_second_moments(model, layers: list[int], tokens: torch.Tensor, batch_siz
             handle = down_proj(model, max(layers)).register_forward_pre_hook(stop)
             stack.callback(handle.remove)
             with contextlib.suppress(_Enough):
-                model.model(input_ids=tokens[start:start + batch_size])
+                model.base_model(input_ids=tokens[start:start + batch_size])
         for layer in layers:   # float32 products (as ROME's statistics), summed in float64
             keys = seen[layer][0].flatten(0, 1)
             totals[layer] = totals.get(layer, 0) + (keys.T @ keys).double()

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from cfmlang.compiler.ir import EditNode, FinetuneNode
+from cfmlang.architectures import checkpoint_tensors
 from cfmlang.io.materialise import materialise
 from cfmlang.io.provider import Provider
 from cfmlang.io.weights import TORCH_DTYPES, NodeStats, Rows, WeightError
@@ -89,4 +90,5 @@ class FinetuneProvider:
         except DataError as exc:
             raise WeightError(f"update `{self.node.name}` (finetune): {exc}", self.node.span) from None
         dtypes = {s.name: TORCH_DTYPES[s.dtype] for s in self.specs}
-        return {name: weight.to(dtypes[name]) for name, weight in self.training.weights.items()}
+        trained = checkpoint_tensors(model, self.training.weights)
+        return {name: weight.to(dtypes[name]) for name, weight in trained.items()}
