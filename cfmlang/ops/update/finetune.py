@@ -131,7 +131,7 @@ def finetune(model, tokenizer, prefixes: tuple[str, ...], texts: list[str], opti
         loss = batch_loss(model, [data[i] for i in picked], pad_id)
         loss.backward()
         optimiser.step()
-        curve.append(float(loss))
+        curve.append(loss.item())
         log(f"    step {step}/{options['steps']}: loss {curve[-1]:.4f}")
     after = mean_loss(model, data, options["batch_size"], pad_id)
     log(f"  finetune: loss {before:.4f} -> {after:.4f}")
