@@ -26,6 +26,7 @@ FILE_TARGETS = ("gguf",)
 eager weights."""
 PROGRAM_DTYPES = ("float32", "float16", "bfloat16")
 PROGRAM_NAMES = ("program", "prefill", "decode")
+CACHES = ("in_place", "functional")
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:[0-9]{1,3})?")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 RECOMPILE = "recompile the artifact from its .brick file (`cfmc compile FILE -o DIR`)"
@@ -43,6 +44,7 @@ class LoweredEntry:
     max_length: int | None
     static: dict | None
     decode_max_batch: int | None
+    in_place_cache: bool
     raw: dict
 
 
@@ -144,6 +146,7 @@ def lowered_entry(directory: Path, manifest: dict) -> LoweredEntry | None:
                         max_length=_count(path, raw, "max_length"), static=_static(path, raw, target),
                         decode_max_batch=_count(path, _object(path, raw, "packing"), "decode_max_batch",
                                                 "lowered.packing"),
+                        in_place_cache=_choice(path, {"cache": "functional", **raw}, "cache", CACHES) == "in_place",
                         raw=raw)
 
 

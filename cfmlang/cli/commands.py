@@ -23,7 +23,7 @@ def lowering_options(args):
     return LowerOptions(target=args.target, device=args.device, precision=args.precision, batch=args.batch,
                         prompt_length=args.prompt_length, cache_length=args.cache_length,
                         use_fp32_acc=not args.no_fp32_acc, pack_weights=not args.no_pack,
-                        quant=args.quant)
+                        decode_kernel=args.decode_kernel, quant=args.quant)
 
 
 def cmd_check(args) -> int:

@@ -9,7 +9,7 @@ from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, 
                                   cmd_graph,
                                   cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
 from cfmlang.cluster import EXECUTORS
-from cfmlang.compiler.lower import PRECISIONS, PROGRAM_TARGETS, TARGETS
+from cfmlang.compiler.lower import DECODE_KERNELS, PRECISIONS, PROGRAM_TARGETS, TARGETS
 from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
 
 TRUST_CODE_HELP = ("load inductor/tensorrt programs (native code) that this machine did not build; "
@@ -223,6 +223,11 @@ def add_lowering_arguments(sub: argparse.ArgumentParser) -> None:
                      "q4_1, q4_0; default f16)")
     sub.add_argument("--no-pack", action="store_true", help="inductor: keep float32 weights in the decode "
                      "program even where they are exact GGUF block values")
+    sub.add_argument("--decode-kernel", choices=DECODE_KERNELS, default="exact",
+                     help="inductor: how the decode program multiplies by packed weights: exact (float32 "
+                     "rebuilt from the block codes, eager's weights bit for bit; default), bf16 (torch's "
+                     "int4 CPU kernels, bfloat16 activations: faster, logits within about 1%% of the "
+                     "float32 ones), bf16x2 (the same with inputs split in two bfloat16 parts: half the error)")
 
 
 def _numbers(text: str) -> tuple[float, ...]:

@@ -1,5 +1,7 @@
 """Weight packing: float32 weights that are exact GGUF block values read as their codes by
-the inductor decode program, losslessly; everything else stays float32."""
+the inductor decode program, losslessly (`exact`) or through torch's int4/int8 CPU kernels
+with bfloat16 activations (`bf16`, `bf16x2`) within a stated error; everything else stays
+float32. The inductor programs write the KV cache in place."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +14,11 @@ from transformers import AutoModelForCausalLM
 
 import cfmlang
 from cfmlang.cli import main
+from cfmlang.compiler.lower import LowerOptions, preflight
 from cfmlang.compiler.lower.packing import (PACKED_DECODE_MAX_BATCH, linear_layers, pack_linears,
                                             packed_layer)
+from cfmlang.diagnostics import CompileError
+from cfmlang.runtime.packed_linear import KernelLinear
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import converted_gguf
 from cfmlang.cachedir import default_cache_dir
@@ -61,6 +66,53 @@ def test_exact_block_weights_pack_and_rebuild_bit_for_bit(kind, rounding):
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (packed_layer(layer)(x) - layer(x)).abs().max() < 1e-5
+
+
+# The kernels' error bound, as a fraction of sum_k |x_k w_nk| (the size of what is summed):
+# bfloat16 inputs (2^-9), bfloat16 block scales (2^-9 of a block's range: 2^-8 of its
+# largest weight) and bfloat16 outputs (2^-9) give at most about 2^-7; with inputs split in
+# two bfloat16 parts the first term is gone. `int8` requantizes each row: up to half a row
+# step (2^-8 of the row's largest weight) more.
+KERNEL_TOLERANCE = {("int4", False): 2**-7, ("int4", True): 2**-7.5, ("int4x2", False): 2**-7,
+                    ("int4x2", True): 2**-7.5}
+
+
+@pytest.mark.parametrize("rounding, split_int8, kind", [(q4_1, True, "int4"), (q8_0, True, "int4x2"),
+                                                        (q8_0, False, "int8")])
+@pytest.mark.parametrize("split_inputs", [False, True])
+def test_the_int_kernels_stay_within_the_stated_error_of_the_float32_product(rounding, split_int8, kind,
+                                                                               split_inputs):
+    generator = torch.Generator().manual_seed(5)
+    weight = rounding(torch.randn(96, 256, generator=generator) * 0.05)
+    layer = linear_with(weight, bias=True)
+    kernel = KernelLinear.from_packed(packed_layer(layer), split_inputs=split_inputs, split_int8=split_int8)
+    assert kernel.kind == kind
+    x = torch.randn(4, 3, 256, generator=generator)
+    with torch.no_grad():
+        error = (kernel(x) - layer(x)).abs()
+    scale = x.abs() @ weight.abs().T
+    if kind == "int8":
+        bound = 2**-7 * scale + 2**-8 * x.abs().sum(-1, keepdim=True) * weight.abs().amax(1)
+    else:
+        bound = KERNEL_TOLERANCE[(kind, split_inputs)] * scale
+    assert bool((error <= bound).all()), float((error / scale).max())
+    assert float((error / scale).max()) > 2**-16           # bfloat16 is really in the path
+    if split_inputs:
+        plain = KernelLinear.from_packed(packed_layer(layer), split_int8=split_int8)
+        with torch.no_grad():
+            assert (kernel(x) - layer(x)).abs().mean() < (plain(x) - layer(x)).abs().mean()
+    bytes_per_weight = {"int4": 0.5 + 2 * 2 / 32, "int4x2": 1 + 4 * 2 / 32, "int8": 1 + 2 / 256}[kind]
+    assert kernel.weight_bytes() == 96 * 256 * bytes_per_weight + 96 * 4
+
+
+def test_an_unknown_decode_kernel_or_a_gpu_one_is_refused_before_any_weight_is_read():
+    with pytest.raises(CompileError) as raised:
+        preflight(LowerOptions(target="inductor", decode_kernel="bf61"))
+    assert raised.value.diagnostics[0].code == "E300" and "bf16" in raised.value.diagnostics[0].help[0]
+    with pytest.raises(CompileError) as raised:
+        preflight(LowerOptions(target="inductor", device="cuda", decode_kernel="bf16"))
+    assert raised.value.diagnostics[0].code == "E300"
+    preflight(LowerOptions(target="inductor", decode_kernel="bf16x2"))
 
 
 def test_weights_that_are_not_block_values_stay_float32():
@@ -148,6 +200,28 @@ def test_packed_inductor_decode_matches_eager_and_hf_greedy(block_model, tmp_pat
             expected = eager.generate(prompt, max_new_tokens=8, do_sample=False, temperature=None,
                                       top_p=None, top_k=None, pad_token_id=0)
         assert torch.equal(lowered.generate(prompt, max_new_tokens=8, eos_token_id=[]), expected[:, :17])
+
+
+def test_the_inductor_program_writes_the_kv_cache_in_place(block_model, tmp_path):
+    brick = tmp_path / "m.brick"
+    brick.write_text(f'model a:\n  source: hf "{block_model}"\noutput: a\n')
+    assert main(["compile", str(brick), "-o", str(tmp_path / "out"), "--target", "inductor",
+                 "--decode-kernel", "bf16x2", "-q"]) == 0
+    lowered, eager = cfmlang.load(tmp_path / "out"), cfmlang.load(tmp_path / "out", target="eager")
+    assert lowered.entry["cache"] == "in_place" and lowered.entry["packing"]["kernel"] == "bf16x2"
+    constants = torch._inductor.aoti_load_package(
+        str(tmp_path / "out" / "lowered" / "decode_inductor.pt2")).get_constant_fqns()
+    assert {"layers.0.mlp.gate_proj.weight", "layers.0.mlp.gate_proj.scales", "lm_head.weight"} <= set(constants)
+    prompt = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        reference = eager(prompt).logits
+        logits, cache = lowered.prefill(prompt[:, :8], 12)
+        keys = cache[0]
+        assert not bool(keys[1][:, :, 8].any())
+        logits, after = lowered.decode(prompt[:, 8], 8, cache)
+    assert after[0] is keys and bool(keys[1][:, :, 8].any()) and not bool(keys[1][:, :, 9].any())
+    error = (logits[:, 0] - reference[:, 8]).abs().max()
+    assert 0 < error < 2**-7 * reference[:, 8].abs().max()
 
 
 def test_no_pack_keeps_one_float32_program(block_model, tmp_path):

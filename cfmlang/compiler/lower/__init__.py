@@ -19,6 +19,8 @@ PROGRAM_TARGETS = ("export", "inductor", "tensorrt")
 FILE_TARGETS = ("gguf",)
 TARGETS = ("eager",) + PROGRAM_TARGETS + FILE_TARGETS
 PRECISIONS = ("float32", "float16", "bfloat16")
+DECODE_KERNELS = ("exact", "bf16", "bf16x2")
+"""How the inductor decode program multiplies by packed weights (see `packing`)."""
 LOWERED_DIR = "lowered"
 
 
@@ -28,8 +30,10 @@ class LowerOptions:
     `batch`, `prompt_length` and `cache_length` are the static shapes of the tensorrt
     programs; export and inductor programs take any batch, prompt and cache length.
     `pack_weights`: the inductor decode program reads float32 weights that are exact GGUF
-    block values as their block codes (lossless; see `packing`). `quant`: the gguf
-    target's weight type (see `gguf_file.QUANTS`)."""
+    block values as their block codes (see `packing`); `decode_kernel` says how the decode
+    program multiplies by them (`packing.DECODE_KERNELS`: `exact` rebuilds eager's float32
+    weights, `bf16`/`bf16x2` use torch's int4 CPU kernels). `quant`: the gguf target's
+    weight type (see `gguf_file.QUANTS`)."""
 
     target: str = "eager"
     device: str = "cpu"
@@ -39,6 +43,7 @@ class LowerOptions:
     cache_length: int = 512
     use_fp32_acc: bool = True
     pack_weights: bool = True
+    decode_kernel: str = "exact"
     quant: str = "f16"
 
 
@@ -59,6 +64,19 @@ def preflight(options: LowerOptions) -> None:
         from cfmlang.compiler.lower.gguf_file import require_quant
 
         require_quant(options.quant)
+    require_decode_kernel(options)
+
+
+def require_decode_kernel(options: LowerOptions) -> None:
+    """E300: an unknown `decode_kernel`, or torch's int4 CPU kernels asked for another device."""
+    kernel = options.decode_kernel
+    if kernel not in DECODE_KERNELS:
+        raise CompileError([error("E300", f"unknown decode kernel `{kernel}`", None,
+                                  did_you_mean(kernel, DECODE_KERNELS) or f"kernels are {', '.join(DECODE_KERNELS)}")])
+    if kernel != "exact" and options.target == "inductor" and options.device != "cpu":
+        raise CompileError([error("E300", f"`--decode-kernel {kernel}` runs torch's int4 CPU kernels; "
+                                  f"this program is lowered for {options.device}", None,
+                                  "use `--decode-kernel exact` or `--device cpu`")])
 
 
 def lower_artifact(directory: Path, manifest: dict, options: LowerOptions,

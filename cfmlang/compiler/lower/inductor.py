@@ -5,12 +5,17 @@ The weights are stored in the package as they are, without Inductor's `freezing`
 constant-fold every weight expression: a packed layer's codes would be rebuilt into
 float32 at compile time (SmolLM2's decode package grew from 215 MB to 656 MB), and its
 oneDNN-prepacked linears sum in another order than eager's (prefill logits no longer
-bit-identical). AOTInductor does not write back mutated inputs, so this program uses the
-functional cache: it returns the updated caches, which the caller passes to the next step.
+bit-identical). The KV cache is updated in place, as in the export target: the program
+writes the new keys and values into the caller's cache tensors at `positions` (AOTInductor
+keeps the mutation of a program input as a write into that input's buffer), so a decode
+step copies nothing but the new token's entries and returns only the logits.
 
 Float32 linear layers whose weights are exact GGUF block values are packed for decoding
 (see `packing`): the package then holds a prefill program with float32 weights and a
-one-token decode program that reads the block codes. Saved as `lowered/model_inductor.pt2`,
+one-token decode program that reads the block codes, either rebuilt into float32 inside
+Inductor's fused products (`--decode-kernel exact`, eager's weights bit for bit) or
+multiplied by torch's weight-only int4/int8 CPU kernels with bfloat16 activations
+(`bf16`, `bf16x2`: see `runtime.packed_linear.KernelLinear` for their error). Saved as `lowered/model_inductor.pt2`,
 or `prefill_inductor.pt2` and `decode_inductor.pt2` (packed or routed models, see
 `export`); loaded with `torch._inductor.aoti_load_package`.
 
@@ -42,13 +47,13 @@ INDUCTOR_CONFIGS = {"freezing": False}
 def lower(model: nn.Module, out_dir: Path, options, log) -> dict:
     packed, packing = packed_layers(model, options, log)
     files = {}
-    for name, program in export_programs(model, functional_cache=True, packed=packed).items():
+    for name, program in export_programs(model, functional_cache=False, packed=packed).items():
         require_no_data_dependent_ops(program, f"inductor ({name})")
         file = PACKAGE if name == "program" else f"{name}_inductor.pt2"
         log(f"compiling {file} with AOTInductor; minutes for a real model")
         compile_package(program, out_dir / file, log)
         files[name] = f"lowered/{file}"
-    return {"files": files, "cache": "functional", **program_facts(model), **packing}
+    return {"files": files, "cache": "in_place", **program_facts(model), **packing}
 
 
 def compile_package(program: torch.export.ExportedProgram, path: Path, log, configs: dict = INDUCTOR_CONFIGS) -> None:
@@ -61,11 +66,11 @@ def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
     """The layers to pack for decoding, and the manifest's `packing` entry."""
     if not options.pack_weights or next(model.parameters()).dtype != torch.float32:
         return {}, {}
-    packed, report = pack_linears(model)
+    packed, report = pack_linears(model, options.decode_kernel)
     log(f"weight packing: {report.describe()}")
     if not packed:
         return {}, {}
-    entry = {"q4_1": report.q4_1, "q8_0": report.q8_0, "float32": report.float32,
+    entry = {"q4_1": report.q4_1, "q8_0": report.q8_0, "float32": report.float32, "kernel": options.decode_kernel,
              "decode_weight_bytes": report.packed_bytes, "float32_weight_bytes": report.float32_bytes}
     if not routed_layers(model):
         entry["decode_max_batch"] = PACKED_DECODE_MAX_BATCH

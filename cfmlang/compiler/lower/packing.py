@@ -7,8 +7,15 @@ keeps a linear layer packed only when rebuilding every block from them gives bac
 weight bit for bit, so packing never changes a weight. Merged, edited or fine-tuned
 weights are not block values; their layers stay float32.
 
-Only the inductor decode program uses packed layers (see `PackedLinear`); the prefill
-program keeps the float32 layers, whose matrix products are faster over many tokens.
+Only the inductor decode program uses packed layers; the prefill program keeps the
+float32 layers, whose matrix products are faster over many tokens. A packed layer is
+computed one of three ways (`lower.DECODE_KERNELS`, the `--decode-kernel` option):
+- `exact`: `PackedLinear`, the float32 weight rebuilt from the codes inside Inductor's
+  fused product: eager's weights bit for bit;
+- `bf16`: `KernelLinear`, torch's weight-only int4 CPU kernel over the codes, bfloat16
+  activations and outputs (the block scales rounded to bfloat16);
+- `bf16x2`: the same with each input split into two bfloat16 parts (high and low), which
+  halves the logits' error for about a fifth more time per product.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cfmlang.runtime.packed_linear import BLOCK, PackedLinear
+from cfmlang.runtime.packed_linear import BLOCK, KernelLinear, PackedLinear
 from cfmlang.runtime.routed_mlp import RoutedMLP
 
 # Rebuilding weights from codes costs arithmetic per row of the batch, reading float32
@@ -120,11 +127,16 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, nn.Linear) and not any(name.startswith(f"{prefix}.") for prefix in routed)}
 
 
-def pack_linears(model: nn.Module) -> tuple[dict[str, PackedLinear], PackingReport]:
+def pack_linears(model: nn.Module, kernel: str = "exact") -> tuple[dict[str, nn.Module], PackingReport]:
+    """The model's linear layers whose weights are exact block values, packed and computed
+    with `kernel` (one of DECODE_KERNELS), and what the decode program reads per token."""
     layers = linear_layers(model)
     packed = {name: layer for name, layer in ((name, packed_layer(linear)) for name, linear in layers.items())
               if layer is not None}
     kinds = [layer.kind for layer in packed.values()]
+    if kernel != "exact":
+        packed = {name: KernelLinear.from_packed(layer, split_inputs=kernel == "bf16x2")
+                  for name, layer in packed.items()}
     float32_bytes = sum(linear.weight.numel() * 4 for linear in layers.values())
     unpacked_bytes = sum(linear.weight.numel() * 4 for name, linear in layers.items() if name not in packed)
     report = PackingReport(q4_1=kinds.count("q4_1"), q8_0=kinds.count("q8_0"),
