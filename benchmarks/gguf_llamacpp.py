@@ -1,68 +1,55 @@
 """SmolLM2 compiled with `--target gguf --quant q8_0`, run by llama.cpp built from source,
 beside the same model compiled with `--target inductor`, in one run.
 
-1. llama.cpp: the `llama-cpp-python` sdist (which vendors llama.cpp) is downloaded with
-   pip, unpacked and built with CMake (`llama-simple`, `llama-bench`) into `--work`
-   (default `benchmarks/work/llamacpp/`, git-ignored), once; later runs reuse the build.
-2. `examples/smol.brick` is compiled twice: `--target gguf --quant q8_0` and
-   `--target inductor`.
-3. Greedy text: for three chat prompts, `llama-simple` (greedy sampling) continues the
-   chat-templated prompt from the GGUF file; transformers' greedy `generate` on the
-   artifact's own weights (the original) and cfmlang's inductor program continue it too.
-   The three continuations must be the same text.
-4. Speed: `llama-bench` (prompt processing and token generation tokens/s) on the GGUF
-   file, and `cfmc bench`'s decode tokens/s of the inductor program (batch 1, the same
-   prompt and generation lengths), with the load average before and after.
+1. llama.cpp: found or built once by `benchmarks/llamacpp.py` (the source the
+   `llama-cpp-python` sdist vendors, built outside the repository).
+2. `examples/smol.brick` is compiled twice into `--work`: `--target gguf --quant q8_0` and
+   `--target inductor` (reused when already there; `--recompile` forces it).
+3. Greedy tokens: for three chat prompts, the original (transformers' greedy `generate`
+   on the artifact's own float32 weights, eager) continues the chat-templated prompt;
+   llama.cpp continues it from the q8_0 GGUF file (`cfm-llama-decode`: llama.cpp's own
+   tokenizer and `llama_decode`, argmax of the logits), and cfmlang's inductor program
+   from its package. Each continuation is printed beside the original's with the number
+   of leading tokens they share, up to the first end of generation.
+4. Speed, interleaved: each round runs llama.cpp (`cfm-llama-decode`, one round) on the
+   GGUF file and then cfmlang's inductor program, both on the same prompt (a fixed
+   text of about `--prompt-tokens` tokens, tokenized the same way by both), each
+   prefilling it and then decoding `--new-tokens` tokens greedily; the medians over
+   `--rounds` rounds are printed with the load average before and after.
 
-    python benchmarks/gguf_llamacpp.py [--threads 2] [--new-tokens 32] [--json out.json]
+    python benchmarks/gguf_llamacpp.py [--threads 1 2] [--rounds 5] [--new-tokens 32] [--json out.json]
 
-Exits 1 when a continuation differs.
+Exits 1 when a continuation differs from the original's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
-import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import llamacpp  # noqa: E402
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.", "How do I sort a list in Python?")
-TOOLS = ("llama-simple", "llama-bench")
 
 
-def llama_cpp(work: Path, jobs: int) -> Path:
-    """The folder of the built llama.cpp tools (built on first use)."""
-    build = work / "build"
-    if all((build / "bin" / tool).is_file() for tool in TOOLS):
-        return build / "bin"
-    work.mkdir(parents=True, exist_ok=True)
-    sdists = sorted(work.glob("llama_cpp_python-*.tar.gz"))
-    if not sdists:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python", "--no-deps",
-                        "llama-cpp-python", "-d", str(work)], check=True)
-        sdists = sorted(work.glob("llama_cpp_python-*.tar.gz"))
-    source = work / sdists[-1].name.removesuffix(".tar.gz")
-    if not source.is_dir():
-        with tarfile.open(sdists[-1]) as archive:
-            archive.extractall(work, filter="data")
-    subprocess.run(["cmake", "-S", str(source / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(jobs)], check=True)
-    return build / "bin"
-
-
-def compile_smollm2(out: Path, target: str, *extra: str) -> Path:
+def compile_smollm2(out: Path, name: str, *args: str, recompile: bool = False) -> Path:
+    """`examples/smol.brick` compiled into `out/name` with the cfmc arguments `args`."""
     from cfmlang.cli import main
 
-    if main(["compile", str(ROOT / "examples" / "smol.brick"), "-o", str(out / target), "--target", target,
-             "-q", *extra]) != 0:
-        raise SystemExit(f"compiling examples/smol.brick --target {target} failed")
-    return out / target
+    folder = out / name
+    if (folder / "cfm.json").is_file() and not recompile:
+        return folder
+    if main(["compile", str(ROOT / "examples" / "smol.brick"), "-o", str(folder), "-q", *args]) != 0:
+        raise SystemExit(f"compiling examples/smol.brick {' '.join(args)} failed")
+    return folder
 
 
 def chat_text(tokenizer, prompt: str) -> str:
@@ -70,53 +57,106 @@ def chat_text(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
-def llama_simple(tools: Path, gguf: Path, text: str, new_tokens: int) -> str:
-    """llama.cpp's greedy continuation of `text` (llama-simple prints the prompt, then it)."""
-    done = subprocess.run([str(tools / "llama-simple"), "-m", str(gguf), "-n", str(new_tokens), text],
-                          capture_output=True, text=True, check=True)
-    return done.stdout.removeprefix(text)
-
-
-def transformers_greedy(model, tokenizer, text: str, new_tokens: int) -> str:
+def prompt_ids(tokenizer, text: str):
     import torch
 
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    return torch.tensor([tokenizer(text)["input_ids"]])
+
+
+def greedy_tokens(model, tokenizer, text: str, new_tokens: int, eager: bool) -> list[int]:
+    """The greedy continuation's tokens, up to the first end of generation (excluded)."""
+    import torch
+
+    ids = prompt_ids(tokenizer, text)
+    extra = {"temperature": None, "top_p": None, "top_k": None} if eager else {}
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.eos_token_id)
-    return _until_eos(tokenizer, out[0, ids.shape[1]:].tolist())
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                             **extra)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[:tokens.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in tokens else tokens
 
 
-def lowered_greedy(model, tokenizer, text: str, new_tokens: int) -> str:
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for left, right in zip(a, b):
+        if left != right:
+            break
+        count += 1
+    return count
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def greedy_rows(tools: Path, gguf: Path, original, lowered, tokenizer, new_tokens: int) -> list[dict]:
+    rows = []
+    for prompt in PROMPTS:
+        text = chat_text(tokenizer, prompt)
+        reference = greedy_tokens(original, tokenizer, text, new_tokens, eager=True)
+        llama = llamacpp.decode(tools, gguf, text, 1, new_tokens)
+        llama_tokens = until_eos(llama["rounds"][0]["tokens"], tokenizer.eos_token_id)
+        ours = greedy_tokens(lowered, tokenizer, text, new_tokens, eager=False)
+        row = {"prompt": prompt, "original": tokenizer.decode(reference),
+               "llama.cpp q8_0": tokenizer.decode(llama_tokens), "inductor": tokenizer.decode(ours),
+               "tokens": len(reference), "prompt tokens (HF, llama.cpp)": [len(tokenizer(text)["input_ids"]),
+                                                                           llama["prompt_tokens"]],
+               "llama.cpp same tokens": shared_prefix(reference, llama_tokens),
+               "inductor same tokens": shared_prefix(reference, ours)}
+        row["same"] = llama_tokens == reference and ours == reference
+        rows.append(row)
+        print(json.dumps(row, ensure_ascii=False))
+    return rows
+
+
+TIMING_SENTENCE = "The quick brown fox jumps over the lazy dog while the cat watches from the window. "
+
+
+def timing_text(tokenizer, prompt_tokens: int) -> str:
+    """A fixed text of about `prompt_tokens` tokens (whole sentences)."""
+    per_sentence = len(tokenizer(TIMING_SENTENCE, add_special_tokens=False)["input_ids"])
+    return TIMING_SENTENCE * max(1, round(prompt_tokens / per_sentence))
+
+
+def llama_rates(tools: Path, gguf: Path, text: str, threads: int, new_tokens: int) -> dict[str, float]:
+    """(prefill, decode) tokens/s of one greedy generation with llama.cpp."""
+    result = llamacpp.decode(tools, gguf, text, threads, new_tokens)
+    round_ = result["rounds"][0]
+    return {"prefill": result["prompt_tokens"] / round_["prefill_s"], "decode": new_tokens / round_["decode_s"]}
+
+
+def cfmlang_rates(lowered, prompt, new_tokens: int) -> dict[str, float]:
+    """(prefill, decode) tokens/s of one greedy generation with the lowered program."""
     import torch
 
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
-    out = model.generate(ids, max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
-    return _until_eos(tokenizer, out[0, ids.shape[1]:].tolist())
+    from cfmlang.runtime.bench import compiled_run
+
+    prompt_tokens = prompt.shape[1]
+    with torch.inference_mode():
+        _, (prefill, decode) = compiled_run(lowered, prompt, new_tokens)
+    return {"prefill": prompt_tokens / prefill, "decode": new_tokens / decode}
 
 
-def _until_eos(tokenizer, tokens: list[int]) -> str:
-    """The text of the tokens before the first end of generation (llama-simple stops there
-    and does not print it)."""
-    if tokenizer.eos_token_id in tokens:
-        tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(tokens)
-
-
-def llama_bench(tools: Path, gguf: Path, threads: int, prompt_tokens: int, new_tokens: int) -> dict:
-    done = subprocess.run([str(tools / "llama-bench"), "-m", str(gguf), "-p", str(prompt_tokens), "-n",
-                           str(new_tokens), "-t", str(threads), "-r", "3", "-o", "json"],
-                          capture_output=True, text=True, check=True)
-    rows = json.loads(done.stdout)
-    return {("prefill" if row["n_prompt"] else "decode"): row["avg_ts"] for row in rows}
+def interleaved(rounds: int, runs: dict) -> dict[str, dict[str, float]]:
+    """Each round calls every run once, in order; the median of each of its rates."""
+    seen: dict[str, dict[str, list[float]]] = {name: {} for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            for phase, rate in run().items():
+                seen[name].setdefault(phase, []).append(rate)
+    return {name: {phase: round(statistics.median(rates), 2) for phase, rates in phases.items()}
+            for name, phases in seen.items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "llamacpp")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--work", type=Path, default=llamacpp.cache_root() / "artifacts")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=2, help="build jobs, if llama.cpp must be built")
+    parser.add_argument("--recompile", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -124,47 +164,47 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cfmlang
-    from cfmlang.runtime.bench import bench
 
-    torch.set_num_threads(args.threads)
-    tools = llama_cpp(args.work, args.threads)
-    out = args.work / "artifacts"
-    gguf_dir = compile_smollm2(out, "gguf", "--quant", "q8_0")
-    inductor_dir = compile_smollm2(out, "inductor")
+    tools = llamacpp.tools(args.jobs)
+    gguf_dir = compile_smollm2(args.work, "smol-gguf-q8_0", "--target", "gguf", "--quant", "q8_0",
+                               recompile=args.recompile)
+    inductor_dir = compile_smollm2(args.work, "smol-inductor-exact", "--target", "inductor", "--decode-kernel", "exact",
+                                   recompile=args.recompile)
     gguf = gguf_dir / "lowered" / "model.gguf"
+    print(f"{llamacpp.build_info(tools)}; GGUF {gguf} ({gguf.stat().st_size / 1e6:.0f} MB)")
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir)
     original = AutoModelForCausalLM.from_pretrained(gguf_dir, dtype=torch.float32).eval()
     lowered = cfmlang.load(inductor_dir)
-    greedy = []
-    for prompt in PROMPTS:
-        text = chat_text(tokenizer, prompt)
-        row = {"prompt": prompt, "transformers": transformers_greedy(original, tokenizer, text, args.new_tokens),
-               "llama.cpp": llama_simple(tools, gguf, text, args.new_tokens),
-               "inductor": lowered_greedy(lowered, tokenizer, text, args.new_tokens)}
-        row["same"] = row["transformers"] == row["llama.cpp"] == row["inductor"]
-        greedy.append(row)
-        print(json.dumps(row))
+    greedy = greedy_rows(tools, gguf, original, lowered, tokenizer, args.new_tokens)
 
-    load_before = os.getloadavg()
-    llama = llama_bench(tools, gguf, args.threads, args.prompt_tokens, args.new_tokens)
-    ours = bench(inductor_dir, batches=(1,), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
-    row = ours["results"][0]
-    load_after = os.getloadavg()
-    speed = {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-             "llama.cpp q8_0 prefill tok/s": round(llama["prefill"], 2),
-             "llama.cpp q8_0 decode tok/s": round(llama["decode"], 2),
-             "cfmlang inductor prefill tok/s": row["prefill"]["compiled_tokens_per_s"],
-             "cfmlang inductor decode tok/s": row["decode"]["compiled_tokens_per_s"],
-             "HF eager decode tok/s (anchor of cfmc bench)": row["decode"]["eager_tokens_per_s"],
-             "decode ratio llama.cpp / inductor": round(llama["decode"] / row["decode"]["compiled_tokens_per_s"], 3),
-             "load average before": load_before, "load average after": load_after}
-    print(json.dumps(speed))
+    text = timing_text(tokenizer, args.prompt_tokens)
+    prompt = prompt_ids(tokenizer, text)
+    speed = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        load_before = os.getloadavg()
+        started = time.perf_counter()
+        rates = interleaved(args.rounds, {
+            "llama.cpp q8_0": lambda: llama_rates(tools, gguf, text, threads, args.new_tokens),
+            "cfmlang inductor": lambda: cfmlang_rates(lowered, prompt, args.new_tokens)})
+        row = {"threads": threads, "rounds": args.rounds, "prompt_tokens": prompt.shape[1],
+               "new_tokens": args.new_tokens, "tok/s (median)": rates,
+               "decode ratio cfmlang / llama.cpp": round(rates["cfmlang inductor"]["decode"]
+                                                         / rates["llama.cpp q8_0"]["decode"], 3),
+               "prefill ratio cfmlang / llama.cpp": round(rates["cfmlang inductor"]["prefill"]
+                                                          / rates["llama.cpp q8_0"]["prefill"], 3),
+               "load average before": [round(v, 2) for v in load_before],
+               "load average after": [round(v, 2) for v in os.getloadavg()],
+               "seconds": round(time.perf_counter() - started, 1)}
+        speed.append(row)
+        print(json.dumps(row))
     if args.json:
-        args.json.write_text(json.dumps({"greedy": greedy, "speed": speed}, indent=2))
-    same = all(row["same"] for row in greedy)
-    print(f"greedy continuations: {sum(r['same'] for r in greedy)} of {len(greedy)} prompts the same")
-    return 0 if same else 1
+        args.json.write_text(json.dumps({"greedy": greedy, "speed": speed}, indent=2, ensure_ascii=False))
+    same = sum(row["same"] for row in greedy)
+    print(f"greedy continuations: {same} of {len(greedy)} prompts give the original's tokens in llama.cpp "
+          f"(q8_0 GGUF) and in the inductor program")
+    return 0 if same == len(greedy) else 1
 
 
 if __name__ == "__main__":

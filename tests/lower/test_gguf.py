@@ -100,7 +100,7 @@ def test_gguf_carries_the_tokenizers_special_tokens_and_chat_template(models, tm
     reader = gguf.GGUFReader(out / "lowered" / "model.gguf")
     fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith(("tokenizer", "llama"))}
     tokenizer = bpe_tokenizer(tmp_path / "tok")
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.tokens"][tokenizer.eos_token_id] == "<|im_end|>"
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id

@@ -227,10 +227,12 @@ def _byte_level(spec: dict) -> bool:
 
 
 def _pre_tokenizer(spec: dict) -> str | None:
-    """llama.cpp's name of the tokenizer's split: `gpt2` for a lone ByteLevel pre-tokenizer
-    with its regex (GPT-2's split, which SmolLM2 uses); None (llama.cpp's default) for others."""
+    """llama.cpp's name of the tokenizer's split: `gpt-2` for a lone ByteLevel pre-tokenizer
+    with its regex (GPT-2's split, which SmolLM2's converted tokenizer uses; llama.cpp
+    refuses to load a file naming an unknown split, such as `gpt2`); None (llama.cpp's
+    default) for others."""
     pre = spec.get("pre_tokenizer") or {}
-    return "gpt2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else None
+    return "gpt-2" if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) else None
 
 
 def _write_vocabulary(writer, vocabulary: Vocabulary) -> None:
