@@ -85,6 +85,17 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
+def top2_margin(model, tokenizer, text: str, continuation: list[int]) -> float:
+    """How far the original's best next token is ahead of its second after `text` and
+    `continuation` (a near-tie flips under any rounding, llama.cpp's included)."""
+    import torch
+
+    ids = torch.tensor([tokenizer(text)["input_ids"] + continuation])
+    with torch.inference_mode():
+        best = model(ids).logits[0, -1].topk(2).values
+    return round(float(best[0] - best[1]), 4)
+
+
 def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
@@ -104,6 +115,10 @@ def greedy_rows(tools: Path, gguf: Path, original, lowered, tokenizer, new_token
                "llama.cpp same tokens": shared_prefix(reference, llama_tokens),
                "inductor same tokens": shared_prefix(reference, ours)}
         row["same"] = llama_tokens == reference and ours == reference
+        if not row["same"]:
+            first = min(row["llama.cpp same tokens"], row["inductor same tokens"])
+            row["original's top-2 logit margin at the first difference"] = top2_margin(
+                original, tokenizer, text, reference[:first])
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False))
     return rows
