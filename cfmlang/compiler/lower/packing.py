@@ -15,7 +15,7 @@ computed one of three ways (`lower.DECODE_KERNELS`, the `--decode-kernel` option
 - `bf16`: `KernelLinear`, torch's weight-only int4 CPU kernel over the codes, bfloat16
   activations and outputs (the block scales rounded to bfloat16);
 - `bf16x2`: the same with each input split into two bfloat16 parts (high and low), which
-  halves the logits' error for about a fifth more time per product.
+  cuts the logits' error by a third on SmolLM2 for about a fifth more time per product.
 """
 from __future__ import annotations
 
