@@ -35,7 +35,7 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check cfmlang tests benchmarks examples
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 bench: install-dev
 	$(BIN)/python benchmarks/merge_vs_mergekit.py

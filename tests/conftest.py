@@ -117,7 +117,8 @@ the package, the standard library's model, the SmolLM2 examples."""
 def pytest_collection_modifyitems(config, items):
     """Every test that loads SmolLM2 is `slow` (`pytest -m "not slow"` runs the rest in a
     few minutes); nothing is marked by hand. Files with slow tests run first, so that
-    under `-n 2 --dist loadfile` (make test) the long ones do not form the tail."""
+    under `-n 2 --dist loadfile --no-loadscope-reorder` (make test) the long ones do not
+    form the tail (xdist's default reorder would put the files with most tests first)."""
     for item in items:
         if _loads_smollm2(item):
             item.add_marker(pytest.mark.slow)
