@@ -145,6 +145,7 @@ def models(tmp_path_factory) -> Path:
         shutil.copy(a / "model.safetensors", model(f"layers-{name}", None))
         (root / f"layers-{name}" / "config.json").write_text(json.dumps({**base_config, "num_hidden_layers": layers}))
     (model("weights-directory", None) / "model.safetensors").mkdir()
+    os.mkfifo(model("weights-fifo", None) / "model.safetensors")
     shutil.copy(a / "model.safetensors", model("config-infinite", None))
     infinite = (a / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e999')
     assert "1e999" in infinite
@@ -396,6 +397,24 @@ def deep_training_data(tmp: Path, models: Path) -> Case:
                           '  train: {data: "deep.jsonl", steps: 1}\n')
 
 
+DATA_STATEMENTS = {
+    "facts": 'update e:\n  method: rome\n  from: a\n  facts: "data.txt"\n',
+    "finetune": 'update t:\n  method: finetune\n  from: a\n  train: [a.layers[0]]\n  data: "data.txt"\n',
+    "lora": 'brick t:\n  kind: lora\n  base: a\n  train: {data: "data.txt", steps: 1}\n',
+}
+
+
+def data_file_case(tmp: Path, models: Path, statement: str, kind: str) -> Case:
+    """A statement whose data file is a FIFO nobody writes to (reading it would block) or a
+    link to /dev/zero (endless)."""
+    data = tmp / "data.txt"
+    if kind == "fifo":
+        os.mkfifo(data)
+    else:
+        data.symlink_to("/dev/zero")
+    return text_case(tmp, f'model a:\n  source: hf "{models / "a"}"\n' + DATA_STATEMENTS[statement])
+
+
 DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
 
 CASES = {
@@ -500,6 +519,13 @@ CASES = {
     "dtype-a-map": lambda t, m: text_case(t, MERGE.format(a=m / "a", b=m / "b", weight="0.5", pickle="")
                                           .replace("output: mix", "  dtype: {a: 1}\noutput: mix")),
     "training-data-nested-deep": deep_training_data,
+    "weights-a-fifo": lambda t, m: model_source(t, m, "weights-fifo"),
+    "facts-file-fifo": lambda t, m: data_file_case(t, m, "facts", "fifo"),
+    "facts-file-dev-zero": lambda t, m: data_file_case(t, m, "facts", "zero"),
+    "finetune-data-fifo": lambda t, m: data_file_case(t, m, "finetune", "fifo"),
+    "finetune-data-dev-zero": lambda t, m: data_file_case(t, m, "finetune", "zero"),
+    "training-data-fifo": lambda t, m: data_file_case(t, m, "lora", "fifo"),
+    "training-data-dev-zero": lambda t, m: data_file_case(t, m, "lora", "zero"),
     "cache-inside-output": lambda t, m: cache_case(t, m, "inside"),
     "cache-dir-is-a-file": lambda t, m: cache_case(t, m, "file"),
     "cache-size-infinite": lambda t, m: with_arguments(compile_case(t, m, "b"), env=(("CFM_CACHE_SIZE", "1e400"),)),
