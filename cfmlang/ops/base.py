@@ -20,7 +20,7 @@ from cfmlang.io.provider import Provider, stored_provider
 COPY_BYTES_PER_SECOND = 740e6
 """Bytes of input copied, or combined tensor by tensor, per second on the 2-core reference
 machine (`passthrough`'s rate in ops/merge): attaching, growing and combining adapters."""
-MODEL_FLOPS_PER_SECOND = 6.0e9
+MODEL_FLOPS_PER_SECOND = 9.1e9
 """Float32 FLOPs per second of a causal LM's forward and backward passes on the 2-core
 reference machine: benchmarks/plan_rates.py --kinds measures it as a ratio to `linear`'s
 merge rate and scales it to linear's rate there."""

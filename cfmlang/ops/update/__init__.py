@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cfmlang.compiler.ir import EditNode, FinetuneNode
-from cfmlang.ops.base import (TRAINING_PASSES, Operation, model_seconds, node_seed, referenced, register_operation,
+from cfmlang.ops.base import (CHARS_PER_TOKEN, TRAINING_PASSES, Operation, model_seconds, node_seed, referenced, register_operation,
                               text_tokens, write_model)
 from cfmlang.ops.update import finetune, knowledge  # noqa: F401  (registers the methods)
 from cfmlang.ops.update.check import edit_node, finetune_node
@@ -41,7 +41,8 @@ class UpdateOperation(Operation):
         return f"{name}\\nupdate {attributes['method']} ({attributes['facts']} facts)"
 
     def seconds(self, program, node, bytes_read: int) -> float | None:
-        """Fine-tuning: `steps` training steps over `batch_size` x `max_length` tokens. An
+        """Fine-tuning: `steps` training steps over `batch_size` x `max_length` tokens, and
+        two forward passes over its data (the loss before and after). An
         edit: the key statistics (a forward pass over its calibration text), the value
         search (`steps` training steps per fact over its prompt after each prefix) and the
         report (greedy completions before and after, of every fact, paraphrase and
@@ -49,7 +50,9 @@ class UpdateOperation(Operation):
         options = dict(node.options)
         if isinstance(node, FinetuneNode):
             tokens = options["steps"] * options["batch_size"] * options["max_length"]
-            return model_seconds(program, node.model, tokens, TRAINING_PASSES)
+            data = _size(node.data) // CHARS_PER_TOKEN           # its loss before and after: two passes
+            return model_seconds(program, node.model, tokens, TRAINING_PASSES) + \
+                model_seconds(program, node.model, data, 2)
         statistics = 0 if options.get("covariance") == "identity" else \
             options.get("calibration_texts", 0) * options.get("calibration_tokens", 0)
         prefixes = options.get("prefixes") or [""]
@@ -85,6 +88,13 @@ class UpdateOperation(Operation):
                     "data": Path(node.data).name, "seed": seed, "options": dict(node.options)}
         return {"op": "update", "method": node.method, "from": node.model, "seed": seed,
                 "options": dict(node.options), "facts": len(node.facts), "neighbourhood": len(node.neighbourhood)}
+
+
+def _size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
 
 
 register_operation(UpdateOperation())
