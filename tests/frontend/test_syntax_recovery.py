@@ -27,10 +27,10 @@ def program_with_errors(statements: int) -> str:
 
 def recovery_seconds(statements: int) -> float:
     text = program_with_errors(statements)
-    start = time.perf_counter()
+    start = time.process_time()            # CPU time: other processes on a loaded machine count little
     with pytest.raises(CompileError) as info:
         parse_tree(text, "big.brick")
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert [d.span.line for d in info.value.diagnostics] == [2 * i + 1 for i in range(50, statements, 100)]
     return seconds
 
