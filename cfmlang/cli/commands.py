@@ -63,7 +63,7 @@ def cmd_compile(args) -> int:
 
         def warn(diagnostics) -> None:      # printed before the work they concern (json: in the summary)
             if args.format == "text":
-                beat.log(render_plain(diagnostics))
+                beat.log(render_plain(diagnostics), doing=f"compiling {args.file}")
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
                          progress=progress, log=_quiet_or(args, beat.log), on_train_step=training.step,

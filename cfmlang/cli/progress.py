@@ -150,9 +150,11 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, doing: str | None = None) -> None:
+        """Print `message`; later heartbeat lines repeat `doing`, by default its first line."""
         print(message, file=self.stream, flush=True)
-        self.last, self.doing = time.monotonic(), message.splitlines()[0] if message else self.doing
+        self.last = time.monotonic()
+        self.doing = doing or (message.splitlines()[0] if message else self.doing)
 
     def note(self, doing: str) -> None:
         self.doing = doing

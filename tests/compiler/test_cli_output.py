@@ -169,7 +169,7 @@ def test_warnings_print_before_the_work_they_concern(project):
     trained = next(i for i, line in enumerate(lines) if line.startswith("training tone: step"))
     assert warned < trained < len(lines) - 1
     assert lines[-1].startswith("wrote unused:")
-    assert sum("warning[W001]" in line for line in lines) == 1
+    assert sum("warning[W001]" in line for line in lines) == 1        # heartbeats do not repeat it
 
 
 def test_the_heartbeat_interval_is_read_from_the_environment(monkeypatch):
