@@ -21,7 +21,7 @@ from cfmlang.compiler.lower import LowerOptions, preflight
 from cfmlang.compiler.plan import Plan
 from cfmlang.diagnostics import CompileError, Diagnostic, error
 from cfmlang.frontend import ast
-from cfmlang.frontend.resolve import read_source, resolve
+from cfmlang.frontend.resolve import checked_text, read_source, resolve
 from cfmlang.frontend.to_ast import parse as parse_text
 from cfmlang.ops.base import OnTrainStep, Sizes
 from cfmlang.runtime.load import load
@@ -47,7 +47,7 @@ def read_input(source) -> Input:
             raise CompileError([error("E040", f"cannot read `{path}`: no such file",
                                       None, "check the path")])
         return Input(read_source(path, str(path)), str(path), path.resolve().parent)
-    return Input(str(source), "<input>", Path.cwd())
+    return Input(checked_text(str(source), "<input>"), "<input>", Path.cwd())
 
 
 def parse(source) -> ast.Program:
@@ -82,9 +82,12 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
             chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: Callable[[int, int], None] | None = None,
             log=lambda msg: None, on_train_step: OnTrainStep | None = None,
             target: str = "eager", lowering: LowerOptions | None = None, node: str | None = None,
-            executor: str = "local", address: str | None = None) -> CompileResult:
+            executor: str = "local", address: str | None = None,
+            warn: Callable[[tuple[Diagnostic, ...]], None] | None = None) -> CompileResult:
     """Check, plan, and build the output node into `output_dir` atomically; `node` names
-    the node to build instead of the file's `output:`.
+    the node to build instead of the file's `output:`. `warn` receives the program's
+    warnings (unused nodes dropped, filters that match nothing ...) once they are known,
+    before any node runs; they are also on the result.
 
     With the cache (the default), every node's output is kept under `cache_dir` by its
     content key: nodes whose key is cached are not run again, and a cached output is
@@ -104,6 +107,9 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     if node is not None:
         program = with_output(program, node)
     graph, dropped = build_graph(program)
+    warnings = program.warnings + tuple(dropped)
+    if warn is not None and warnings:
+        warn(warnings)
     keep = None
     if output_dir is None:
         keep = tempfile.TemporaryDirectory(prefix="cfm-out-")
@@ -117,7 +123,7 @@ def compile(source, output_dir=None, *, cache_dir=None, use_cache: bool = True, 
     settings = BuildSettings(sizes, progress, log, on_train_step or (lambda name, step, steps, loss: None),
                              lowering, runner)
     manifest, stats = build(program, graph, keys, build_plan, cache, output_dir, use_cache, settings)
-    return CompileResult(output_dir, graph, manifest, program.warnings + tuple(dropped), build_plan, stats, keep)
+    return CompileResult(output_dir, graph, manifest, warnings, build_plan, stats, keep)
 
 
 def plan(source, *, cache_dir=None, use_cache: bool = True, force: bool = False, max_memory: int | None = None,

@@ -76,8 +76,13 @@ def warning(code: str, message: str, span: Span | None = None, *helps: str) -> D
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """A 'did you mean' help line, or '' when nothing is close."""
-    close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    """A 'did you mean' help line, or '' when nothing is close. A word more than 7/3 the
+    length of every candidate cannot be close (difflib's ratio is at most 2 * shorter /
+    (sum of lengths) < 0.6); it is not indexed, so a huge value costs nothing here."""
+    candidates = sorted(set(candidates))
+    if not candidates or 3 * len(word) > 7 * max(len(c) for c in candidates):
+        return ""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else ""
 
 
@@ -88,7 +93,8 @@ def raise_if_errors(diagnostics: Sequence[Diagnostic]) -> None:
 
 @dataclass
 class SourceCache:
-    """Source texts by file name, so renderers can quote the offending line."""
+    """Source texts by file name, so renderers can quote the offending line. Each text is
+    split into lines once (rendering N diagnostics of a file is linear in N and its size)."""
 
     texts: dict[str, str] = field(default_factory=dict)
     _lines: dict[str, tuple[str, list[str]]] = field(default_factory=dict, repr=False)

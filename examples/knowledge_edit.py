@@ -20,7 +20,7 @@ FACTS_BAR, UNCHANGED_BAR = 0.8, 0.9
 def edit(brick: Path, output: Path, **compile_options) -> dict:
     """Compile `brick` into `output`; return the edit report of its output node."""
     result = cfmlang.compile(brick, output, log=lambda msg: None, **compile_options)
-    return result.manifest["update"]["report"]
+    return result.manifest["nodes"][result.manifest["output"]]["report"]
 
 
 def verdict(summary: dict) -> tuple[bool, str]:

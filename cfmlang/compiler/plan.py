@@ -15,8 +15,10 @@ Estimates (documented in docs/cli.md):
   masks, the held result); benchmarks/plan_rates.py compares these with measured peaks.
   Other kinds (edits, fine-tuning, expert splits, routers) run the model: their inputs
   whole in float32, four times over (weights, gradients, optimiser moments);
-- time: bytes read over a rate measured per method (benchmarks/plan_rates.py); None for
-  methods without a measured rate.
+- time: each operation's `seconds`: merges, attachments, grows and adapter combinations
+  the bytes they read or write over a rate measured per method; kinds that run a model
+  (training, edits, fine-tuning, expert calibration, routers) the FLOPs of the passes they
+  make over their tokens (benchmarks/plan_rates.py measures both rates).
 """
 from __future__ import annotations
 
@@ -144,8 +146,7 @@ def _estimate(program, graph, node, key, status, source: SourceCost | None, chun
     stored = node.name == program.output or (use_cache and operation.restorable(node))
     written = operation.stored_bytes(program, node) if stored else 0
     peak = operation.working_set(program, node, chunk_bytes)
-    rate = operation.rate(node)
-    return NodePlan(node.name, op, key, status, read, written, peak, read / rate if rate else None)
+    return NodePlan(node.name, op, key, status, read, written, peak, operation.seconds(program, node, read))
 
 
 def describe_op(attributes: dict) -> str:

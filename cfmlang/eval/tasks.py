@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cfmlang.diagnostics import CompileError, Span, did_you_mean, error
+from cfmlang.io.datafile import read_data_text
 
 PACK = Path(__file__).resolve().parent / "tasks"
 SUFFIXES = (".txt", ".jsonl", ".yaml", ".yml")
@@ -62,9 +63,11 @@ def task_path(text: str) -> Path:
 
 def read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_data_text(path)
     except UnicodeDecodeError as exc:
         raise malformed(path, 1, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise malformed(path, 1, f"cannot be read: {exc}") from None
     if not text.strip():
         raise malformed(path, 1, "is empty")
     return text

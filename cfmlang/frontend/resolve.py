@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from cfmlang.frontend import ast
-from cfmlang.frontend.to_ast import parse_recovering
+from cfmlang.frontend.to_ast import UNFIT, parse_recovering
 from cfmlang.diagnostics import CompileError, Diagnostic, Span, did_you_mean, error, warning
 
 KEYWORDS, SETTINGS = ast.KEYWORDS, ast.SETTINGS
@@ -61,6 +61,21 @@ def read_source(path: Path, file: str) -> str:
     return text
 
 
+def checked_text(text: str, file: str) -> str:
+    """Program text given as a string: E143 when it cannot be UTF-8 text (a lone surrogate
+    character) or holds a NUL character, as for a file."""
+    found = UNFIT.search(text)
+    if found is None:
+        return text
+    bad = found.start()
+    line = text.count("\n", 0, bad) + 1
+    col = bad - (text.rfind("\n", 0, bad) + 1) + 1
+    what = "contains a NUL character" if text[bad] == "\0" else \
+        f"holds a lone surrogate U+{ord(text[bad]):04X}, which is not text"
+    raise CompileError([error("E143", f"`{file}` {what} (character {bad})", Span.point(file, line, col),
+                              "program text is Unicode text that UTF-8 can encode")])
+
+
 def _binary_error(data: bytes, offset: int, file: str, what: str) -> Diagnostic:
     line = data.count(b"\n", 0, offset) + 1
     col = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
@@ -80,6 +95,11 @@ def resolve(text: str, file: str, base_dir: Path, program: ast.Program | None = 
                     program=program)
     return Resolved(file, tuple(state.symbols.items()), tuple(state.root_settings),
                     tuple(state.files), tuple(state.problems), frozenset(state.broken), state.incomplete)
+
+
+MAX_IMPORT_DEPTH = 100
+"""The longest chain of files importing each other (a.brick imports b.brick, which
+imports c.brick ...) that is read; loading recurses once per file."""
 
 
 class _Loader:
@@ -167,6 +187,12 @@ class _Loader:
             self.problems.append(escape_error(node, project))
             return
         key = str(path)
+        if len(self.stack) >= MAX_IMPORT_DEPTH:
+            self.problems.append(error("E311", f"imports nest more than {MAX_IMPORT_DEPTH} files deep here "
+                                       f"(`{node.path}` would be file {len(self.stack) + 1} of the chain)",
+                                       node.path_span, "import the files from one file instead of each from "
+                                       "the one before"))
+            return
         if key in self.stack:
             self.problems.append(error("E041", f"import cycle: `{node.path}` imports itself "
                                        "through this chain", node.path_span,

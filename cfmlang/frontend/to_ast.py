@@ -71,6 +71,10 @@ def _broken_statement(statement: ast.Statement) -> ast.Broken:
     return ast.Broken(statement.keyword, None, statement.span)
 
 
+UNFIT = re.compile("[\0\ud800-\udfff]")
+"""Characters program text may not hold: NUL, and the surrogates UTF-8 cannot encode."""
+
+
 class _Builder:
     def __init__(self, file: str):
         self.file = file
@@ -89,7 +93,8 @@ class _Builder:
             self.problems.append(error("E006", "invalid escape sequence in string",
                                        self.span(token), 'use JSON escapes such as \\" and \\n'))
             return str(token)[1:-1]
-        unfit = next((c for c in value if c == "\0" or "\ud800" <= c <= "\udfff"), None)
+        found = UNFIT.search(value)
+        unfit = found.group() if found else None
         if unfit is not None:
             what, hint = (("a NUL character", "no name, path or text may hold one") if unfit == "\0" else
                           ("a lone surrogate", "write a character beyond U+FFFF as a pair, e.g. \\ud83d\\ude00"))
@@ -131,12 +136,13 @@ class _Builder:
         kind = node.data
         if kind == "number":
             text = str(node.children[0])
-            number = float(text) if any(c in text for c in ".eE") else int(text)
-            if isinstance(number, int) and abs(number) >= 2**63 or not math.isfinite(number):
-                self.problems.append(error("E032", f"number `{text}` is out of range",
+            number = float(text) if any(c in text for c in ".eE") else _integer(text)
+            if number is None or isinstance(number, int) and abs(number) >= 2**63 or not math.isfinite(number):
+                shown = text if len(text) <= 24 else f"{text[:20]}..."
+                self.problems.append(error("E032", f"number `{shown}` is out of range",
                                            span, "numbers are 64-bit: integers below 2**63 in magnitude, "
                                            "decimals below about 1.8e308"))
-            return ast.Number(number, span)
+            return ast.Number(0 if number is None else number, span)
         if kind == "string":
             return ast.String(self.string(node.children[0]), span)
         if kind == "tagged":
@@ -169,9 +175,27 @@ class _Builder:
         if node.data == "all_index":
             return ast.Index(None, None, False, True, span)
         if node.data == "one_index":
-            return ast.Index(int(node.children[0]), None, False, False, span)
-        start, stop = (None if c is None else int(c) for c in node.children)
+            return ast.Index(self.index(node.children[0], span), None, False, False, span)
+        start, stop = (None if c is None else self.index(c, span) for c in node.children)
         return ast.Index(start, stop, True, False, span)
+
+    def index(self, token, span) -> int:
+        value = _integer(str(token))
+        if value is None:
+            self.problems.append(error("E032", f"index `{str(token)[:20]}...` is out of range", span,
+                                       "layer indexes are small integers"))
+            return 0
+        return value
+
+
+INTEGER_DIGITS = 19
+"""Digits of the largest integer a program may hold (2**63 has 19): longer ones are out of
+range without being converted (Python refuses to convert more than 4300 digits)."""
+
+
+def _integer(text: str) -> int | None:
+    """The value of an integer literal, None when it has more digits than any 64-bit one."""
+    return int(text) if len(text.lstrip("+-").lstrip("0")) <= INTEGER_DIGITS else None
 
 
 def parse(text: str, file: str = "<input>") -> ast.Program:

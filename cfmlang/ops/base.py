@@ -17,6 +17,14 @@ from cfmlang.compiler.ir import CheckedProgram, IRNode, TensorSpec
 from cfmlang.frontend import ast
 from cfmlang.io.provider import Provider, stored_provider
 
+COPY_BYTES_PER_SECOND = 740e6
+"""Bytes of input copied, or combined tensor by tensor, per second on the 2-core reference
+machine (`passthrough`'s rate in ops/merge): attaching, growing and combining adapters."""
+MODEL_FLOPS_PER_SECOND = 9.1e9
+"""Float32 FLOPs per second of a causal LM's forward and backward passes on the 2-core
+reference machine: benchmarks/plan_rates.py --kinds measures it as a ratio to `linear`'s
+merge rate and scales it to linear's rate there."""
+
 OnTrainStep = Callable[[str, int, int, float], None]
 """`on_train_step(brick, step, steps, loss)`: follows bricks that train."""
 Progress = Callable[[int, int], None]
@@ -25,7 +33,9 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class Output:
     """What writing a node's output produced: its files, tensor count and bytes, and
-    manifest fields of its kind (an adapter's ranks, an edit's report ...)."""
+    manifest fields of its kind: top-level ones (an adapter's ranks, a routed model's
+    routing ...), and under `"node"` fields of the node's own entry in `nodes` (an edit's
+    report, a fine-tune's losses)."""
 
     files: list[str]
     tensors: int
@@ -116,6 +126,13 @@ class Operation:
     def rate(self, node) -> float | None:
         """Bytes of input processed per second on the reference machine (None: unknown)."""
         return None
+
+    def seconds(self, program: CheckedProgram, node, bytes_read: int) -> float | None:
+        """Estimated seconds the node runs on the reference machine. Default: `bytes_read`
+        (its inputs' outputs, whole) over `rate`; operations that run a model count its
+        FLOPs instead (`model_seconds`)."""
+        rate = self.rate(node)
+        return bytes_read / rate if rate else None
 
     def source_cost(self, node, cache) -> SourceCost | None:
         """For a node that is a source (read by its consumers, never run nor cached), what
@@ -222,6 +239,28 @@ def referenced(body: ast.MapValue, *keys: str) -> list[str]:
         elif isinstance(value, ast.ListValue):
             names += [i.name for i in value.items if isinstance(i, ast.Ref)]
     return names
+
+
+def model_seconds(program: CheckedProgram, model: str, tokens: float, passes: float) -> float:
+    """Seconds to run the model `model` over `tokens` tokens `passes` times (a forward pass
+    is 1, a training step forward and backward 3): 2 FLOPs per parameter, token and pass,
+    at MODEL_FLOPS_PER_SECOND."""
+    parameters = sum(s.numel for s in input_specs(program, model))
+    return 2 * parameters * tokens * passes / MODEL_FLOPS_PER_SECOND
+
+
+TRAINING_PASSES = 3
+"""A training step's cost in forward passes (the backward pass counts two)."""
+SVD_FLOPS = 24
+"""FLOPs of a float64 SVD of an m x n matrix per m * n * min(m, n), in float32 matmul
+FLOPs (about 12 for LAPACK's divide and conquer, twice that in float64)."""
+CHARS_PER_TOKEN = 4
+"""Characters of English text per token, for estimates made before any tokenizer runs."""
+
+
+def text_tokens(text: str) -> int:
+    """Tokens of a prompt, estimated from its length."""
+    return max(1, len(text) // CHARS_PER_TOKEN)
 
 
 def input_specs(program: CheckedProgram, name: str) -> tuple[TensorSpec, ...]:

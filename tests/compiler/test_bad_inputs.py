@@ -121,6 +121,8 @@ def models(tmp_path_factory) -> Path:
     (root / "bad-index" / "model.safetensors.index.json").write_text("{not json")
     for name, index in (("index-dotdot", {"weight_map": {norm: "../outside.safetensors"}}),
                         ("index-list", {"weight_map": ["model-00001-of-00001.safetensors"]}),
+                        ("index-int", {"weight_map": 5}), ("index-null", {"weight_map": None}),
+                        ("index-empty", {"weight_map": {}}),
                         ("index-deep", "[" * 100_000 + "]" * 100_000)):
         model(name, tensors, "model-00001-of-00001.safetensors")
         (root / name / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
@@ -145,6 +147,7 @@ def models(tmp_path_factory) -> Path:
         shutil.copy(a / "model.safetensors", model(f"layers-{name}", None))
         (root / f"layers-{name}" / "config.json").write_text(json.dumps({**base_config, "num_hidden_layers": layers}))
     (model("weights-directory", None) / "model.safetensors").mkdir()
+    os.mkfifo(model("weights-fifo", None) / "model.safetensors")
     shutil.copy(a / "model.safetensors", model("config-infinite", None))
     infinite = (a / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e999')
     assert "1e999" in infinite
@@ -240,6 +243,14 @@ def import_case(tmp: Path, line: str) -> Case:
     (project / "linked").symlink_to(tmp / "outside.brick")
     (project / "main.brick").write_text(line + "\n")
     return Case(["check", str(project / "main.brick")])
+
+
+def import_chain(tmp: Path, models: Path) -> Case:
+    """f0.brick imports f1.brick, which imports f2.brick ... f1999.brick."""
+    for index in range(2000):
+        (tmp / f"f{index}.brick").write_text(f'import "f{index + 1}.brick"\n' if index < 1999 else
+                                              f'model a:\n  source: hf "{models / "a"}"\n')
+    return Case(["check", str(tmp / "f0.brick")])
 
 
 def symlinked_output(tmp: Path, models: Path) -> Case:
@@ -396,6 +407,24 @@ def deep_training_data(tmp: Path, models: Path) -> Case:
                           '  train: {data: "deep.jsonl", steps: 1}\n')
 
 
+DATA_STATEMENTS = {
+    "facts": 'update e:\n  method: rome\n  from: a\n  facts: "data.txt"\n',
+    "finetune": 'update t:\n  method: finetune\n  from: a\n  train: [a.layers[0]]\n  data: "data.txt"\n',
+    "lora": 'brick t:\n  kind: lora\n  base: a\n  train: {data: "data.txt", steps: 1}\n',
+}
+
+
+def data_file_case(tmp: Path, models: Path, statement: str, kind: str) -> Case:
+    """A statement whose data file is a FIFO nobody writes to (reading it would block) or a
+    link to /dev/zero (endless)."""
+    data = tmp / "data.txt"
+    if kind == "fifo":
+        os.mkfifo(data)
+    else:
+        data.symlink_to("/dev/zero")
+    return text_case(tmp, f'model a:\n  source: hf "{models / "a"}"\n' + DATA_STATEMENTS[statement])
+
+
 DEEP_BLOCKS = "model a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 80)) + " " * 80 + "x: 1\n"
 
 CASES = {
@@ -413,6 +442,9 @@ CASES = {
     "header-nested-deep": lambda t, m: model_source(t, m, "header-deep"),
     "index-shard-outside": lambda t, m: model_source(t, m, "index-dotdot"),
     "index-weight-map-list": lambda t, m: model_source(t, m, "index-list"),
+    "index-weight-map-int": lambda t, m: model_source(t, m, "index-int"),
+    "index-weight-map-null": lambda t, m: model_source(t, m, "index-null"),
+    "index-weight-map-empty": lambda t, m: model_source(t, m, "index-empty"),
     "index-nested-deep": lambda t, m: model_source(t, m, "index-deep"),
     "config-nested-deep": lambda t, m: model_source(t, m, "config-deep"),
     "nan-in-weights": lambda t, m: model_source(t, m, "nan-bytes"),
@@ -445,6 +477,10 @@ CASES = {
     "nan-producing-merge": lambda t, m: compile_case(t, m, "b", weight="-0.5"),
     "infinite-number": lambda t, m: compile_case(t, m, "b", weight="1e999"),
     "huge-integer": lambda t, m: compile_case(t, m, "b", weight="9" * 400),
+    "integer-over-4300-digits": lambda t, m: compile_case(t, m, "b", weight="9" * 5000),
+    "index-over-4300-digits": lambda t, m: text_case(t, f'model a:\n  source: hf "{m / "a"}"\n'
+                                                        f'model b:\n  from: a.layers[{"9" * 5000}]\n'),
+    "import-chain-2000-files": import_chain,
     "nul-escape": lambda t, m: text_case(t, 'model a:\n  source: hf "a\\u0000b"\n'),
     "lone-surrogate": lambda t, m: text_case(t, 'model a:\n  source: hf "\\ud800"\n'),
     "not-utf8": lambda t, m: text_case(t, b'model a:\n  source: hf "\xff\xfe"\n'),
@@ -500,6 +536,13 @@ CASES = {
     "dtype-a-map": lambda t, m: text_case(t, MERGE.format(a=m / "a", b=m / "b", weight="0.5", pickle="")
                                           .replace("output: mix", "  dtype: {a: 1}\noutput: mix")),
     "training-data-nested-deep": deep_training_data,
+    "weights-a-fifo": lambda t, m: model_source(t, m, "weights-fifo"),
+    "facts-file-fifo": lambda t, m: data_file_case(t, m, "facts", "fifo"),
+    "facts-file-dev-zero": lambda t, m: data_file_case(t, m, "facts", "zero"),
+    "finetune-data-fifo": lambda t, m: data_file_case(t, m, "finetune", "fifo"),
+    "finetune-data-dev-zero": lambda t, m: data_file_case(t, m, "finetune", "zero"),
+    "training-data-fifo": lambda t, m: data_file_case(t, m, "lora", "fifo"),
+    "training-data-dev-zero": lambda t, m: data_file_case(t, m, "lora", "zero"),
     "cache-inside-output": lambda t, m: cache_case(t, m, "inside"),
     "cache-dir-is-a-file": lambda t, m: cache_case(t, m, "file"),
     "cache-size-infinite": lambda t, m: with_arguments(compile_case(t, m, "b"), env=(("CFM_CACHE_SIZE", "1e400"),)),
@@ -513,6 +556,23 @@ def test_catalogue_and_cases_name_the_same_inputs():
     assert len(rows) >= 40
     assert set(rows) == set(CASES), (f"catalogued without a case: {sorted(set(rows) - set(CASES))}; "
                                      f"cases missing from the catalogue: {sorted(set(CASES) - set(rows))}")
+
+
+ELSEWHERE = re.compile(r"^\| `([a-z0-9-]+)` \| (.+?) \| `(tests/[a-z0-9_/]+\.py)::(test_[a-z0-9_]+)` \|$")
+
+
+def test_every_case_tried_elsewhere_names_a_test_that_exists():
+    """The catalogue's cases that other tests try (races, changing inputs, scaling,
+    fuzzing): each row's test function is defined in the file it names."""
+    import ast
+
+    rows = [ELSEWHERE.match(line).groups() for line in CATALOGUE.read_text().splitlines() if ELSEWHERE.match(line)]
+    assert len(rows) >= 15
+    assert not set(case for case, *_ in rows) & set(catalogue_rows())
+    for case, _, file, name in rows:
+        tree = ast.parse((REPO / file).read_text())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+        assert name in defined, f"{case}: {file} has no {name}"
 
 
 def snapshot(path: Path):

@@ -202,9 +202,10 @@ def test_an_entry_in_use_is_not_evicted_or_cleared_until_released(versions, tmp_
 
 
 def test_a_damaged_gguf_conversion_is_converted_again(tmp_path):
-    """SmolLM2's cached conversion with its weights file cut short (a crash of another
-    tool, a full disk): the seal no longer matches, and the next use converts the GGUF
-    file again instead of serving the damaged folder or asking for a new download."""
+    """SmolLM2's cached conversion with a byte of its weights flipped (mtime kept), a file
+    deleted, or its weights cut short (a crash of another tool, a full disk): the seal no
+    longer matches, and the next use converts the GGUF file again instead of serving the
+    damaged folder or asking for a new download."""
     import hashlib
 
     from cfmlang.io.gguf import SEAL_FILE, conversion_problem, converted_gguf
@@ -221,6 +222,22 @@ def test_a_damaged_gguf_conversion_is_converted_again(tmp_path):
         seal_of(mine, skip=(SEAL_FILE,))
     weights_file = mine / "model.safetensors"
     expected = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    before = weights_file.stat()
+    with open(weights_file, "r+b") as handle:          # one byte flipped, the mtime set back
+        handle.seek(before.st_size // 3)
+        byte = handle.read(1)
+        handle.seek(before.st_size // 3)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    os.utime(weights_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "changed since it was stored" in conversion_problem(mine)
+    with open(weights_file, "r+b") as handle:
+        handle.seek(before.st_size // 3)
+        handle.write(byte)
+    assert conversion_problem(mine) is None
+    config = (mine / "config.json").read_bytes()       # a file deleted
+    (mine / "config.json").unlink()
+    assert "added or removed" in conversion_problem(mine)
+    (mine / "config.json").write_bytes(config)
     with open(weights_file, "r+b") as handle:
         handle.truncate(weights_file.stat().st_size // 2)
     assert "changed since it was stored" in conversion_problem(mine)

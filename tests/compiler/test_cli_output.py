@@ -4,11 +4,14 @@ count what was run and written."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,23 +57,128 @@ def third_party_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if THIRD_PARTY.search(line)]
 
 
-def test_every_command_is_quiet_about_third_parties_and_says_what_it_did(project):
-    compiled = cfmc(project, "compile", "tuned.brick", "-o", "out")
+@dataclass
+class Timed:
+    """A finished `cfmc` run: exit code, stdout, and each stderr line with the moment it
+    arrived (seconds since the process started), then the moment it exited."""
+
+    returncode: int
+    stdout: str
+    lines: list[tuple[float, str]]
+    ended: float
+
+    @property
+    def stderr(self) -> str:
+        return "".join(line + "\n" for _, line in self.lines)
+
+    def longest_silence(self) -> float:
+        """The longest time between two stderr lines, or between the last one and the exit
+        (from the first line on: before it, Python imports cfmlang)."""
+        moments = [at for at, _ in self.lines] + [self.ended]
+        return max((b - a for a, b in zip(moments, moments[1:])), default=0.0)
+
+
+def timed_cfmc(project: Path, *args: str, heartbeat: float = 1.0) -> Timed:
+    """`cfmc ARGS` with stderr a pipe, read line by line as the process writes it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "CFM_CACHE_DIR": str(project / "cache"), "PYTHONWARNINGS": "default",
+           "CFM_HEARTBEAT_SECONDS": str(heartbeat)}
+    start = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "cfmlang", *args], cwd=project, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[tuple[float, str]] = []
+
+    def read_stderr():
+        for line in process.stderr:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    stdout = process.stdout.read()
+    returncode = process.wait(timeout=600)
+    ended = time.monotonic() - start
+    reader.join()
+    return Timed(returncode, stdout, lines, ended)
+
+
+MAX_SILENCE = 30.0
+"""With a heartbeat every second, the longest a command may be silent on a loaded machine
+(the policy is a line at least every minute; the default heartbeat is 10 s)."""
+
+
+@pytest.fixture(scope="module")
+def extras(project) -> dict[str, Path]:
+    """What the other commands read: an evaluation task, probes for `analyze`, a mergekit
+    config, a lowered artifact for `bench`."""
+    from planted import planted_model, write_probes
+
+    (project / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"question": "the sea is", "choices": ["love", "night", "sky"], "answer": 1},
+        {"question": "a poem of", "choices": ["verse", "code"], "answer": 0})))
+    planted = planted_model(project / "planted")
+    probes = write_probes(project / "probes", planted, per_ability=8)
+    (project / "merge.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {project / 'base'}\n"
+                                       f"    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    return {"planted": planted, "probes": probes}
+
+
+def test_every_command_is_quiet_about_third_parties_and_never_silent_for_long(project, extras):
+    """Each command, run as a CI job runs it (stderr a pipe): no third-party warning or bar,
+    no silence longer than MAX_SILENCE once it has started talking, summaries that count
+    what was run and written. (`cfmc lsp` talks the LSP protocol on stdout; it is tested
+    in tests/lsp.)"""
+    compiled = timed_cfmc(project, "compile", "tuned.brick", "-o", "out")
     assert compiled.returncode == 0, compiled.stderr
-    assert third_party_lines(compiled.stderr) == []
     lines = compiled.stderr.splitlines()
     assert "`tone`: running" in lines and "`tuned`: running" in lines
     assert any(line.startswith("training tone: step 4/4") for line in lines)
     assert re.search(r"wrote out: \d+ tensors, [\d.]+ MB in 1 file\(s\); 2 node\(s\) run, 1 source\(s\) read, "
                      r"0 from the cache", lines[-1])
-    again = cfmc(project, "compile", "tuned.brick", "-o", "again")
+    again = timed_cfmc(project, "compile", "tuned.brick", "-o", "again")
     assert again.stderr.splitlines()[-1].endswith("(linked from the cache); 0 node(s) run, 0 source(s) read, "
                                                   "1 from the cache")
-    for args in (["check", "tuned.brick"], ["plan", "tuned.brick"], ["graph", "tuned.brick"], ["methods"],
-                 ["cache", "ls"], ["run", "out", "--prompt", "a poem", "--no-chat", "--max-new-tokens", "3"]):
-        done = cfmc(project, *args)
+    lowered = timed_cfmc(project, "compile", "tuned.brick", "-o", "lowered", "--target", "export")
+    commands = [
+        ["check", "tuned.brick"], ["plan", "tuned.brick"], ["graph", "tuned.brick"], ["methods"],
+        ["fmt", "--diff", "tuned.brick"], ["import", "merge.yml"], ["cache", "ls"],
+        ["run", "out", "--prompt", "a poem", "--no-chat", "--max-new-tokens", "3"],
+        ["eval", "out", "--task", "mc.jsonl"],
+        ["analyze", str(extras["planted"]), "-o", "report", "--probes", str(extras["probes"]), "--max-prompts", "8",
+         "--levels", "0,50", "--cett", "0.2", "--eval-per-ability", "2", "--cett-tokens", "64"],
+        ["bench", "lowered", "--batch", "1", "--prompt-tokens", "5", "--new-tokens", "3", "--repeat", "1"],
+        ["cache", "clear"],
+    ]
+    runs = {"compile": compiled, "compile again": again, "compile --target export": lowered}
+    for args in commands:
+        runs[" ".join(args[:1])] = done = timed_cfmc(project, *args)
         assert done.returncode == 0, (args, done.stderr)
-        assert third_party_lines(done.stderr + done.stdout) == [], args
+    for name, done in runs.items():
+        assert third_party_lines(done.stderr + done.stdout) == [], name
+        assert done.longest_silence() < MAX_SILENCE, (name, done.lines, done.ended)
+    assert any(line.startswith("still working (") for done in runs.values() for _, line in done.lines)
+
+
+def test_warnings_print_before_the_work_they_concern(project):
+    """W001 (a dropped node) is known when the program is checked: it is printed before the
+    first node runs (here: before the lora brick's training steps), not after the summary."""
+    (project / "unused.brick").write_text(PROGRAM.replace("output: tuned", "model spare:\n  from: base\n"
+                                                                          "  attach: [tone]\noutput: tuned"))
+    done = timed_cfmc(project, "compile", "unused.brick", "-o", "unused", "--no-cache")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    warned = next(i for i, line in enumerate(lines) if "warning[W001]" in line and "`spare`" in line)
+    trained = next(i for i, line in enumerate(lines) if line.startswith("training tone: step"))
+    assert warned < trained < len(lines) - 1
+    assert lines[-1].startswith("wrote unused:")
+    assert sum("warning[W001]" in line for line in lines) == 1        # heartbeats do not repeat it
+
+
+def test_the_heartbeat_interval_is_read_from_the_environment(monkeypatch):
+    from cfmlang.cli.progress import HEARTBEAT_SECONDS, heartbeat_interval
+
+    for value, expected in (("2.5", 2.5), ("0", HEARTBEAT_SECONDS), ("-1", HEARTBEAT_SECONDS),
+                            ("inf", HEARTBEAT_SECONDS), ("nan", HEARTBEAT_SECONDS), ("soon", HEARTBEAT_SECONDS)):
+        monkeypatch.setenv("CFM_HEARTBEAT_SECONDS", value)
+        assert heartbeat_interval() == expected, value
 
 
 def test_verbose_shows_what_is_otherwise_kept_out(project):

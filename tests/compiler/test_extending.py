@@ -129,7 +129,7 @@ def shrunk(models: Path, out: Path, manifest: dict) -> None:
     a = load_file(models / "a" / "model.safetensors")
     result = load_file(out / "model.safetensors")
     edited = "model.layers.1.mlp.down_proj.weight"
-    assert manifest["update"]["edited"] == [edited]
+    assert manifest["nodes"]["m"]["edited"] == [edited]
     torch.testing.assert_close(result[edited], a[edited] * 0.75)
     assert all(torch.equal(v, a[k]) for k, v in result.items() if k != edited)
 

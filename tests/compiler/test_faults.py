@@ -138,6 +138,16 @@ def test_sigterm_at_random_points_exits_143_and_cleans_up(versions, tmp_path):
     assert kept >= 4
 
 
+def test_sighup_exits_129_and_cleans_up(versions, tmp_path):
+    """SIGHUP (a closing terminal or session) is handled as SIGTERM is."""
+    program, old, new = versions
+    report = run_driver(tmp_path, program, old, "HUP", seed=29, count=2)
+    assert_old_or_complete_new(report, old, new, set(cache_entries(tmp_path / "cache-old")))
+    for run in report["results"]:
+        assert run["status"] in (129, 130), run
+        assert run["siblings"] == [], run
+
+
 def test_stale_sibling_of_a_live_process_is_left_alone(versions, tmp_path):
     """Only debris of dead processes is swept: a concurrent writer keeps its directory."""
     program, old, new = versions

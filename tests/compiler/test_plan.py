@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
+
+import pytest
 
 import cfmlang
 from cfmlang.cli import main
-from cfmlang.compiler.plan import BASELINE_BYTES
+from cfmlang.compiler.plan import BASELINE_BYTES, plan_table
 from cfmlang.ops.merge import BYTES_PER_SECOND
 from test_cache import TENSORS, four_nodes
 
@@ -99,4 +102,87 @@ def test_kinds_that_run_the_model_are_planned_with_their_inputs_four_times_over(
     assert planned.node("e").peak_bytes == planned.node("r").peak_bytes == 4 * size
     # the experts brick's cache entry: an int64 neuron order for each of the 4 layers of 64 neurons
     assert planned.node("e").bytes_written == 4 * 64 * 8 and planned.node("r").bytes_written == size
-    assert planned.node("r").seconds is None and planned.seconds is None
+    assert planned.node("r").seconds > 0 and planned.seconds > 0
+
+
+@pytest.fixture(scope="module")
+def artifact_programs(tmp_path_factory) -> Path:
+    """tests/golden/artifacts/ (every node kind: sources, merges, grows, lora bricks read,
+    combined, extracted and trained, attachments, routes over adapters, edits, fine-tuning,
+    experts and their routes) beside the real tiny models they read."""
+    from artifact_hashes import ARTIFACTS, build_artifact_models
+
+    root = tmp_path_factory.mktemp("artifacts")
+    build_artifact_models(root / "models")
+    for program in ARTIFACTS.glob("*.brick"):
+        (root / program.name).write_text(program.read_text())
+    return root
+
+
+def planned_as_output(folder: Path, file: str, node: str):
+    text = (folder / file).read_text()
+    program = folder / f"{file}.{node}.brick"
+    program.write_text(text[:text.rindex("output:")] + f"output: {node}\n")
+    return cfmlang.plan(program, use_cache=False, force=True)
+
+
+def test_every_node_kind_has_a_time_estimate(artifact_programs):
+    """No `unknown` time in a plan: each kind's estimate comes from the rate its
+    operation declares (bytes copied, FLOPs of the model passes it makes)."""
+    from artifact_hashes import ARTIFACT_NODES
+
+    kinds = set()
+    for file, nodes in ARTIFACT_NODES.items():
+        for name in nodes:
+            plan = planned_as_output(artifact_programs, file, name)
+            for node in plan.working:
+                assert node.seconds is not None and node.seconds < 3600, (file, node)
+                if node.status == "run":
+                    assert node.seconds > 0, (file, node)
+                    kinds.add(node.op)
+            assert "unknown" not in plan_table(plan)
+    assert {"attach", "lora_train", "lora_extract", "lora_merge ties", "lora_source", "route retrieve", "route gate",
+            "update rome", "update memit", "update finetune", "experts", "route topk", "grow widen",
+            "grow upcycle"} <= kinds, kinds
+
+
+def test_training_estimates_grow_with_the_work_asked(artifact_programs):
+    """Twice the steps of a lora brick, twice its planned training time; an edit's value
+    search grows with its steps."""
+    text = (artifact_programs / "adapters.brick").read_text()
+    times = {}
+    for steps in (4, 8):
+        program = artifact_programs / f"steps{steps}.brick"
+        program.write_text(text.replace("steps: 4,", f"steps: {steps},")[:text.rindex("output:")] + "output: tone\n")
+        times[steps] = cfmlang.plan(program, use_cache=False).node("tone").seconds
+    assert times[8] == pytest.approx(2 * times[4])
+    few, many = (cfmlang.plan((artifact_programs / "updates.brick").read_text().replace("steps: 6", f"steps: {n}")
+                              .replace('"models/', f'"{artifact_programs}/models/'), use_cache=False)
+                 .node("edited").seconds for n in (6, 60))
+    assert many > few
+
+
+def test_a_huge_widen_is_planned_with_its_real_working_set(artifact_programs, capsys):
+    """widen to 10^8 neurons holds each widened projection (10^8 x 32 floats) five times
+    over in float32 terms while computing it: the plan says so and refuses it."""
+    program = artifact_programs / "wide.brick"
+    program.write_text('model a:\n  source: hf "models/a"\ngrow wide:\n  method: widen\n  from: a\n'
+                       "  intermediate_size: 100000000\noutput: wide\n")
+    plan = cfmlang.plan(program, use_cache=False, force=True)
+    projection = 100_000_000 * 32 * 4
+    assert plan.node("wide").peak_bytes == 6 * projection and plan.peak_bytes > 70 * 2**30
+    assert main(["plan", str(program), "--no-cache", "--max-memory", "64G"]) == 1
+    err = capsys.readouterr().err
+    assert "error[E130]" in err and "(node `wide`: 71.5 GiB)" in err
+
+
+def test_an_absurd_upcycle_is_refused_at_once(artifact_programs, capsys):
+    """`experts: 10^9` would list 1.2 x 10^10 tensors; the check refuses it before listing any."""
+    program = artifact_programs / "up.brick"
+    program.write_text('model a:\n  source: hf "models/a"\ngrow moe:\n  method: upcycle\n  from: a\n'
+                       "  experts: 1000000000\noutput: moe\n")
+    start = time.perf_counter()
+    assert main(["plan", str(program)]) == 1
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "error[E310]" in err and "would write 12,000,000,043 tensors" in err

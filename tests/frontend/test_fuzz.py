@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfmlang.cli import main
+from fuzz_outcomes import OUTCOMES
 from cfmlang.ops.merge.check import MERGE_KEYS
 from cfmlang.ops.model.check import MODEL_KEYS
 from cfmlang.ops import REGISTRY, names_for
@@ -90,6 +91,7 @@ class Checker:
         sink = io.StringIO()
         with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
             code = main(["check", *form, str(self.path)])
+        OUTCOMES[code] += 1
         assert code in (0, 1), f"exit {code} for:\n{data!r}\n---\n{sink.getvalue()}"
         return code
 

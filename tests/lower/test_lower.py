@@ -148,6 +148,28 @@ def test_cfmc_bench_against_another_lowered_program(merged_export, capsys):
     assert f"export vs export {merged_export}" in text and text.rstrip().endswith("100%")
 
 
+@pytest.mark.parametrize("per_core", [4.0, 0.1])
+def test_cfmc_bench_flags_a_busy_machine(merged_export, capsys, monkeypatch, per_core):
+    """The load average is read before and after the measurements: above half a runnable
+    process per core, W200 says the ratios are not the machine's, on stderr whatever the
+    format, and the JSON and the table say so too."""
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (per_core * (os.cpu_count() or 1), 0.0, 0.0))
+    for form in ("json", "text"):
+        code = main(["bench", str(merged_export), "--batch", "1", "--prompt-tokens", "5", "--new-tokens", "2",
+                     "--repeat", "1", "--format", form])
+        assert code == 0
+        captured = capsys.readouterr()
+        busy = per_core > 0.5
+        assert ("warning[W200]: the machine was busy while benchmarking" in captured.err) == busy
+        if form == "json":
+            load = json.loads(captured.out)["load"]
+            assert load["busy"] == busy and load["load_1min"] == pytest.approx(per_core * (os.cpu_count() or 1))
+        else:
+            assert ("(busy: the ratios are not this machine's)" in captured.out) == busy
+
+
 def test_load_refuses_a_target_the_artifact_does_not_hold(merged_export):
     with pytest.raises(CompileError) as caught:
         cfmlang.load(merged_export, target="inductor")

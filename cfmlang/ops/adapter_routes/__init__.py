@@ -10,7 +10,8 @@ from cfmlang.ops.adapter_routes import methods
 from cfmlang.ops.adapter_routes.check import check_adapter_route
 from cfmlang.ops.adapter_routes.providers import AdapterRouteProvider
 from cfmlang.ops.adapter_routes.writer import write_adapter_route
-from cfmlang.ops.base import Operation, method_word, referenced, register_operation
+from cfmlang.ops.base import (COPY_BYTES_PER_SECOND, TRAINING_PASSES, Operation, method_word, model_seconds, referenced, register_operation,
+                              text_tokens)
 
 METHODS = (methods.Retrieve.name, methods.Gate.name)
 
@@ -34,6 +35,18 @@ class AdapterRouteOperation(Operation):
 
     def label(self, name: str, attributes: dict) -> str:
         return f"{name}\\nroute {attributes['method']} over {', '.join(attributes['adapters'])}"
+
+    def seconds(self, program, node, bytes_read: int) -> float | None:
+        """Its inputs read and written beside the router; retrieve: a forward pass of the
+        base over every adapter's samples; gate: its training steps (if any) over
+        `batch_size` x `max_length` tokens of its data."""
+        training = dict(node.options).get("train")
+        tokens = sum(text_tokens(sample) for samples in node.samples for sample in samples)
+        seconds = bytes_read / COPY_BYTES_PER_SECOND + model_seconds(program, node.base, tokens, 1)
+        if training:
+            steps = training["steps"] * training["batch_size"] * training["max_length"]
+            seconds += model_seconds(program, node.base, steps, TRAINING_PASSES)
+        return seconds
 
     def provider(self, context, node, providers):
         return AdapterRouteProvider(node, providers[node.base], [providers[a] for a in node.adapters],

@@ -5,8 +5,12 @@ from __future__ import annotations
 from cfmlang.compiler.ir import ExpertsNode, RouteNode
 from cfmlang.diagnostics import Diagnostic, error
 from cfmlang.io.weights import NodeStats
-from cfmlang.ops.base import Operation, method_word, node_seed, referenced, register_operation
+from cfmlang.ops.base import (COPY_BYTES_PER_SECOND, MODEL_FLOPS_PER_SECOND, Operation, method_word, model_seconds,
+                              node_seed, referenced, register_operation)
 from cfmlang.ops.experts import methods  # noqa: F401  (registers the methods)
+from cfmlang.ops.experts.methods import CALIBRATED_SPLITS
+from cfmlang.ops.experts.partition import KMEANS_ROUNDS
+from cfmlang.ops.experts.routers import NEEDS_DATA
 from cfmlang.ops.experts.check import check_experts, check_route
 from cfmlang.ops.experts.providers import ExpertsProvider, RouteProvider
 from cfmlang.ops.experts.stored import partition_bytes, restore_partition, write_partition
@@ -50,6 +54,27 @@ class ExpertsOperation(Operation):
         return error("E182", f"`{node.name}` is an experts brick, which is not a model to compile", node.span,
                      f"route it and compile the route: `route r: {{method: topk, experts: {node.name}, k: ...}}`, "
                      f"`output: r`")
+
+    def seconds(self, program, node, bytes_read: int) -> float | None:
+        """Its inputs read (and a route's model written), a forward pass of the model over
+        the calibration tokens when the split or router needs them, then per layer the
+        split (k-means rounds over the neurons, or the co-activation products) or the
+        router's training epochs over the tokens' FFN inputs."""
+        arch, tokens = node.arch, node.calibration.tokens
+        if isinstance(node, ExpertsNode):
+            model, layers = node.model, len(node.layers)
+            neurons, hidden = arch.intermediate_size, arch.hidden_size
+            split = {"kmeans": 2 * KMEANS_ROUNDS * neurons * node.count * 2 * hidden,
+                     "cooccurrence": 2 * tokens * neurons * neurons,
+                     "functional": 2 * KMEANS_ROUNDS * neurons * node.count * 2 * hidden}.get(node.split, 0)
+            needs_text = node.split in CALIBRATED_SPLITS
+        else:
+            experts = program.node(node.experts)
+            model, layers = experts.model, len(experts.layers)
+            needs_text = node.router in NEEDS_DATA
+            split = 2 * 3 * node.epochs * tokens * arch.hidden_size * experts.count if needs_text else 0
+        run = model_seconds(program, model, tokens, 1) if needs_text else 0.0
+        return bytes_read / COPY_BYTES_PER_SECOND + run + layers * split / MODEL_FLOPS_PER_SECOND
 
     def provider(self, context, node, providers):
         if isinstance(node, ExpertsNode):

@@ -16,6 +16,7 @@ import torch
 from cfmlang.analysis.probes import read_probes
 from cfmlang.compiler.ir import Calibration
 from cfmlang.architectures import layer_module
+from cfmlang.io.datafile import read_data_text
 from cfmlang.io.text import WINDOW, sampled_tokens, windows
 from cfmlang.io.weights import WeightError
 
@@ -37,7 +38,7 @@ def corpus_text(calibration: Calibration) -> str:
         return "\n\n".join(prompt for prompts in texts.prompts for prompt in prompts)
     if calibration.origin == "corpus":
         return resources.files("cfmlang.ops.experts").joinpath("data/calibration.txt").read_text(encoding="utf-8")
-    return Path(calibration.path).read_text(encoding="utf-8", errors="replace")
+    return read_data_text(Path(calibration.path), errors="replace")
 
 
 def describe(calibration: Calibration) -> str:

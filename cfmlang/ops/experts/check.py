@@ -12,6 +12,7 @@ from cfmlang.frontend import ast
 from cfmlang.compiler.ir import ArchInfo, Calibration, ExpertsNode, RouteNode
 from cfmlang.frontend.resolve import Declared
 from cfmlang.diagnostics import CompileError, error
+from cfmlang.io.datafile import MAX_DATA_BYTES
 
 EXPERTS_KEYS = ("kind", "from", "description")
 ROUTE_KEYS = ("method", "experts", "description")
@@ -218,5 +219,10 @@ def calibration_of(checker, options: dict, body: ast.MapValue, base_dir: Path) -
                                       "give a UTF-8 text file (relative to this .brick file), `probes` "
                                       "(the shipped probe prompts), `{generate: N}`, or leave "
                                       "`calibration` out to use the shipped corpus"))
+        return None
+    if path.stat().st_size > MAX_DATA_BYTES:
+        checker.problems.append(error("E169", f"calibration text `{given}` holds more than {MAX_DATA_BYTES >> 20} MiB",
+                                      body.get("calibration").value.span,
+                                      "calibration reads the file whole; give a sample of it"))
         return None
     return Calibration(str(path), tokens)

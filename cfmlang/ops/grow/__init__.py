@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cfmlang.compiler.ir import GrowNode
 from cfmlang.frontend import ast
-from cfmlang.ops.base import Operation, referenced, register_operation, write_model
+from cfmlang.ops.base import COPY_BYTES_PER_SECOND, Operation, referenced, register_operation, write_model
 from cfmlang.ops.grow import methods  # noqa: F401  (registers the methods)
 from cfmlang.ops.grow.check import check_grow
 from cfmlang.ops.registry import lookup
@@ -37,6 +37,17 @@ class GrowOperation(Operation):
     def attributes(self, node) -> dict:
         return {"op": "grow", "method": node.method, "inputs": list(node.inputs),
                 "layers": node.arch.num_layers, "new_layers": list(node.arch.new_layers)}
+
+    def working_set(self, program, node, chunk_bytes: int) -> int:
+        """The method's float32 copies of the largest output tensor (a widened FFN
+        projection, an expert) while it is computed, beside the one being written."""
+        largest = max((s.numel for s in node.arch.tensors), default=0) * 4
+        return (lookup("grow", node.method).working_copies + 1) * largest
+
+    def seconds(self, program, node, bytes_read: int) -> float | None:
+        """The output's bytes (a grown model may be many times its input) copied at the
+        copy rate."""
+        return sum(s.numel * 4 for s in node.arch.tensors) / COPY_BYTES_PER_SECOND
 
     def provider(self, context, node, providers):
         return lookup("grow", node.method).provider(node, providers, context.seed(node))

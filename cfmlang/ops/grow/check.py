@@ -272,6 +272,11 @@ def _layer_shapes(arch: ArchInfo) -> dict[str, tuple[int, ...]]:
 
 # ---- widen and upcycle ----------------------------------------------------------------------
 
+MAX_OUTPUT_TENSORS = 1_000_000
+"""The most tensors a grown model may hold (the largest released MoE models hold some
+50,000): a bound that keeps checking and planning an absurd `experts:` short."""
+
+
 WIDENED_ROLES = ("ffn.up", "ffn.down")
 """What widen needs: an FFN whose neurons are rows of its input projections (the gate's
 too, where there is one) and columns of its output projection, stored `[out, in]`."""
@@ -342,6 +347,14 @@ def _upcycle(checker, decl, body, options, source: str):
         checker.problems.append(error(
             "E113", f"upcycle writes a Mixtral model, which has no biases, but `{source}` has `{biased}`",
             method_span, "upcycle supports bias-free Llama and Mistral models"))
+        return None
+    count = len(arch.tensors) + arch.num_layers * (1 + len(FFN_ROLES) * options["experts"])
+    if count > MAX_OUTPUT_TENSORS:
+        checker.problems.append(error(
+            "E310", f"`experts: {options['experts']}` would write {count:,} tensors ({options['experts']:,} "
+            f"copies of each of the {arch.num_layers} layers' FFN); a model holds at most "
+            f"{MAX_OUTPUT_TENSORS:,}", body.get("experts").value.span,
+            "upcycled models have a handful of experts per layer (Mixtral: 8)"))
         return None
     tensors = tuple(spec for spec, _ in upcycled_specs(list(arch.tensors), options["experts"], arch.layout).values())
     return (source,), (), replace(arch, model_type="mixtral", tensors=tensors,

@@ -25,6 +25,9 @@ class GrowMethod(Method):
     keys: ClassVar[tuple[str, ...]] = GROW_KEYS
     plan: ClassVar[Callable]
     provider: ClassVar[Callable]
+    working_copies: ClassVar[int] = 2
+    """Float32 copies of its largest output tensor the provider holds while computing one
+    (the plan's working set): a copy and its cast by default."""
 
 
 class VerifyOptions(Params):
@@ -74,6 +77,8 @@ class Widen(GrowMethod):
                "down_proj columns are split (`init: duplicate`) or new neurons with zero "
                "output weights (`init: zero`)")
 
+    working_copies = 5     # the new neurons and the concatenation in float64, then the float32 cast
+
     class Options(VerifyOptions):
         intermediate_size: Annotated[int, Field(ge=1)]
         init: Literal["duplicate", "zero"] = "duplicate"
@@ -101,6 +106,8 @@ class Moe(GrowMethod):
     keys = check.MOE_KEYS
     summary = ("mergekit-moe: a Mixtral model whose experts are the FFNs of fine-tunes of `base`, "
                "routers initialised from each expert's prompts (`gate_mode`)")
+
+    working_copies = 3     # an expert's FFN tensor, its perturbation and their sum
 
     class Options(VerifyOptions):
         verify: Verify = "none"

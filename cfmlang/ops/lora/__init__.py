@@ -7,7 +7,8 @@ from pathlib import Path
 
 from cfmlang.compiler.ir import LoraExtractNode, LoraMergeNode, LoraSourceNode, LoraTrainNode, TensorSpec
 from cfmlang.frontend import ast
-from cfmlang.ops.base import Operation, method_word, node_seed, referenced, register_operation
+from cfmlang.ops.base import (COPY_BYTES_PER_SECOND, MODEL_FLOPS_PER_SECOND, SVD_FLOPS, TRAINING_PASSES, Operation,
+                              method_word, model_seconds, node_seed, referenced, register_operation)
 from cfmlang.ops.lora import combine, factors  # noqa: F401  (registers the methods)
 from cfmlang.ops.lora.check import check_adapter_merge, check_lora, merges_adapters
 from cfmlang.ops.lora.factors import is_target
@@ -73,6 +74,19 @@ class LoraOperation(Operation):
         largest = max((s.numel for s in node.arch.tensors), default=0) * 4
         return 2 * largest + 4 * 2 * largest + sum(s.nbytes for s in _extracted_specs(node))
 
+    def seconds(self, program, node, bytes_read: int) -> float | None:
+        """Training: `steps` training steps of the base over `batch_size` x `max_length`
+        tokens. Extraction and the `svd` combinations: an SVD of every module's delta.
+        Other combinations and PEFT sources: their factors copied."""
+        if isinstance(node, LoraTrainNode):
+            options = dict(node.options)
+            tokens = options["steps"] * options["batch_size"] * options["max_length"]
+            return model_seconds(program, node.base, tokens, TRAINING_PASSES)
+        if isinstance(node, LoraExtractNode) or (isinstance(node, LoraMergeNode) and "svd" in node.combination):
+            flops = sum(SVD_FLOPS * rows * columns * min(rows, columns) for rows, columns in _svd_shapes(node))
+            return flops / MODEL_FLOPS_PER_SECOND
+        return sum(s.numel * 4 for s in self.output_specs(program, node)) / COPY_BYTES_PER_SECOND
+
     def provider(self, context, node, providers):
         if isinstance(node, LoraExtractNode):
             return ExtractProvider(node, providers[node.tuned], providers[node.base])
@@ -104,6 +118,14 @@ class LoraOperation(Operation):
         return {"op": "lora_merge", "method": node.combination, "options": dict(node.options),
                 "seed": node_seed(program, node),
                 "inputs": [{"adapter": i.model, "params": dict(i.params)} for i in node.inputs]}
+
+
+def _svd_shapes(node) -> list[tuple[int, int]]:
+    """(out, in) of the deltas factored by SVD: a combination's modules, an extraction's
+    target projections."""
+    if isinstance(node, LoraMergeNode):
+        return [(m.out_features, m.in_features) for m in node.modules]
+    return [s.shape for s in node.arch.tensors if len(s.shape) == 2 and is_target(s.name, list(node.targets))]
 
 
 def _extracted_specs(node: LoraExtractNode) -> tuple[TensorSpec, ...]:

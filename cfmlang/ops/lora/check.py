@@ -11,6 +11,7 @@ from cfmlang.frontend import ast
 from cfmlang.ops.lora.peft_dirs import adapter_modules, base_modules, fit_problem, read_peft_dir
 from cfmlang.compiler.ir import (AttachNode, LoraExtractNode, LoraMergeNode, LoraModuleSpec, LoraSourceNode,
                                  LoraTrainNode, MergeInput, ModelNode, Source, TrainData)
+from cfmlang.io.datafile import read_data_bytes
 from cfmlang.io.sources import SourceError
 from cfmlang.diagnostics import did_you_mean, error, warning
 from cfmlang.ops.registry import lookup, names_for
@@ -145,7 +146,7 @@ def has_tokenizer(checker, base: str, span) -> bool:
 
 def train_data(checker, value: ast.Value, given: str, base_dir: Path) -> TrainData | None:
     path = Path(given) if Path(given).is_absolute() else (base_dir / given).resolve()
-    if not path.is_file():
+    if not path.exists():
         checker.problems.append(error("E153", f"training data `{given}` does not exist (looked in {path})",
                                    value.span, "paths are relative to the .brick file's directory"))
         return None
@@ -157,7 +158,7 @@ def train_data(checker, value: ast.Value, given: str, base_dir: Path) -> TrainDa
                                    'a .txt file holds one text per line; a .jsonl file one '
                                    '{"text": ...} or {"prompt": ..., "response": ...} per line'))
         return None
-    return TrainData(str(path), len(samples), hashlib.sha256(path.read_bytes()).hexdigest())
+    return TrainData(str(path), len(samples), hashlib.sha256(read_data_bytes(path)).hexdigest())
 
 def check_lora_extract(checker, decl, extract: ast.Entry, kind) -> None:
     if not isinstance(extract.value, ast.MapValue):

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from cfmlang.io.datafile import read_data_text
+
 from cfmlang.ops.lora.factors import LoraAdapter, adapter_from_peft, peft_config
 
 IGNORE = -100
@@ -36,12 +38,12 @@ class DataError(Exception):
 
 
 def read_samples(path: Path) -> list[Sample]:
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"`{path.name}` is neither a .txt nor a .jsonl file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_data_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read `{path.name}`: {exc}") from None
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"`{path.name}` is neither a .txt nor a .jsonl file")
     samples = [_sample(line, number, path.suffix) for number, line in enumerate(lines, start=1)
                if line.strip()]
     if not samples:

@@ -9,7 +9,8 @@ from cfmlang.diagnostics import CompileError
 from cfmlang.io.provider import SourceProvider
 from cfmlang.io.sources import SourceError
 from cfmlang.io.gguf import SEAL_FILE, open_source
-from cfmlang.ops.base import Operation, SourceCost, referenced, register_operation
+from cfmlang.ops.base import (COPY_BYTES_PER_SECOND, Operation, SourceCost, input_specs, referenced,
+                              register_operation)
 from cfmlang.ops.lora.providers import AttachProvider
 from cfmlang.ops.model.check import check_model
 
@@ -40,6 +41,19 @@ class ModelOperation(Operation):
         if attributes["op"] == "attach":
             return f"{name}\\nfused {', '.join(attributes['attach'])}"
         return f"{name}\\n{attributes['source']}"
+
+    def working_set(self, program, node, chunk_bytes: int) -> int:
+        """An attachment holds its adapters whole, and per tensor the weight, the float32
+        delta and their sum."""
+        if not isinstance(node, AttachNode):
+            return super().working_set(program, node, chunk_bytes)
+        largest = max((s.numel for s in node.arch.tensors), default=0) * 4
+        adapters = sum(s.numel * 4 for name in node.adapters for s in input_specs(program, name))
+        return adapters + 3 * largest
+
+    def rate(self, node) -> float | None:
+        """An attachment reads the model and its adapters once, adding B @ A tensor by tensor."""
+        return COPY_BYTES_PER_SECOND if isinstance(node, AttachNode) else None
 
     def source_cost(self, node, cache) -> SourceCost | None:
         """A source is read by its consumers; a GGUF file not yet converted is converted

@@ -10,6 +10,7 @@ from pathlib import Path
 from cfmlang.frontend import ast
 from cfmlang.compiler.ir import ArchInfo, EditNode, Fact, FinetuneNode, ModelNode
 from cfmlang.diagnostics import Span, did_you_mean, error, warning
+from cfmlang.io.datafile import read_data_text
 from cfmlang.ops.update.finetune import DataError, read_texts
 
 EDIT_KEYS = ("method", "from", "facts", "neighbourhood", "seed", "description")
@@ -147,7 +148,7 @@ def _text_lines(path: Path, span: Span) -> list[Located]:
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_data_text(path)
     except FileNotFoundError:
         raise _DataError("no such file", "paths are relative to the .brick file") from None
     except (OSError, UnicodeDecodeError) as exc:

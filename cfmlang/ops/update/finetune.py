@@ -10,6 +10,8 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from cfmlang.io.datafile import read_data_text
+
 from cfmlang.ops.update.editing import Log
 from cfmlang.ops.registry import Method, Params, register
 
@@ -36,7 +38,7 @@ def read_texts(path: Path) -> list[str]:
     """The samples of a dataset: each line's `text` of a .jsonl file, or the whole of
     any other file (split into blocks after tokenisation)."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = read_data_text(path)
     except FileNotFoundError:
         raise DataError("no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

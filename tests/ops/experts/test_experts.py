@@ -545,3 +545,7 @@ def test_an_experts_brick_is_cached_and_not_calibrated_again(tiny, tmp_path, mon
     assert len(calls) == 5
     for file in ("routing.safetensors", "model.safetensors"):
         assert (tmp_path / "k4" / file).read_bytes() == (tmp_path / "fresh" / file).read_bytes()
+    # the cached brick's record survives: the manifest is the fresh compile's, but for its time
+    cached_manifest, fresh = (json.loads((tmp_path / d / "cfm.json").read_text()) for d in ("k4", "fresh"))
+    assert cached_manifest.pop("created") and fresh.pop("created") and cached_manifest == fresh
+    assert cached_manifest["routing"] == cached.manifest["routing"] and cached_manifest["nodes"]["e"]["key"]

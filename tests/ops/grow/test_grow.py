@@ -275,7 +275,7 @@ def test_finetuning_the_new_blocks_of_block_expand(tmp_path):
             "output: tuned\n")
     result = cfmlang.compile(text, tmp_path / "tuned")
     assert cfmlang.check(text).node("pro").arch.new_layers == (2, 5)
-    training = result.manifest["update"]
+    training = result.manifest["nodes"]["tuned"]
     assert training["loss_after"] < training["loss_before"]
     out, original = tensors(tmp_path / "tuned"), tensors(base)
     origin = {0: 0, 1: 1, 3: 2, 4: 3}

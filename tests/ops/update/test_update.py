@@ -67,8 +67,8 @@ def test_rome_writes_one_rank_one_change_per_fact_and_raises_the_targets(tiny, t
     assert list(changed) == ["model.layers.2.mlp.down_proj.weight"]
     assert rank(changed["model.layers.2.mlp.down_proj.weight"]) == len(FACTS)
     assert result.manifest["nodes"]["edited"]["facts"] == 3
-    assert result.manifest["update"]["edited"] == ["model.layers.2.mlp.down_proj.weight"]
-    report = result.manifest["update"]["report"]
+    assert result.manifest["nodes"]["edited"]["edited"] == ["model.layers.2.mlp.down_proj.weight"]
+    report = result.manifest["nodes"]["edited"]["report"]
     assert [r["prompt"] for r in report["facts"]] == [f["prompt"] for f in FACTS]
     for row in report["facts"]:   # a random model's distributions are nearly flat: small p, but top-1
         assert row["probability_after"] > 1.5 * row["probability_before"]
@@ -76,7 +76,7 @@ def test_rome_writes_one_rank_one_change_per_fact_and_raises_the_targets(tiny, t
     assert report["summary"]["paraphrases"] == 1 and report["summary"]["neighbourhood"] == 2
     assert all(r["kl"] >= 0 for r in report["neighbourhood"])
     cached = compile_in(tiny, program("rome", "  layer: 2\n  covariance: identity\n"), tmp_path / "again")
-    assert cached.manifest["update"] == result.manifest["update"]      # a cache hit keeps the report
+    assert cached.manifest["nodes"]["edited"] == result.manifest["nodes"]["edited"]      # a cache hit keeps the report
 
 
 def test_rome_single_fact_is_rank_one_and_reaches_the_target(tiny, tmp_path):
@@ -85,7 +85,7 @@ def test_rome_single_fact_is_rank_one_and_reaches_the_target(tiny, tmp_path):
     result = compile_in(tiny, program("rome", "  layer: 1\n", facts=one), tmp_path / "one")
     (delta,) = changed_tensors(tiny, tmp_path / "one").values()
     assert rank(delta) == 1
-    row = result.manifest["update"]["report"]["facts"][0]
+    row = result.manifest["nodes"]["edited"]["report"]["facts"][0]
     assert row["probability_after"] > 1.5 * row["probability_before"]
     assert not row["completion_before"].startswith("poem") and row["completion_after"].startswith("poem")
 
@@ -97,7 +97,7 @@ def test_memit_spreads_the_batch_over_its_layers(tiny, tmp_path):
     assert sorted(changed) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)]
     for delta in changed.values():   # each layer's update is K-spanned: rank <= number of facts
         assert rank(delta) <= len(FACTS)
-    for row in result.manifest["update"]["report"]["facts"]:
+    for row in result.manifest["nodes"]["edited"]["report"]["facts"]:
         assert row["probability_after"] > 1.5 * row["probability_before"]
 
 
@@ -209,11 +209,11 @@ def test_finetune_trains_only_the_selection_and_lowers_the_loss(tiny, tmp_path):
                            for n in trained)
     assert {n.split(".")[2] for n in trained} == {"1", "4", "5"}
     assert result.manifest["nodes"]["tuned"]["train"] == ["model.layers.4.", "model.layers.5.", "model.layers.1.mlp."]
-    training = result.manifest["update"]
+    training = result.manifest["nodes"]["tuned"]
     assert len(training["loss_curve"]) == 8 and training["loss_after"] < training["loss_before"]
     assert set(training["trained"]) >= trained
     again = compile_in(tiny, text, tmp_path / "ft2", use_cache=False)
-    assert again.manifest["update"]["loss_curve"] == training["loss_curve"]
+    assert again.manifest["nodes"]["tuned"]["loss_curve"] == training["loss_curve"]
     assert (tmp_path / "ft" / "model.safetensors").read_bytes() == (tmp_path / "ft2" / "model.safetensors").read_bytes()
 
 

