@@ -14,12 +14,13 @@ import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import struct
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,8 @@ def models(tmp_path_factory) -> Path:
         shutil.copy(a / "model.safetensors", model(f"layers-{name}", None))
         (root / f"layers-{name}" / "config.json").write_text(json.dumps({**base_config, "num_hidden_layers": layers}))
     (model("weights-directory", None) / "model.safetensors").mkdir()
+    shutil.copy(a / "model.safetensors", model("weights-unreadable", None))
+    (root / "weights-unreadable" / "model.safetensors").chmod(0)
     os.mkfifo(model("weights-fifo", None) / "model.safetensors")
     shutil.copy(a / "model.safetensors", model("config-infinite", None))
     infinite = (a / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e999')
@@ -185,6 +188,7 @@ class Case:
     output: Path | None = None       # must not appear (or stay as it was, if it existed)
     limit_file_size: int | None = None
     env: tuple[tuple[str, str], ...] = ()
+    without_file_privileges: bool = False   # run where permission bits hold, even as root
 
 
 MERGE = """model a:
@@ -461,6 +465,7 @@ CASES = {
     **{f"config-layers-{name}": (lambda name: lambda t, m: model_source(t, m, f"layers-{name}"))(name)
        for name in LAYER_COUNTS},
     "weights-a-directory": lambda t, m: model_source(t, m, "weights-directory"),
+    "weights-unreadable": lambda t, m: replace(model_source(t, m, "weights-unreadable"), without_file_privileges=True),
     "config-infinite-number": lambda t, m: model_source(t, m, "config-infinite"),
     "source-path-too-long": lambda t, m: model_source(t, m, "x" * 300),
     "output-path-too-long": lambda t, m: Case([*compile_case(t, m, "b").argv[:3], str(t / ("y" * 300)), "-q"]),
@@ -594,13 +599,30 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def drop_file_privileges() -> None:
+    """In the child before exec: without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH in its
+    bounding set, a root process execs without them, so a file's permission bits hold for
+    it (the suite runs as root in CI)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
 def run(case: Case, capsys) -> tuple[int, str]:
-    if case.limit_file_size is None:
+    if case.limit_file_size is None and not case.without_file_privileges:
         code = main(case.argv)
         captured = capsys.readouterr()
         return code, captured.err + captured.out
-    proc = subprocess.run([sys.executable, "-c", FSIZE_PREAMBLE.format(limit=case.limit_file_size),
-                           *case.argv], capture_output=True, text=True)
+    limit = case.limit_file_size if case.limit_file_size is not None else resource.RLIM_INFINITY
+    preexec = drop_file_privileges if case.without_file_privileges and os.geteuid() == 0 else None
+    proc = subprocess.run([sys.executable, "-c", FSIZE_PREAMBLE.format(limit=limit), *case.argv],
+                          capture_output=True, text=True, preexec_fn=preexec)
     return proc.returncode, proc.stderr + proc.stdout
 
 
