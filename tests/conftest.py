@@ -139,16 +139,35 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(summary(OUTCOMES))
 
 
+LONGEST_FILES = (
+    "ops/adapter_routes/test_adapter_route_smollm2.py", "ops/update/test_update_smollm2.py",
+    "lower/test_lower_smollm2.py", "lower/test_lower.py", "lower/test_packing.py",
+    "lower/test_gguf_smollm2.py", "ops/grow/test_grow_smollm2.py", "compiler/test_cli_output.py",
+    "runtime/test_smollm2.py", "eval/test_eval_smollm2.py", "compiler/test_faults.py",
+    "ops/adapter_routes/test_adapter_mixture.py", "compiler/test_cache_trust.py", "lsp/test_vscode.py",
+)
+"""The files that take longest, longest first (`pytest --durations=80`, summed per file):
+under `-n 2 --dist loadfile` each file runs on one worker, so the long ones start first and
+the short ones fill in around them (a stale entry costs only balance, never a result)."""
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that loads SmolLM2 is `slow` (`pytest -m "not slow"` runs the rest in a
-    few minutes); nothing is marked by hand. Files with slow tests run first, so that
-    under `-n 2 --dist loadfile --no-loadscope-reorder` (make test) the long ones do not
-    form the tail (xdist's default reorder would put the files with most tests first)."""
+    few minutes); nothing is marked by hand. The files run longest first (LONGEST_FILES,
+    then the other files with slow tests, then the rest), so that under `-n 2 --dist
+    loadfile --no-loadscope-reorder` (make test) no long file forms a one-worker tail
+    (xdist's default reorder would put the files with most tests first)."""
     for item in items:
         if _loads_smollm2(item):
             item.add_marker(pytest.mark.slow)
     slow_files = {item.fspath for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.fspath not in slow_files)   # stable: files keep their order
+    tests = Path(__file__).parent
+    rank = {str(tests / name): i for i, name in enumerate(LONGEST_FILES)}
+
+    def order(item):
+        return rank.get(str(item.fspath), len(rank)), item.fspath not in slow_files
+
+    items.sort(key=order)   # stable: files keep their order within a rank
 
 
 def _loads_smollm2(item) -> bool:
