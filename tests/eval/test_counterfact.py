@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cfmlang.diagnostics import CompileError
 from cfmlang.eval import Settings, evaluate, load_task
 from cfmlang.eval.counterfact import Counterfact, fact_rows, harmonic, ngram_entropy, summary
+from cfmlang.eval.tasks import PACK
 from models import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,3 +121,16 @@ def test_malformed_counterfact_records_name_their_line(tmp_path, change, words):
         load_task(path)
     problem = caught.value.diagnostics[0]
     assert problem.code == "E231" and words in problem.message and problem.span.line == 2
+def test_shipped_sets_are_disjoint_counterfacts():
+    """The held-out and tuning sets ship with the package, share no edited subject, and no
+    fact's neighbourhood prompt is about a subject edited in its own set."""
+    sets = {name: load_task(name) for name in ("counterfact_heldout", "counterfact_tuning")}
+    assert all(t.kind == "counterfact" and len(t.items) >= 100 for t in sets.values())
+    subjects = {name: {r["subject"] for r in t.items} for name, t in sets.items()}
+    assert not subjects["counterfact_heldout"] & subjects["counterfact_tuning"]
+    for name, task in sets.items():
+        for record in task.items:
+            assert len(record["paraphrases"]) >= 2 and len(record["neighbourhood"]) >= 3
+            assert not any(s in p for p in record["neighbourhood"] for s in subjects[name]
+                           if len(s) > 3 and s != record["subject"] and f" {s} " in f" {p} ")
+    assert (PACK / "counterfact_heldout.jsonl").is_file()
