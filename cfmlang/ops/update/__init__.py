@@ -1,4 +1,4 @@
-"""update: knowledge edits (`method: rome | memit`, facts written into FFN down
+"""update: knowledge edits (`method: rome | memit | alphaedit`, facts written into FFN down
 projections) and fine-tuning of selected bricks (`method: finetune`)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cfmlang.compiler.ir import EditNode, FinetuneNode
 from cfmlang.ops.base import Operation, node_seed, referenced, register_operation, write_model
-from cfmlang.ops.update import finetune, knowledge  # noqa: F401  (registers the methods)
+from cfmlang.ops.update import alphaedit, finetune, knowledge  # noqa: F401  (registers the methods)
 from cfmlang.ops.update.check import edit_node, finetune_node
 from cfmlang.ops.update.providers import EditProvider, FinetuneProvider
 from cfmlang.ops.update.report import render
