@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "generation (.jsonl), lm-evaluation-harness tasks (.yaml)")
     sub.add_argument("model", help="FILE.brick (its output), FILE.brick:NODE, or an artifact or model directory")
     sub.add_argument("--task", action="append", required=True, metavar="NAME_OR_FILE",
-                     help="a task file or a shipped task (facts, arithmetic, prose, facts_harness); repeatable")
+                     help="a task file or a shipped task (facts, arithmetic, prose, facts_harness, counterfact_heldout, "
+                          "counterfact_tuning); repeatable")
     sub.add_argument("--limit", type=int, help="items per task (tokens for perplexity; default: all)")
     sub.add_argument("--batch-size", type=int, default=8, help="continuations per forward pass (default 8)")
     sub.add_argument("--context", type=int, default=DEFAULT_CONTEXT,

@@ -227,12 +227,17 @@ class ExpertsNode(IRNode):
 @dataclass(frozen=True)
 class Fact:
     """A fact to write into a model: `prompt` (containing `subject`) should be completed
-    by `target`; `paraphrases` are other prompts for the same fact (report only)."""
+    by `target`; `paraphrases` are other prompts for the same fact (report only). A
+    counterfact also names the answer it replaces (`target_true`) and `neighbourhood`
+    prompts whose true answer is that one too: the report then measures the CounterFact
+    metrics."""
 
     prompt: str
     subject: str
     target: str
     paraphrases: tuple[str, ...]
+    target_true: str | None = None
+    neighbourhood: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cfmlang.diagnostics import CompileError, error
-from cfmlang.eval import scoring
+from cfmlang.eval import counterfact, scoring
 from cfmlang.eval.harness import HarnessKind
 from cfmlang.eval.scoring import Scored
 from cfmlang.eval.tasks import Task
@@ -88,6 +88,28 @@ class GenerationKind:
         return Scored({"exact_match": mean(d["exact_match"] for d in details)}, tuple(details), len(details))
 
 
+class CounterfactKind:
+    """The CounterFact metrics of knowledge edits (see `cfmlang.eval.counterfact`): run on
+    an edited model, efficacy, greedy efficacy, paraphrase, neighbourhood, their score and
+    fluency; on the unedited model the same numbers give the baseline."""
+
+    GROUP = 16
+
+    def steps(self, task, tokenizer, settings):
+        return -(-len(limited(task, settings)) // self.GROUP)
+
+    def score(self, task, model, tokenizer, settings, tick):
+        facts = [counterfact.Counterfact.of(r) for r in limited(task, settings)]
+        rows = []
+        for start in range(0, len(facts), self.GROUP):
+            rows += counterfact.fact_rows(model, tokenizer, facts[start:start + self.GROUP], seed=start)
+            tick()
+        records = limited(task, settings)
+        details = tuple({"line": record["_line"], **row} for record, row in zip(records, rows))
+        metrics = {k: v for k, v in counterfact.summary(rows).items() if k != "facts"}
+        return Scored(metrics, details, len(rows))
+
+
 def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
@@ -98,4 +120,5 @@ def mean(values) -> float:
 
 
 KINDS: dict[str, Kind] = {"perplexity": PerplexityKind(), "multiple_choice": MultipleChoiceKind(),
-                          "generation": GenerationKind(), "lm_eval": HarnessKind()}
+                          "generation": GenerationKind(), "counterfact": CounterfactKind(),
+                          "lm_eval": HarnessKind()}

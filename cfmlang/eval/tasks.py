@@ -5,6 +5,9 @@ A task is a file, or the name of one in the shipped pack (`cfmlang/eval/tasks/`)
 - `NAME.jsonl` with `question`, `choices`, `answer` (index) fields: multiple choice;
 - `NAME.jsonl` with `prompt` and `answer` (a string or a list of accepted strings),
   optional `stop` (strings) and `max_tokens`: generation, exact match;
+- `NAME.jsonl` with `prompt`, `subject`, `target_true`, `target_new`, `paraphrases` and
+  `neighbourhood` (prompts whose true answer is also target_true): counterfact, the
+  CounterFact metrics of knowledge edits (`cfmlang.eval.counterfact`);
 - `NAME.yaml`: an lm-evaluation-harness task config (a relative `data_files` path is
   taken relative to the YAML file, so local `dataset_path: json` tasks run offline).
 """
@@ -25,7 +28,7 @@ SUFFIXES = (".txt", ".jsonl", ".yaml", ".yml")
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                   # perplexity | multiple_choice | generation | lm_eval
+    kind: str                   # perplexity | multiple_choice | generation | counterfact | lm_eval
     path: Path
     items: tuple[Any, ...]      # the text (perplexity), the records (jsonl), the config (lm_eval)
 
@@ -89,8 +92,9 @@ def read_records(path: Path) -> list[dict]:
 
 
 def record_kind(path: Path, records: list[dict]) -> str:
-    kind = "multiple_choice" if "choices" in records[0] else "generation"
-    check = check_choice if kind == "multiple_choice" else check_generation
+    kind = "multiple_choice" if "choices" in records[0] else "counterfact" if "target_new" in records[0] \
+        else "generation"
+    check = {"multiple_choice": check_choice, "counterfact": check_counterfact, "generation": check_generation}[kind]
     problems = [problem for record in records for problem in check(path, record)]
     if problems:
         raise CompileError(problems)
@@ -124,6 +128,25 @@ def check_generation(path: Path, record: dict) -> list:
         found.append("`max_tokens` must be a positive whole number")
     return [record_error(path, record, p, 'a generation record is {"prompt": "...", "answer": "..."} '
                          'with optional "stop": [...] and "max_tokens": N') for p in found]
+
+
+def check_counterfact(path: Path, record: dict) -> list:
+    found = []
+    strings = {key: record.get(key) for key in ("prompt", "subject", "target_true", "target_new")}
+    bad = [key for key, value in strings.items() if not isinstance(value, str) or not value.strip()]
+    if bad:
+        found.append(f"`{bad[0]}` must be a non-empty string")
+    elif strings["subject"] not in strings["prompt"]:
+        found.append(f"subject `{strings['subject']}` does not occur in the prompt")
+    elif strings["target_true"].strip() == strings["target_new"].strip():
+        found.append("`target_new` must differ from `target_true`")
+    for key in ("paraphrases", "neighbourhood"):
+        value = record.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            found.append(f"`{key}` must be a list of non-empty strings")
+    return [record_error(path, record, p, 'a counterfact record is {"prompt": "...", "subject": "...", '
+                         '"target_true": " ...", "target_new": " ...", "paraphrases": [...], '
+                         '"neighbourhood": [...]}') for p in found]
 
 
 def read_harness_config(path: Path) -> dict:

@@ -139,9 +139,11 @@ def test_lm_eval_local_task_equals_the_builtin_scores(tiny, tmp_path, monkeypatc
 
 
 def test_shipped_pack_loads():
-    assert set(shipped_tasks()) == {"arithmetic", "facts", "facts_harness", "prose"}
+    assert set(shipped_tasks()) == {"arithmetic", "counterfact_heldout", "counterfact_tuning", "facts",
+                                    "facts_harness", "prose"}
     kinds = {name: load_task(name).kind for name in shipped_tasks()}
-    assert kinds == {"arithmetic": "generation", "facts": "multiple_choice", "facts_harness": "lm_eval",
+    assert kinds == {"arithmetic": "generation", "counterfact_heldout": "counterfact",
+                     "counterfact_tuning": "counterfact", "facts": "multiple_choice", "facts_harness": "lm_eval",
                      "prose": "perplexity"}
     assert len(load_task("facts").items) == 20
     config = load_task("facts_harness").items[0]

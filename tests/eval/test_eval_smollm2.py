@@ -56,3 +56,14 @@ def test_lm_eval_local_task_equals_the_builtin_accuracy_on_smollm2(smol_artifact
     assert harness.metrics["acc_norm"] == builtin.metrics["acc_norm"]
     for ours, theirs in zip(builtin.details, sorted(harness.details, key=lambda d: d["doc_id"])):
         assert theirs["loglikelihoods"] == pytest.approx(ours["loglikelihoods"], abs=1e-3)
+
+
+def test_the_unedited_smollm2_knows_the_held_out_counterfacts(smol_artifact, capsys):
+    """The shipped held-out set was filtered on this model: unedited, it prefers every
+    true answer (efficacy 0, neighbourhood 1) and writes fluent text."""
+    assert main(["eval", str(smol_artifact), "--task", "counterfact_heldout", "--limit", "4", "--format", "json",
+                 "-q"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["tasks"][0]["metrics"]
+    assert metrics["efficacy"] == 0.0 and metrics["greedy_efficacy"] == 0.0
+    assert metrics["neighbourhood"] == 1.0 and metrics["score"] == 0.0
+    assert 4.0 < metrics["fluency"] < 7.0        # ROME reports about 6.2 bits for GPT-2 XL's text

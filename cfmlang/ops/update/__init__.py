@@ -1,4 +1,4 @@
-"""update: knowledge edits (`method: rome | memit`, facts written into FFN down
+"""update: knowledge edits (`method: rome | memit | alphaedit`, facts written into FFN down
 projections) and fine-tuning of selected bricks (`method: finetune`)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from cfmlang.compiler.ir import EditNode, FinetuneNode
 from cfmlang.ops.base import (CHARS_PER_TOKEN, TRAINING_PASSES, Operation, model_seconds, node_seed, referenced, register_operation,
                               text_tokens, write_model)
-from cfmlang.ops.update import finetune, knowledge  # noqa: F401  (registers the methods)
+from cfmlang.ops.update import alphaedit, finetune, knowledge  # noqa: F401  (registers the methods)
 from cfmlang.ops.update.check import edit_node, finetune_node
 from cfmlang.ops.update.providers import EditProvider, FinetuneProvider
 from cfmlang.ops.update.report import render

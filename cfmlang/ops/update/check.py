@@ -14,7 +14,10 @@ from cfmlang.io.datafile import read_data_text
 from cfmlang.ops.update.finetune import DataError, read_texts
 
 EDIT_KEYS = ("method", "from", "facts", "neighbourhood", "seed", "description")
-FACT_KEYS = ("prompt", "subject", "target", "paraphrases")
+FACT_KEYS = ("prompt", "subject", "target", "target_new", "target_true", "paraphrases", "neighbourhood",
+             "relation")
+"""`target_new` is another name of `target` (CounterFact's records read as facts as they
+are); `relation` is a label, ignored."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -161,13 +164,18 @@ def _fact(checker, item: Located) -> Fact | None:
     fields = _fields(checker, item)
     if fields is None:
         return None
+    if "target_new" in fields and "target" not in fields:
+        fields["target"] = fields.pop("target_new")
     missing = [k for k in ("prompt", "subject", "target") if k not in fields]
     if missing:
         checker.problems.append(error("E014", f"{_at(item)}fact needs `{missing[0]}`", item.span,
-                                      "a fact has `prompt`, `subject` and `target` (and optional `paraphrases`)"))
+                                      "a fact has `prompt`, `subject` and `target` (and optional `paraphrases`, "
+                                      "`target_true`, `neighbourhood`)"))
         return None
     strings = {}
-    for key in ("prompt", "subject", "target"):
+    for key in ("prompt", "subject", "target", "target_true"):
+        if key not in fields:
+            continue
         value, span = fields[key]
         if not isinstance(value, str) or not value.strip():
             checker.problems.append(error("E033", f"{_at(item)}`{key}` must be a non-empty string", span))
@@ -179,10 +187,12 @@ def _fact(checker, item: Located) -> Fact | None:
             f"`{strings['prompt']}`", fields["subject"][1],
             "the edit keys on the subject's last token in the prompt: write it exactly as in the prompt"))
         return None
-    paraphrases = _paraphrases(checker, item, fields.get("paraphrases"))
-    if paraphrases is None:
+    paraphrases = _prompts(checker, item, fields.get("paraphrases"), "paraphrases")
+    neighbourhood = _prompts(checker, item, fields.get("neighbourhood"), "neighbourhood")
+    if paraphrases is None or neighbourhood is None:
         return None
-    return Fact(strings["prompt"], strings["subject"], strings["target"], paraphrases)
+    return Fact(strings["prompt"], strings["subject"], strings["target"], paraphrases, strings.get("target_true"),
+                neighbourhood)
 
 
 def _fields(checker, item: Located) -> dict[str, tuple[object, Span]] | None:
@@ -206,12 +216,12 @@ def _fields(checker, item: Located) -> dict[str, tuple[object, Span]] | None:
     return fields
 
 
-def _paraphrases(checker, item: Located, field) -> tuple[str, ...] | None:
+def _prompts(checker, item: Located, field, key: str) -> tuple[str, ...] | None:
     if field is None:
         return ()
     value, span = field
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        checker.problems.append(error("E033", f"{_at(item)}`paraphrases` must be a list of non-empty strings",
+        checker.problems.append(error("E033", f"{_at(item)}`{key}` must be a list of non-empty strings",
                                       span))
         return None
     return tuple(value)

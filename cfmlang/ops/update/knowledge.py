@@ -1,5 +1,6 @@
 """Knowledge edits: `update` methods `rome` (one rank-one change of one FFN down
-projection per fact) and `memit` (a batch of facts spread over several layers).
+projection per fact) and `memit` (a batch of facts spread over several layers);
+`alphaedit` (alphaedit.py) builds on them.
 
 Both run on a model held in memory and return the changed weights only.
 """
@@ -107,17 +108,22 @@ class EditOutcome:
     target_probability: list[float]
 
 
+def statistics_tokens(model, tokenizer, options: dict, seed: int, log: Log) -> torch.Tensor:
+    """The token rows key statistics are measured on (`covariance: text` or `sampled`)."""
+    if options["covariance"] == "text":
+        tokens = shipped_windows(tokenizer)
+        log(f"  key statistics: {tokens.numel()} tokens of the shipped text")
+        return tokens
+    log(f"  key statistics: sampling {options['calibration_texts']} texts of "
+        f"{options['calibration_tokens']} tokens from the model")
+    return sampled_tokens(model, tokenizer, options["calibration_texts"], options["calibration_tokens"], seed)
+
+
 def second_moments(model, tokenizer, layers: list[int], options: dict, seed: int, log: Log) -> dict | None:
     """Shrunk key second moments per layer, or None for `covariance: identity`."""
     if options["covariance"] == "identity":
         return None
-    if options["covariance"] == "text":
-        tokens = shipped_windows(tokenizer)
-        log(f"  key statistics: {tokens.numel()} tokens of the shipped text")
-    else:
-        log(f"  key statistics: sampling {options['calibration_texts']} texts of "
-            f"{options['calibration_tokens']} tokens from the model")
-        tokens = sampled_tokens(model, tokenizer, options["calibration_texts"], options["calibration_tokens"], seed)
+    tokens = statistics_tokens(model, tokenizer, options, seed, log)
     return {layer: moments.shrunk() for layer, moments in key_second_moments(model, layers, tokens).items()}
 
 
@@ -130,8 +136,14 @@ def rome(model, tokenizer, requests: list[Request], options: dict, seed: int, lo
     """One rank-one update per fact, applied in order (each sees the previous ones):
     u = C^-1 k* / |C^-1 k*| with k* the subject key averaged over the prefixes; the
     right vector makes the bare prompt's key map to the optimised value exactly."""
+    moments = second_moments(model, tokenizer, [options["layer"]], options, seed, log)
+    return rome_with(model, tokenizer, requests, options, moments, log)
+
+
+def rome_with(model, tokenizer, requests: list[Request], options: dict, moments: dict | None,
+              log: Log) -> EditOutcome:
+    """ROME with key statistics already measured (`second_moments`)."""
     layer = options["layer"]
-    moments = second_moments(model, tokenizer, [layer], options, seed, log)
     weight = down_proj(model, layer).weight
     reached = []
     for number, request in enumerate(requests, start=1):

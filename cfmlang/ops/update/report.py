@@ -5,7 +5,9 @@
 - generalisation: the same on each fact's paraphrases;
 - specificity: on neighbourhood prompts (unrelated to the facts), the KL divergence of
   the next-token distribution, whether the top-1 token changed, and whether the greedy
-  completion stayed the same.
+  completion stayed the same;
+- counterfact (when the facts name the answer they replace, `target_true`): the
+  CounterFact metrics before and after the edit (`cfmlang.eval.counterfact`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from cfmlang.eval import counterfact
 from cfmlang.ops.update.editing import Log, encode, padded, target_ids
 
 T = TypeVar("T")
@@ -151,8 +154,11 @@ def measured(model, tokenizer, facts, neighbourhood: tuple[str, ...], tokens: in
     paraphrase_probes = [Probe(p, f.target) for f in facts for p in f.paraphrases]
     neighbour_probes = [Probe(p, None) for p in neighbourhood]
     probes = fact_probes + paraphrase_probes + neighbour_probes
+    counterfacts = [counterfact.Counterfact(f.prompt, f.subject, f.target_true, f.target, f.paraphrases,
+                                            f.neighbourhood) for f in facts if f.target_true is not None]
     log(f"  measuring {len(probes)} prompts before the edit")
     before = snapshot(model, tokenizer, probes, tokens)
+    counterfact_before = counterfact.measure(model, tokenizer, counterfacts) if counterfacts else None
     result = edit()
     log(f"  measuring {len(probes)} prompts after the edit")
     after = snapshot(model, tokenizer, probes, tokens)
@@ -160,7 +166,12 @@ def measured(model, tokenizer, facts, neighbourhood: tuple[str, ...], tokens: in
             "paraphrases": fact_rows(paraphrase_probes, before, after, len(fact_probes)),
             "neighbourhood": neighbour_rows(neighbour_probes, before, after,
                                             len(fact_probes) + len(paraphrase_probes))}
-    return result, {"summary": summary(**rows), "completion_tokens": tokens, **rows}
+    report = {"summary": summary(**rows), "completion_tokens": tokens, **rows}
+    if counterfacts:
+        counterfact_after = counterfact.measure(model, tokenizer, counterfacts)
+        report["counterfact"] = {"before": counterfact_before["summary"], "after": counterfact_after["summary"],
+                                 "facts": counterfact_after["facts"]}
+    return result, report
 
 
 def render(report: dict) -> str:
@@ -175,8 +186,23 @@ def render(report: dict) -> str:
         lines.append(f"specificity: {sum(r['unchanged'] for r in report['neighbourhood'])}/{s['neighbourhood']} "
                      f"neighbourhood completions unchanged, top-1 unchanged {s['top1_unchanged']:.0%}, "
                      f"mean KL {s['kl_mean']:.4f}")
+    if "counterfact" in report:
+        lines.append(render_counterfact(report["counterfact"]))
     for row in report["facts"]:
         mark = "ok  " if row["success"] else "MISS"
         lines.append(f"  {mark} {row['prompt']!r} -> {row['completion_after']!r} "
                      f"(p {row['probability_before']:.3f} -> {row['probability_after']:.3f})")
     return "\n".join(lines)
+
+
+COUNTERFACT_COLUMNS = ("efficacy", "greedy_efficacy", "paraphrase", "neighbourhood", "score", "fluency")
+
+
+def render_counterfact(measured: dict) -> str:
+    """CounterFact metrics before -> after, one line."""
+    def shown(name, value):
+        return "-" if value is None else f"{value:.2f}" if name == "fluency" else f"{value:.1%}"
+
+    parts = [f"{name} {shown(name, measured['before'][name])} -> {shown(name, measured['after'][name])}"
+             for name in COUNTERFACT_COLUMNS]
+    return f"counterfact ({measured['after']['facts']} facts): " + ", ".join(parts)

@@ -14,6 +14,7 @@ import cfmlang
 from cfmlang.diagnostics import CompileError
 from cfmlang.ops.update.editing import KeyMoments, captured_keys, key_second_moments
 from cfmlang.ops.update.knowledge import covariance_weight
+from cfmlang.ops.update.report import render
 from models import tiny_model, tiny_tokenizer
 
 # A random model spreads attention evenly, so a change at the subject reaches the next
@@ -241,3 +242,63 @@ def test_finetune_dataset_errors(tiny):
         cfmlang.check(brick)
     (diagnostic,) = info.value.diagnostics
     assert diagnostic.code == "E122" and 'line 2 has no non-empty "text"' in diagnostic.message
+
+
+def test_alphaedit_changes_only_the_null_space_of_the_preserved_keys(tiny, tmp_path):
+    """Every change W' - W of an alphaedit lies in the null space P of the preserved keys'
+    second moment (measured here again on the same text), so W' k0 = W k0 up to the keys
+    P drops; the three facts, written one after the other, all hold at the end."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfmlang.io.text import shipped_windows
+    from cfmlang.ops.update.alphaedit import null_space
+
+    result = compile_in(tiny, program("alphaedit", "  layers: [1, 2]\n"), tmp_path / "alpha")
+    changed = changed_tensors(tiny, tmp_path / "alpha")
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    assert sorted(changed) == names
+    model = AutoModelForCausalLM.from_pretrained(tiny / "tiny").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "tiny")
+    moments = key_second_moments(model, [1, 2], shipped_windows(tokenizer))
+    for layer, name in zip((1, 2), names):
+        projection, dimension = null_space(moments[layer].moment, 0.02)
+        assert 0 < dimension < 64
+        delta = changed[name].double()
+        assert (delta - delta @ projection).norm() < 1e-3 * delta.norm()
+    report = result.manifest["update"]["report"]
+    assert all(row["success"] for row in report["facts"])
+    assert result.manifest["nodes"]["edited"]["method"] == "alphaedit"
+
+
+def test_alphaedit_refuses_the_identity_covariance(tiny, tmp_path):
+    with pytest.raises(CompileError) as caught:
+        compile_in(tiny, program("alphaedit", "  covariance: identity\n"), tmp_path / "identity")
+    assert "null space" in caught.value.diagnostics[0].message
+
+
+def test_counterfact_facts_get_the_counterfact_metrics_in_the_report(tiny, tmp_path):
+    """Facts naming `target_true` and their own neighbourhood: the report carries the
+    CounterFact numbers before and after, equal to `cfmlang.eval.counterfact` run on the
+    unedited model and on the written artifact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cfmlang.eval.counterfact import Counterfact, measure
+
+    records = [{"prompt": f["prompt"], "subject": f["subject"], "target_new": f["target"], "target_true": true,
+                "paraphrases": f.get("paraphrases", []), "neighbourhood": neighbours}
+               for f, true, neighbours in zip(FACTS, [" verse", " sum", " code"],
+                                              [["the sea is", "a poem"], ["the night"], ["print the loop"]])]
+    (tiny / "counterfacts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = compile_in(tiny, program("rome", "  layer: 2\n  covariance: identity\n",
+                                      facts='"counterfacts.jsonl"'), tmp_path / "cf")
+    report = result.manifest["update"]["report"]["counterfact"]
+    facts = [Counterfact.of(r) for r in records]
+    model = AutoModelForCausalLM.from_pretrained(tiny / "tiny").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "tiny")
+    assert report["before"] == measure(model, tokenizer, facts)["summary"]
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "cf").eval()
+    after = measure(edited, tokenizer, facts)
+    for name in ("efficacy", "greedy_efficacy", "paraphrase", "neighbourhood", "score"):
+        assert report["after"][name] == pytest.approx(after["summary"][name])
+    assert report["after"]["efficacy"] == 1.0 and report["after"]["facts"] == 3
+    assert "counterfact (3 facts): efficacy" in render(result.manifest["update"]["report"])
