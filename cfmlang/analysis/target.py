@@ -59,17 +59,17 @@ def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: N
     """The model and tokenizer of `spec`; a .brick node is compiled into a temporary
     artifact that lives as long as the block."""
     if spec.directory is not None:
-        yield _load_directory(spec.directory, spec.title)
+        yield load_directory(spec.directory, spec.title)
         return
     import cfmlang
 
     with tempfile.TemporaryDirectory(prefix="cfm-analyze-") as scratch:
         log(f"compiling {spec.title} ...")
         cfmlang.compile(spec.brick, Path(scratch) / "model", cache_dir=cache_dir, log=log, node=spec.node)
-        yield _load_directory(Path(scratch) / "model", spec.title)
+        yield load_directory(Path(scratch) / "model", spec.title)
 
 
-def _load_directory(directory: Path, title: str) -> LoadedModel:
+def load_directory(directory: Path, title: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

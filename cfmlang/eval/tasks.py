@@ -5,6 +5,8 @@ A task is a file, or the name of one in the shipped pack (`cfmlang/eval/tasks/`)
 - `NAME.jsonl` with `question`, `choices`, `answer` (index) fields: multiple choice;
 - `NAME.jsonl` with `prompt` and `answer` (a string or a list of accepted strings),
   optional `stop` (strings) and `max_tokens`: generation, exact match;
+- `NAME.jsonl` with `prompt` and `response` (optional `system`), the records LoRA bricks
+  train on: perplexity of the responses after their prompts;
 - `NAME.yaml`: an lm-evaluation-harness task config (a relative `data_files` path is
   taken relative to the YAML file, so local `dataset_path: json` tasks run offline).
 """
@@ -24,7 +26,7 @@ SUFFIXES = (".txt", ".jsonl", ".yaml", ".yml")
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                   # perplexity | multiple_choice | generation | lm_eval
+    kind: str                   # perplexity | multiple_choice | generation | response | lm_eval
     path: Path
     items: tuple[Any, ...]      # the text (perplexity), the records (jsonl), the config (lm_eval)
 
@@ -86,8 +88,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def record_kind(path: Path, records: list[dict]) -> str:
-    kind = "multiple_choice" if "choices" in records[0] else "generation"
-    check = check_choice if kind == "multiple_choice" else check_generation
+    kind = "multiple_choice" if "choices" in records[0] else "response" if "response" in records[0] else "generation"
+    check = {"multiple_choice": check_choice, "response": check_response, "generation": check_generation}[kind]
     problems = [problem for record in records for problem in check(path, record)]
     if problems:
         raise CompileError(problems)
@@ -105,6 +107,18 @@ def check_choice(path: Path, record: dict) -> list:
         found.append(f"`answer` must be the index of the right choice (0 to {len(choices) - 1})")
     return [record_error(path, record, p, "a multiple-choice record is "
                          '{"question": "...", "choices": ["...", "..."], "answer": 0}') for p in found]
+
+
+def check_response(path: Path, record: dict) -> list:
+    found = []
+    if not isinstance(record.get("prompt"), str):
+        found.append("`prompt` must be a string")
+    if not (isinstance(record.get("response"), str) and record["response"]):
+        found.append("`response` must be a non-empty string")
+    if not isinstance(record.get("system", ""), str):
+        found.append("`system` must be a string")
+    return [record_error(path, record, p, 'a response record is {"prompt": "...", "response": "..."} '
+                         'with an optional "system": "..."') for p in found]
 
 
 def check_generation(path: Path, record: dict) -> list:
