@@ -213,7 +213,8 @@ def cmd_search(args) -> int:
     import json
 
     from cfmlang.compiler.executors import executor_named
-    from cfmlang.search.study import Interrupted, SearchSettings, search
+    from cfmlang.search.driver import Interrupted
+    from cfmlang.search.study import SearchSettings, search
 
     executor_named(args.executor, args.address)    # E243, E240 before anything runs
     progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -5,7 +5,7 @@ searched file's folder, the task files, the search folder and the cache must be 
 same paths on every node (shared storage), as for `cfmc compile --executor ray`."""
 from __future__ import annotations
 
-from cfmlang.search.study import Interrupted, finished_trials, is_stop
+from cfmlang.search.driver import Interrupted, finished_trials, is_stop
 from cfmlang.search.trial import TrialJob, TrialOutcome, run_trial
 
 

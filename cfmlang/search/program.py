@@ -122,8 +122,9 @@ def without_search(resolved: Resolved) -> Resolved:
     what = (f"`search {opened.statements[0].name}`" if opened.statements else
             f"{len(opened.dimensions)} open value(s)")
     problems = [d for d in opened.problems if d.code != "E260" or opened.statements]
+    hint = SEARCH_HINT if opened.statements else "add a `search NAME:` statement (`target:`, `objective:`) and " + SEARCH_HINT
     raise CompileError(problems + [error("E264", f"this program describes a search ({what}), not a model",
-                                         first, SEARCH_HINT)])
+                                         first, hint)])
 
 
 def check_search(resolved: Resolved) -> SearchProgram:
