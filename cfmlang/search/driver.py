@@ -104,9 +104,12 @@ class Driver:
                       f"compile {outcome.compile_seconds:.1f}s, eval {outcome.eval_seconds:.1f}s{where}")
 
     def interrupt(self, trial) -> None:
+        """A trial cut off while running: marked, and queued to run again with its values."""
         import optuna
 
         with contextlib.suppress(Exception):
+            if self.study._storage.get_trial(trial._trial_id).state != optuna.trial.TrialState.RUNNING:
+                return      # its result was stored before the stop
             trial.set_user_attr("interrupted", True)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             self.study.enqueue_trial(trial.params)
