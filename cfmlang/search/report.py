@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cfmlang.diagnostics import CompileError, error
+from cfmlang.search.driver import write_atomically
 from cfmlang.search.text import program_text
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
@@ -44,11 +45,11 @@ def finish(driver) -> SearchReport:
               f"objective {best.value:.6g} ({opened.search.objective.direction}). Relative paths are those of "
               f"{driver.path.name}:", "compile it from that file's folder."]
     text = program_text(driver.source, opened, best.user_attrs["values"], header)
-    (output / "best.brick").write_text(text, encoding="utf-8")
+    write_atomically(output / "best.brick", text)
     build_best(driver, text)
     data = report_data(driver, best)
-    (output / "report.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (output / "report.md").write_text(markdown(data), encoding="utf-8")
+    write_atomically(output / "report.json", json.dumps(data, indent=2) + "\n")
+    write_atomically(output / "report.md", markdown(data))
     plot(data, output / "trials.png")
     return SearchReport(output, data)
 
