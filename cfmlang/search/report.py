@@ -65,8 +65,8 @@ def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.trials:
         attrs = t.user_attrs
-        if attrs.get("interrupted"):
-            continue
+        if attrs.get("interrupted") or t.state.name.lower() not in ("complete", "fail"):
+            continue        # cut off, or queued to run again: not a finished trial
         rows.append({"number": t.number, "state": t.state.name.lower(), "value": t.value,
                      "values": attrs.get("values", {}), "metrics": attrs.get("metrics", {}),
                      "compile_seconds": attrs.get("compile_seconds"), "eval_seconds": attrs.get("eval_seconds"),
