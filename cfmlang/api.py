@@ -25,8 +25,10 @@ from cfmlang.frontend.resolve import checked_text, read_source, resolve
 from cfmlang.frontend.to_ast import parse as parse_text
 from cfmlang.ops.base import OnTrainStep, Sizes
 from cfmlang.runtime.load import load
+from cfmlang.search.program import SearchProgram, without_search
+from cfmlang.search.program import check_search as check_search_stage
 
-__all__ = ["parse", "check", "plan", "compile", "load", "CompileResult"]
+__all__ = ["parse", "check", "check_search", "plan", "compile", "load", "CompileResult"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class Input:
 
 
 def read_input(source) -> Input:
-    """A path to a .brick file, or program text (anything containing a newline)."""
+    """A path to a .brick file, program text (anything containing a newline), or an Input
+    (text with the file it is reported as and the folder its paths are relative to)."""
+    if isinstance(source, Input):
+        return source
     text = str(source)
     is_path = isinstance(source, Path) or ("\n" not in text and (
         text.endswith(".brick") or Path(text).is_file()))
@@ -56,8 +61,18 @@ def parse(source) -> ast.Program:
 
 
 def check(source) -> CheckedProgram:
+    """The checked program; a program that describes a search (open `search(...)` or
+    `one_of(...)` values, a `search` statement) is refused with E264: see `check_search`."""
     src = read_input(source)
-    return check_stage(resolve(src.text, src.file, src.base_dir))
+    return check_stage(without_search(resolve(src.text, src.file, src.base_dir)))
+
+
+def check_search(source) -> SearchProgram:
+    """Any program checked, a search included (its statement, its open values, and the
+    program with each value at each end of its range); `.checked` is the program with
+    every open value at its first candidate (the program itself when nothing is open)."""
+    src = read_input(source)
+    return check_search_stage(resolve(src.text, src.file, src.base_dir))
 
 
 @dataclass

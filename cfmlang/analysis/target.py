@@ -60,7 +60,7 @@ def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: N
     """The model and tokenizer of `spec`; a .brick node is compiled (with `executor`)
     into a temporary artifact that lives as long as the block."""
     if spec.directory is not None:
-        yield _load_directory(spec.directory, spec.title)
+        yield load_directory(spec.directory, spec.title)
         return
     import cfmlang
 
@@ -68,10 +68,10 @@ def open_model(spec: ModelSpec, cache_dir: Path | None = None, log=lambda msg: N
         log(f"compiling {spec.title} ...")
         cfmlang.compile(spec.brick, Path(scratch) / "model", cache_dir=cache_dir, log=log, node=spec.node,
                         executor=executor, address=address)
-        yield _load_directory(Path(scratch) / "model", spec.title)
+        yield load_directory(Path(scratch) / "model", spec.title)
 
 
-def _load_directory(directory: Path, title: str) -> LoadedModel:
+def load_directory(directory: Path, title: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

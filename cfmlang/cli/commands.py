@@ -27,16 +27,19 @@ def lowering_options(args):
 
 
 def cmd_check(args) -> int:
-    from cfmlang.api import check
+    from cfmlang.api import check_search
     from cfmlang.compiler.graph import build_graph
 
-    program = check(args.file)
+    checked = check_search(args.file)
+    program = checked.checked
     _, dropped = build_graph(program)
     report(program.warnings + tuple(dropped), args)
     if args.format == "text":
         for line in family_lines(program):
             print(line, file=sys.stderr)
-        print(f"{args.file}: ok ({len(program.nodes)} nodes)", file=sys.stderr)
+        searched = (f"; search `{checked.search.name}` over {len(checked.dimensions)} value(s)"
+                    if checked.search else "")
+        print(f"{args.file}: ok ({len(program.nodes)} nodes{searched})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -226,6 +229,34 @@ def cmd_eval(args) -> int:
                           progress=progress.stage)
     progress.close()
     sys.stdout.write(render_json(result, args.details) + "\n" if args.format == "json" else render_table(result))
+    return EXIT_OK
+
+
+def cmd_search(args) -> int:
+    import json
+
+    from cfmlang.compiler.executors import executor_named
+    from cfmlang.search.driver import Interrupted
+    from cfmlang.search.study import SearchSettings, search
+
+    executor_named(args.executor, args.address)    # E243, E240 before anything runs
+    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    settings = SearchSettings(cache_dir=args.cache_dir, executor=args.executor, address=args.address,
+                              progress=progress)
+    try:
+        result = search(args.file, args.output, settings)
+    except Interrupted as stop:
+        print(f"stopped after {stop.finished} of {stop.budget} trials; they are stored in {args.output}: "
+              "run the same command again to resume", file=sys.stderr)
+        return 128 + getattr(stop.cause, "number", 2)
+    if args.format == "json":
+        print(json.dumps(result.data, indent=2))
+    elif not args.quiet:
+        best = result.best
+        chosen = ", ".join(f"{name}={value}" for name, value in best["values"].items())
+        print(f"best: trial {best['number']}, objective {best['value']:.6g}; {chosen}\n"
+              f"wrote {args.output}/best.brick, {args.output}/model, {args.output}/report.md "
+              f"(+ report.json, trials.png)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from cfmlang.analysis.probes import PROBE_TOKENS
 from cfmlang.cli.commands import (cmd_analyze, cmd_bench, cmd_cache, cmd_check, cmd_compile, cmd_eval, cmd_fmt,
                                   cmd_graph,
-                                  cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run)
+                                  cmd_import, cmd_lsp, cmd_methods, cmd_plan, cmd_run, cmd_search)
 from cfmlang.cluster import EXECUTORS
 from cfmlang.compiler.lower import DECODE_KERNELS, PRECISIONS, PROGRAM_TARGETS, TARGETS
 from cfmlang.eval.runner import DEFAULT_CONTEXT, DEFAULT_STRIDE
@@ -148,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--format", choices=("text", "json"), default="text",
                      help="text: a table on stdout; json: the results as JSON on stdout")
     sub.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    sub = command("search", cmd_search, "search the open values of a .brick file (`search(lo, hi)`, `one_of(...)`) "
+                  "for the best objective of its `search` statement; resumes a stopped search in the same folder")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("-o", "--output", type=Path, required=True, help="search folder: the study, trial programs, "
+                     "best.brick, its artifact (model/) and the report")
+    sub.add_argument("--cache-dir", type=Path, help="the build cache every trial compiles through "
+                     "(default $CFM_CACHE_DIR, else ~/.cache/cfmlang)")
+    executor_options(sub, "run trials here one at a time (default), or as Ray tasks, one per CPU of the cluster")
+    sub.add_argument("--format", choices=("text", "json"), default="text",
+                     help="json: print the report (report.json) on stdout")
+    sub.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     command("lsp", cmd_lsp, "run the language server over stdio (for editors)")
 

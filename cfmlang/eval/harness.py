@@ -9,6 +9,8 @@ from cfmlang.eval.tasks import Task
 
 
 class HarnessKind:
+    metrics: tuple[str, ...] = ()     # whatever the task's config reports
+
     def steps(self, task: Task, tokenizer, settings) -> int:
         return 1
 

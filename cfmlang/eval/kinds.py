@@ -2,6 +2,7 @@
 `KINDS` maps a task's kind to its scorer; the lm-eval kind lives in harness.py."""
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from cfmlang.diagnostics import CompileError, error
@@ -12,6 +13,9 @@ from cfmlang.eval.tasks import Task
 
 
 class Kind(Protocol):
+    metrics: tuple[str, ...]
+    """The metrics it reports, the headline first (empty: known only once it ran)."""
+
     def steps(self, task: Task, tokenizer, settings) -> int:
         """Progress steps the task takes (for a progress bar)."""
 
@@ -24,6 +28,8 @@ def limited(task: Task, settings) -> tuple:
 
 
 class PerplexityKind:
+    metrics = ("perplexity", "nll", "tokens")
+
     def steps(self, task, tokenizer, settings):
         ids = len(self.tokens(task, tokenizer, settings))
         return -(-(ids - 1) // settings.stride) if ids > 1 else 0
@@ -46,6 +52,8 @@ class PerplexityKind:
 class MultipleChoiceKind:
     """acc: the choice of highest summed log-likelihood is right; acc_norm: the same with
     each log-likelihood divided by its choice's length in characters (lm-eval's)."""
+
+    metrics = ("acc", "acc_norm")
 
     def steps(self, task, tokenizer, settings):
         pairs = sum(len(r["choices"]) for r in limited(task, settings))
@@ -71,6 +79,8 @@ class MultipleChoiceKind:
 class GenerationKind:
     """Greedy decoding up to `max_tokens` (default `settings.max_new_tokens`), cut at the
     first stop string (default a newline); exact match after `scoring.normalised`."""
+
+    metrics = ("exact_match",)
 
     def steps(self, task, tokenizer, settings):
         return len(limited(task, settings))
@@ -110,6 +120,29 @@ class CounterfactKind:
         return Scored(metrics, details, len(rows))
 
 
+class ResponseKind:
+    """Perplexity of each record's `response` after its `prompt` (the prompt in the
+    tokenizer's chat template when it has one, with the record's `system` message if
+    given, the response followed by the end-of-sequence token): what a LoRA brick trained
+    on the same records learns. exp(mean NLL over every response token of every record)."""
+
+    metrics = ("perplexity", "nll", "tokens")
+
+    def steps(self, task, tokenizer, settings):
+        return -(-len(limited(task, settings)) // settings.batch_size)
+
+    def score(self, task, model, tokenizer, settings, tick):
+        records = limited(task, settings)
+        pairs = [scoring.response_tokens(tokenizer, r["prompt"], r["response"], r.get("system")) for r in records]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        lls = scoring.loglikelihoods(model, pairs, settings.batch_size, pad, tick)
+        tokens = sum(len(tail) for _, tail in pairs)
+        nll = -sum(lls) / tokens
+        details = tuple({"line": r["_line"], "loglikelihood": ll, "tokens": len(tail)}
+                        for r, ll, (_, tail) in zip(records, lls, pairs))
+        return Scored({"perplexity": math.exp(nll), "nll": nll, "tokens": tokens}, details, len(records))
+
+
 def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
@@ -121,4 +154,4 @@ def mean(values) -> float:
 
 KINDS: dict[str, Kind] = {"perplexity": PerplexityKind(), "multiple_choice": MultipleChoiceKind(),
                           "generation": GenerationKind(), "counterfact": CounterfactKind(),
-                          "lm_eval": HarnessKind()}
+                          "response": ResponseKind(), "lm_eval": HarnessKind()}

@@ -65,6 +65,21 @@ def pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return head, whole[len(head):]
 
 
+def response_tokens(tokenizer, prompt: str, response: str, system: str | None = None) -> tuple[list[int], list[int]]:
+    """Prompt and response tokens as a chat turn: the prompt in the tokenizer's chat
+    template (with `system` as the system message when given) when it has one, else the
+    prompt and a newline; the response followed by the end-of-sequence token."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        head_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        head_text = prompt + "\n"
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return encode_text(tokenizer, head_text), encode_text(tokenizer, response) + eos
+
+
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
                    tick=lambda: None) -> list[float]:
     """Summed log-probability of each continuation after its context, `batch_size` pairs a pass."""

@@ -8,6 +8,8 @@ A task is a file, or the name of one in the shipped pack (`cfmlang/eval/tasks/`)
 - `NAME.jsonl` with `prompt`, `subject`, `target_true`, `target_new`, `paraphrases` and
   `neighbourhood` (prompts whose true answer is also target_true): counterfact, the
   CounterFact metrics of knowledge edits (`cfmlang.eval.counterfact`);
+- `NAME.jsonl` with `prompt` and `response` (optional `system`), the records LoRA bricks
+  train on: perplexity of the responses after their prompts;
 - `NAME.yaml`: an lm-evaluation-harness task config (a relative `data_files` path is
   taken relative to the YAML file, so local `dataset_path: json` tasks run offline).
 """
@@ -28,7 +30,7 @@ SUFFIXES = (".txt", ".jsonl", ".yaml", ".yml")
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                   # perplexity | multiple_choice | generation | counterfact | lm_eval
+    kind: str                   # perplexity | multiple_choice | generation | counterfact | response | lm_eval
     path: Path
     items: tuple[Any, ...]      # the text (perplexity), the records (jsonl), the config (lm_eval)
 
@@ -93,8 +95,9 @@ def read_records(path: Path) -> list[dict]:
 
 def record_kind(path: Path, records: list[dict]) -> str:
     kind = "multiple_choice" if "choices" in records[0] else "counterfact" if "target_new" in records[0] \
-        else "generation"
-    check = {"multiple_choice": check_choice, "counterfact": check_counterfact, "generation": check_generation}[kind]
+        else "response" if "response" in records[0] else "generation"
+    check = {"multiple_choice": check_choice, "counterfact": check_counterfact, "response": check_response,
+             "generation": check_generation}[kind]
     problems = [problem for record in records for problem in check(path, record)]
     if problems:
         raise CompileError(problems)
@@ -112,6 +115,18 @@ def check_choice(path: Path, record: dict) -> list:
         found.append(f"`answer` must be the index of the right choice (0 to {len(choices) - 1})")
     return [record_error(path, record, p, "a multiple-choice record is "
                          '{"question": "...", "choices": ["...", "..."], "answer": 0}') for p in found]
+
+
+def check_response(path: Path, record: dict) -> list:
+    found = []
+    if not isinstance(record.get("prompt"), str):
+        found.append("`prompt` must be a string")
+    if not (isinstance(record.get("response"), str) and record["response"]):
+        found.append("`response` must be a non-empty string")
+    if not isinstance(record.get("system", ""), str):
+        found.append("`system` must be a string")
+    return [record_error(path, record, p, 'a response record is {"prompt": "...", "response": "..."} '
+                         'with an optional "system": "..."') for p in found]
 
 
 def check_generation(path: Path, record: dict) -> list:

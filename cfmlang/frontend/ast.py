@@ -6,8 +6,9 @@ from typing import Union
 
 from cfmlang.diagnostics import Diagnostic, Span
 
-KEYWORDS = ("model", "brick", "merge", "route", "grow", "update")
-"""The words that begin a declaration, `KEYWORD NAME:`."""
+KEYWORDS = ("model", "brick", "merge", "route", "grow", "update", "search")
+"""The words that begin a declaration, `KEYWORD NAME:` (`search` declares a search over
+the program's `search(...)`/`one_of(...)` values, cfmlang.search; the others a node)."""
 SETTINGS = ("output", "seed", "dtype")
 """The file-level settings, `SETTING: value`."""
 
@@ -114,7 +115,18 @@ class MapValue:
         return next((e for e in self.entries if e.key == key), None)
 
 
-Value = Union[Number, String, Bool, Null, Ref, Tagged, ListValue, MapValue]
+@dataclass(frozen=True)
+class Call:
+    """`NAME(value, ...)`: a value left open, `search(0.0, 1.0)` or `one_of(ties, dare_ties)`;
+    the search stage (cfmlang.search) gives it a concrete value before the checker runs."""
+
+    name: str
+    name_span: Span
+    args: tuple["Value", ...]
+    span: Span
+
+
+Value = Union[Number, String, Bool, Null, Ref, Tagged, ListValue, MapValue, Call]
 
 
 @dataclass(frozen=True)
@@ -182,4 +194,4 @@ def describe(value: Value) -> str:
         return f"the selection `{value.text()}`"
     return {Number: "a number", String: "a string", Bool: "a boolean", Null: "null",
             Ref: "a name", Tagged: "a tagged source", ListValue: "a list",
-            MapValue: "a map"}[type(value)]
+            MapValue: "a map", Call: f"`{getattr(value, 'name', '')}(...)`"}[type(value)]

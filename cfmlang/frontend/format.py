@@ -140,6 +140,9 @@ def inline(node: Tree) -> str:
     if kind == "map":
         pairs = (c for c in node.children if c is not None)
         return "{" + ", ".join(f"{p.children[0]}: {inline(p.children[1])}" for p in pairs) + "}"
+    if kind == "call":
+        name, *args = node.children
+        return f"{name}(" + ", ".join(inline(a) for a in args if a is not None) + ")"
     name, *accessors = node.children
     return str(name) + "".join(_accessor(a) for a in accessors)
 
@@ -284,6 +287,8 @@ def ast_inline(value: ast.Value) -> str:
         return value.text()
     if isinstance(value, ast.ListValue):
         return "[" + ", ".join(ast_inline(item) for item in value.items) + "]"
+    if isinstance(value, ast.Call):
+        return f"{value.name}(" + ", ".join(ast_inline(arg) for arg in value.args) + ")"
     return "{" + ", ".join(f"{_key(e.key)}: {ast_inline(e.value)}" for e in value.entries) + "}"
 
 

@@ -26,7 +26,7 @@ TOKEN_WORDS = {
     "NAME": "a name", "STRING": "a string", "SIGNED_NUMBER": "a number",
     "SIGNED_INT": "an integer", "COLON": "`:`", "COMMA": "`,`", "LSQB": "`[`",
     "RSQB": "`]`", "LBRACE": "`{`", "RBRACE": "`}`", "MINUS": "`-`", "DOT": "`.`",
-    "STAR": "`*`", "$END": "the end of the file",
+    "STAR": "`*`", "LPAR": "`(`", "RPAR": "`)`", "$END": "the end of the file",
 }
 
 

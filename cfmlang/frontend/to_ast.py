@@ -153,6 +153,9 @@ class _Builder:
         if kind == "map":
             pairs = [c for c in node.children if c is not None]
             return ast.MapValue(tuple(self.entry_inline(p) for p in pairs), span)
+        if kind == "call":
+            name, *args = node.children
+            return ast.Call(str(name), self.span(name), tuple(self.value(a) for a in args if a is not None), span)
         return self.ref(node, span)
 
     def entry_inline(self, pair: Tree) -> ast.Entry:

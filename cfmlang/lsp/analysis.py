@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cfmlang.compiler.check import check
 from cfmlang.compiler.ir import CheckedProgram
 from cfmlang.diagnostics import CompileError, Diagnostic
 from cfmlang.frontend import ast
 from cfmlang.frontend.resolve import Resolved, resolve
 from cfmlang.frontend.to_ast import parse_recovering
+from cfmlang.search.program import check_search
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class Analysis:
     resolved: Resolved | None
     """Every declaration of the file and its imports that parses (None with `program`)."""
     checked: CheckedProgram | None
-    """The checked program (None when the checker found errors)."""
+    """The checked program (None when the checker found errors); for a search, the
+    program with every open value at its first candidate."""
 
     def declarations(self) -> dict[str, ast.Decl]:
         if self.resolved is not None:
@@ -51,7 +52,7 @@ def analyze(text: str, path: str) -> Analysis:
         return Analysis(path, text, exc.diagnostics, None, None, None)
     resolved = resolve(text, path, Path(path).parent, program)
     try:
-        checked = check(resolved)
+        checked = check_search(resolved).checked
     except CompileError as exc:
         return Analysis(path, text, exc.diagnostics, program, resolved, None)
     return Analysis(path, text, checked.warnings, program, resolved, checked)

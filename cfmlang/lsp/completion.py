@@ -12,9 +12,16 @@ from lsprotocol import types
 from cfmlang.frontend.resolve import KEYWORDS, SETTINGS, stdlib_path
 from cfmlang.lsp.analysis import Analysis
 from cfmlang.lsp.registry_docs import find_method, method_key, methods_for, parameter_names
+from cfmlang.search.statement import KEYS as SEARCH_KEYS
+from cfmlang.search.statement import SAMPLERS
+
+STATEMENT_KEYS = {"search": SEARCH_KEYS}
+"""The keys of statements that name no method."""
+WORD_VALUES = {("search", "sampler"): SAMPLERS}
+"""The words a key of a statement takes."""
 
 DECL_LINE = re.compile(r"^([A-Za-z_]\w*)\s+([A-Za-z_]\w*)\s*:")
-METHOD_LINE = re.compile(r"^\s+(method|kind)\s*:\s*([A-Za-z_]\w*)")
+METHOD_LINE = re.compile(r"^\s+(method|kind)\s*:\s*(?:one_of\(\s*)?([A-Za-z_]\w*)")
 QUOTED_PATH = re.compile(r'(?:^import\s+|\b(?:hf|gguf|peft|safetensors)\s+|data\s*:\s*)"([^"]*)$')
 KEY_POSITION = re.compile(r"^(\s+)([A-Za-z_]\w*)?$")
 VALUE_POSITION = re.compile(r"^\s*(?:-\s*)?([A-Za-z_]\w*)\s*:\s*(?:\[[^\]]*,\s*|\[)?([A-Za-z_]\w*)?$")
@@ -33,12 +40,16 @@ def complete(analysis: Analysis | None, text: str, position: types.Position) -> 
         return [item(k, types.CompletionItemKind.Keyword) for k in (*KEYWORDS, "import")] + \
             [item(s, types.CompletionItemKind.Property) for s in SETTINGS]
     value = VALUE_POSITION.match(before)
-    if value and keyword and value.group(1) == method_key(keyword):
+    if value and (keyword, value.group(1)) in WORD_VALUES:
+        return [item(w, types.CompletionItemKind.EnumMember) for w in WORD_VALUES[keyword, value.group(1)]]
+    if value and keyword and value.group(1) == method_key(keyword) and keyword not in STATEMENT_KEYS:
         return [item(m, types.CompletionItemKind.EnumMember) for m in methods_for(keyword)]
     if value:
         return node_items(analysis)
     if FILTER_POSITION.search(before) and analysis is not None:
         return module_items(analysis, lines, position.line)
+    if KEY_POSITION.match(before) and keyword in STATEMENT_KEYS:
+        return [item(k, types.CompletionItemKind.Property) for k in STATEMENT_KEYS[keyword]]
     if KEY_POSITION.match(before) and keyword:
         found = find_method(keyword, method) if method else None
         keys = parameter_names(found) if found else [method_key(keyword)]

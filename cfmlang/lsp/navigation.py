@@ -14,7 +14,8 @@ from cfmlang.lsp.positions import contains, path_to_uri, to_range
 
 SYMBOL_KINDS = {"model": types.SymbolKind.Class, "brick": types.SymbolKind.Module,
                 "merge": types.SymbolKind.Function, "route": types.SymbolKind.Interface,
-                "grow": types.SymbolKind.Function, "update": types.SymbolKind.Function}
+                "grow": types.SymbolKind.Function, "update": types.SymbolKind.Function,
+                "search": types.SymbolKind.Event}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ def refs_in(value: ast.Value) -> list[ast.Ref]:
         return [r for item in value.items for r in refs_in(item)]
     if isinstance(value, ast.MapValue):
         return [r for entry in value.entries for r in refs_in(entry.value)]
+    if isinstance(value, ast.Call):
+        return [r for arg in value.args for r in refs_in(arg)]
     return []
 
 

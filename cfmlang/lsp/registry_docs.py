@@ -36,9 +36,12 @@ def method_of(decl: ast.Decl) -> type[Method] | None:
     if not isinstance(decl.body, ast.MapValue):
         return None
     entry = decl.body.get(method_key(decl.keyword))
-    if entry is None or not isinstance(entry.value, ast.Ref):
+    value = entry.value if entry is not None else None
+    if isinstance(value, ast.Call) and value.args:     # `method: one_of(ties, dare_ties)`: the first
+        value = value.args[0]
+    if not isinstance(value, ast.Ref):
         return None
-    return find_method(decl.keyword, entry.value.name)
+    return find_method(decl.keyword, value.name)
 
 
 def parameter_models(method: type[Method]) -> list[type[BaseModel]]:

@@ -90,3 +90,13 @@ def test_smol_lora_examples_check(name):
     program = cfmlang.check(EXAMPLES / name)
     node = program.node(program.output)
     assert node.data.samples == 24 and len(node.modules) == 2 * 30
+
+
+def test_smol_search_example_checks():
+    """The SmolLM2 search example checks as a search (no training: `cfmc search` and
+    examples/smol_search.py run it; its numbers are in docs/language.md's section)."""
+    opened = cfmlang.check_search(EXAMPLES / "smol_search.brick")
+    assert [d.name for d in opened.dimensions] == ["voices.inputs.french_smol.weight",
+                                                    "voices.inputs.pirate_smol.weight"]
+    assert opened.search.target == "voices" and [t.metric for t in opened.search.objective.tasks] == ["nll", "nll"]
+    assert all("heldout" not in t.task for t in opened.search.objective.tasks)    # judged on data it never saw

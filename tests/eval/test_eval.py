@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cfmlang.cli import main
+from cfmlang.diagnostics import CompileError
 from cfmlang.eval import Settings, evaluate, load_task, shipped_tasks
 from cfmlang.eval.report import render_table
 from models import tiny_model, tiny_tokenizer
@@ -228,3 +229,30 @@ def test_cli_refuses_a_missing_model_and_a_short_text(tiny, tmp_path, capsys):
     assert code == 1 and "E160" in err
     code, _, err = run_cli(capsys, tiny[0], "--task", text)
     assert code == 1 and "E234" in err and "short" in err
+
+
+def test_response_perplexity_scores_only_the_responses(tiny, tmp_path):
+    """prompt/response records (what lora bricks train on): exp of the mean NLL of each
+    response's tokens and the end-of-sequence token after its prompt (no chat template
+    here: the prompt and a newline)."""
+    _, model, tokenizer = tiny
+    records = [{"prompt": "the sea is", "response": "love and night"},
+               {"prompt": "print the number", "response": "add the sum", "system": "ignored without a template"}]
+    task = write_jsonl(tmp_path / "voice.jsonl", records)
+    total, count = 0.0, 0
+    for record in records:
+        head = tokenizer(record["prompt"] + "\n", add_special_tokens=False)["input_ids"]
+        tail = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([head + tail])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids).logits[0].float(), -1)
+        total -= sum(log_probs[len(head) + i - 1, t].item() for i, t in enumerate(tail))
+        count += len(tail)
+    result = evaluate(model, tokenizer, [task], Settings(batch_size=1))
+    assert load_task(task).kind == "response" and result.tasks[0].kind == "response"
+    assert result.metric("voice", "tokens") == count
+    assert result.metric("voice", "perplexity") == pytest.approx(math.exp(total / count), rel=1e-5)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": ""}])
+    with pytest.raises(CompileError) as caught:
+        load_task(bad)
+    assert caught.value.diagnostics[0].code == "E231" and "`response`" in caught.value.diagnostics[0].message

@@ -34,6 +34,9 @@ def value_scopes(value: ast.Value, line_text) -> list[tuple[Span, str]]:
         return [(value.tag_span, "support.function.source-tag.brick"), (string, "string.quoted.double.brick")]
     if isinstance(value, ast.ListValue):
         return [s for item in value.items for s in value_scopes(item, line_text)]
+    if isinstance(value, ast.Call):
+        return [(value.name_span, "support.function.call.brick"),
+                *(s for arg in value.args for s in value_scopes(arg, line_text))]
     if isinstance(value, ast.MapValue):
         return [s for e in value.entries
                 for s in [(e.key_span, "variable.other.key.brick"), *value_scopes(e.value, line_text)]]

@@ -16,7 +16,7 @@ from cfmlang.analysis.indicators import cett, cett_threshold, column_norms, mask
 from cfmlang.analysis.perturbation import ability_perplexity
 from cfmlang.analysis.probes import Probes
 from cfmlang.analysis.sparsity import mean_loss
-from cfmlang.analysis.target import _load_directory
+from cfmlang.analysis.target import load_directory
 from cfmlang.cli import main
 from paths import REPO
 
@@ -31,7 +31,7 @@ def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     folder = planted_model(root / "model")
     probe_dir = write_probes(root / "probes", folder, per_ability=16)
-    loaded = _load_directory(folder, "planted")
+    loaded = load_directory(folder, "planted")
     texts, _ = read_probes(probe_dir)
     probes, _ = tokenize(texts, loaded.tokenizer, 64)
     return {"folder": folder, "probe_dir": probe_dir, "model": loaded.model, "probes": probes}

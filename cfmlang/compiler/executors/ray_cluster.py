@@ -103,12 +103,12 @@ class RayExecutor:
             return provider
         import ray
 
-        cpus = self._connect()
+        cpus = self.connect()
         plan = batches(provider.specs, sizes, batch_limit(provider.specs, cpus))
         return RemoteProvider(provider, job.name, self.remote, ray.put(job), uuid.uuid4().hex, plan,
                               max(self.window, 2 * cpus), log)
 
-    def _connect(self) -> int:
+    def connect(self) -> int:
         """Connect (once) and return the cluster's CPU count."""
         import ray
 
