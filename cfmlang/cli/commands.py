@@ -240,7 +240,7 @@ def cmd_search(args) -> int:
     from cfmlang.search.study import SearchSettings, search
 
     executor_named(args.executor, args.address)    # E243, E240 before anything runs
-    progress = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    progress = (lambda line: None) if args.quiet else args.heartbeat.log
     settings = SearchSettings(cache_dir=args.cache_dir, executor=args.executor, address=args.address,
                               progress=progress)
     try:
