@@ -312,11 +312,11 @@ def routed_oracle(fam: Family, out: Path, manifest: dict) -> None:
 
 
 def edit_oracle(fam: Family, out: Path, manifest: dict) -> None:
-    summary = manifest["update"]["report"]["summary"]
+    summary = manifest["nodes"]["x"]["report"]["summary"]
     assert summary["probability_after"] > summary["probability_before"], summary
     before, after = fam.weights("a"), tensors(out)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed == set(manifest["update"]["edited"]) and {fam.layer_of(n) for n in changed} <= {1, 2}, changed
+    assert changed == set(manifest["nodes"]["x"]["edited"]) and {fam.layer_of(n) for n in changed} <= {1, 2}, changed
     layer_count_matches(fam, out)
 
 

@@ -1,5 +1,5 @@
 """Search trials as Ray tasks on a local cluster (a head without CPUs and two one-CPU
-worker nodes): every trial runs on a worker, both workers run some, and the report is
+worker nodes, the session cluster of conftest.py): every trial runs on a worker, both workers run some, and the report is
 that of a search run here."""
 from __future__ import annotations
 
@@ -7,29 +7,10 @@ import json
 import shutil
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from cfmlang.cli import main
 from models import tiny_model, tiny_tokenizer
 from test_search_run import PROGRAM, TEXT
-
-STORE = 80 * 1024**2
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": STORE,
-                                                            "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=STORE) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster, workers
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
 
 def test_search_trials_spread_over_both_workers(cluster, tmp_path, capsys):
     for seed, name in enumerate("ab"):

@@ -434,14 +434,14 @@ def test_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
 
 
 def test_an_architecture_outside_the_llama_family_is_E173(tmp_path):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    config = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=64)
-    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    GemmaForCausalLM(config).save_pretrained(tmp_path / "gemma")
     with pytest.raises(CompileError) as caught:
-        cfmlang.compile(f'model q:\n  source: hf "{tmp_path / "qwen3"}"\noutput: q\n', tmp_path / "out",
+        cfmlang.compile(f'model g:\n  source: hf "{tmp_path / "gemma"}"\noutput: g\n', tmp_path / "out",
                         target="export")
-    assert caught.value.diagnostics[0].code == "E173" and "qwen3" in caught.value.diagnostics[0].message
+    assert caught.value.diagnostics[0].code == "E173" and "gemma" in caught.value.diagnostics[0].message
     assert not (tmp_path / "out").exists()

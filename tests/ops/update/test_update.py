@@ -265,7 +265,7 @@ def test_alphaedit_changes_only_the_null_space_of_the_preserved_keys(tiny, tmp_p
         assert 0 < dimension < 64
         delta = changed[name].double()
         assert (delta - delta @ projection).norm() < 1e-3 * delta.norm()
-    report = result.manifest["update"]["report"]
+    report = result.manifest["nodes"]["edited"]["report"]
     assert all(row["success"] for row in report["facts"])
     assert result.manifest["nodes"]["edited"]["method"] == "alphaedit"
 
@@ -291,7 +291,7 @@ def test_counterfact_facts_get_the_counterfact_metrics_in_the_report(tiny, tmp_p
     (tiny / "counterfacts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     result = compile_in(tiny, program("rome", "  layer: 2\n  covariance: identity\n",
                                       facts='"counterfacts.jsonl"'), tmp_path / "cf")
-    report = result.manifest["update"]["report"]["counterfact"]
+    report = result.manifest["nodes"]["edited"]["report"]["counterfact"]
     facts = [Counterfact.of(r) for r in records]
     model = AutoModelForCausalLM.from_pretrained(tiny / "tiny").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny / "tiny")
@@ -301,4 +301,4 @@ def test_counterfact_facts_get_the_counterfact_metrics_in_the_report(tiny, tmp_p
     for name in ("efficacy", "greedy_efficacy", "paraphrase", "neighbourhood", "score"):
         assert report["after"][name] == pytest.approx(after["summary"][name])
     assert report["after"]["efficacy"] == 1.0 and report["after"]["facts"] == 3
-    assert "counterfact (3 facts): efficacy" in render(result.manifest["update"]["report"])
+    assert "counterfact (3 facts): efficacy" in render(result.manifest["nodes"]["edited"]["report"])
