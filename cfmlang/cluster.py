@@ -1,6 +1,6 @@
 """The Ray cluster every `--executor ray [--address ADDR]` command runs on: the names of
-the executors, the check of the two options, and the connection (the diagnostics E240,
-E241 and E243 are the same for every command)."""
+the executors, the check of the two options, the connection (the diagnostics E240,
+E241 and E243 are the same for every command) and the fetching of a task's result."""
 from __future__ import annotations
 
 from cfmlang.diagnostics import CompileError, error
@@ -43,3 +43,23 @@ def connect(address: str | None) -> int:
                                       "start it with `ray start --head` (then give its address as "
                                       "--address HOST:PORT), or leave out --address for a local one")]) from None
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def fetched(ref, what: str, code: str, hint: str):
+    """The result of the Ray task `ref`. A diagnostic raised on a worker is passed on as it
+    is; the task's own failure, or its loss with its node after Ray's retries, is `code`
+    naming `what` (e.g. "trial 3"), with `hint`."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CompileError):
+            raise cause from None
+        raise CompileError([error(code, f"{what} failed on the Ray cluster: {type(cause).__name__}: {cause}",
+                                  None, hint)]) from None
+    except ray.exceptions.RayError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CompileError([error(code, f"the Ray cluster lost {what}: {type(exc).__name__}: {first}",
+                                  None, hint)]) from None

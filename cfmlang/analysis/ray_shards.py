@@ -11,8 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from cfmlang.cluster import connect
-from cfmlang.diagnostics import CompileError, error
+from cfmlang.cluster import connect, fetched
 
 SHARDS_PER_CPU = 2      # shards per pass for each CPU of the cluster (fewer when there are fewer batches)
 RETRIES = 4             # runs of a task lost with its node
@@ -96,17 +95,4 @@ class RayShards:
             self._model, self._sent, self._token = model, [ray.put(model)], uuid.uuid4().hex
 
     def _result(self, future):
-        import ray
-
-        try:
-            return ray.get(future)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, CompileError):
-                raise cause from None
-            raise CompileError([error("E244", f"a prompt shard failed on the Ray cluster: "
-                                      f"{type(cause).__name__}: {cause}", None, WORKER_HINT)]) from None
-        except ray.exceptions.RayError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise CompileError([error("E244", f"the Ray cluster lost a prompt shard: {type(exc).__name__}: {first}",
-                                      None, f"it was retried {RETRIES} times; {WORKER_HINT}")]) from None
+        return fetched(future, "a prompt shard", "E244", f"it was retried {RETRIES} times if lost; {WORKER_HINT}")

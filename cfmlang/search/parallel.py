@@ -5,6 +5,8 @@ searched file's folder, the task files, the search folder and the cache must be 
 same paths on every node (shared storage), as for `cfmc compile --executor ray`."""
 from __future__ import annotations
 
+from cfmlang.cluster import fetched as task_result
+from cfmlang.compiler.executors.ray_cluster import WORKER_HINT
 from cfmlang.search.driver import Interrupted, finished_trials, is_stop
 from cfmlang.search.trial import TrialJob, TrialOutcome, run_trial
 
@@ -47,19 +49,4 @@ def run_on_ray(driver) -> None:
 
 
 def fetched(ref, trial) -> TrialOutcome:
-    import ray
-
-    from cfmlang.compiler.executors.ray_cluster import WORKER_HINT
-    from cfmlang.diagnostics import CompileError, error
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, CompileError):
-            raise cause from None
-        raise CompileError([error("E242", f"trial {trial.number} failed on the Ray cluster: "
-                                  f"{type(cause).__name__}: {cause}", None, WORKER_HINT)]) from None
-    except ray.exceptions.RayError as exc:
-        raise CompileError([error("E242", f"the Ray cluster lost trial {trial.number}: {type(exc).__name__}", None,
-                                  WORKER_HINT)]) from None
+    return task_result(ref, f"trial {trial.number}", "E242", WORKER_HINT)
