@@ -47,6 +47,7 @@ def run_child(argv: list[str], stop_at: int, signal_number: int, report: Path) -
     final move, to `report`."""
     calls = 0
     commit: dict[str, int] = {}
+    signal.signal(signal_number, signal.SIG_DFL)   # as a fresh shell leaves it (nohup would ignore SIGHUP)
 
     def count(frame, event, arg):
         nonlocal calls

@@ -7,6 +7,7 @@ diagnostics or models 40 s, and a 50 MB string 11.6 GB (a "did you mean" index o
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import pytest
@@ -64,10 +65,16 @@ CASES = {  # program, size (at least 0.2 s of CPU: smaller times are too noisy),
     "N valid models": (valid_models, 400, lambda n: 0),
     "a string of N bytes": (long_string, 2_000_000, lambda n: 2),
 }
+MEMORY_BOUND = {"a string of N bytes"}
+"""Cases that stream through more memory than the caches hold: 5-8x alone, but up to 33x
+beside another xdist worker's SmolLM2 tests (memory bandwidth shared), so they are timed only
+when the suite runs in one process."""
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_eight_times_the_program_costs_less_than_twelve_times_the_time(case, model):
+    if case in MEMORY_BOUND and os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("memory-bound: its time depends on what the other worker does (run without -n)")
     build, size, errors = CASES[case]
     seconds(build(model, size // 4), errors(size // 4))           # warm the parser and the header cache
     small = min(seconds(build(model, size), errors(size)) for _ in range(3))
