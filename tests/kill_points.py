@@ -47,7 +47,8 @@ def run_child(argv: list[str], stop_at: int, signal_number: int, report: Path) -
     final move, to `report`."""
     calls = 0
     commit: dict[str, int] = {}
-    signal.signal(signal_number, signal.SIG_DFL)   # as a fresh shell leaves it (nohup would ignore SIGHUP)
+    if signal.getsignal(signal_number) == signal.SIG_IGN:   # nohup ignores SIGHUP: a fresh shell does not
+        signal.signal(signal_number, signal.SIG_DFL)
 
     def count(frame, event, arg):
         nonlocal calls
