@@ -228,6 +228,16 @@ def _put_gap(comment: Comment | None, put, state: dict, next_indent: int, previo
 NOWHERE = Span("<generated>", 1, 1, 1, 1)
 """The span of AST nodes that a tool builds rather than parses."""
 
+
+def generated_ref(name: str) -> ast.Ref:
+    """A bare reference to the node `name`, built rather than parsed."""
+    return ast.Ref(name, (), NOWHERE, NOWHERE)
+
+
+def generated_entry(key: str, value: ast.Value) -> ast.Entry:
+    """The body line `key: value`, built rather than parsed."""
+    return ast.Entry(key, NOWHERE, value)
+
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 

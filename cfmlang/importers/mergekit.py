@@ -41,7 +41,7 @@ from typing import Any
 from cfmlang.compiler.ir import FLOAT_DTYPES
 from cfmlang.diagnostics import SOURCES, CompileError, Diagnostic, Span, did_you_mean, error
 from cfmlang.frontend import ast
-from cfmlang.frontend.format import NOWHERE, print_program
+from cfmlang.frontend.format import NOWHERE, generated_entry, generated_ref, print_program
 from cfmlang.importers.vocabulary import (TokenizerSetting, chat_template_entry, read_chat_template,
                                           read_tokenizer, tokenizer_entry)
 
@@ -720,7 +720,7 @@ class _Importer:
                               self.merge_decl(stage, base, inputs, names))
         if self.problems:   # tokenizer models outside the merges
             raise CompileError(self.problems)
-        statements.append(ast.Setting("output", NOWHERE, name_ref(final.node), NOWHERE))
+        statements.append(ast.Setting("output", NOWHERE, generated_ref(final.node), NOWHERE))
         return print_program(statements, self.header(models))
 
     def final_stage(self, stages: list[_Merge]) -> _Merge:
@@ -773,27 +773,27 @@ class _Importer:
 
     def merge_decl(self, merge: _Merge, base: _Input | None, inputs: list[_Input],
                    names: dict[str, str]) -> ast.Decl:
-        body = [entry("method", name_ref(merge.method))]
+        body = [generated_entry("method", generated_ref(merge.method))]
         if base is not None:
-            body.append(entry("base", name_ref(names[base.path])))
+            body.append(generated_entry("base", generated_ref(names[base.path])))
         node_keys = list(dict.fromkeys(k for scope in merge.scope_settings for k in scope))
         for key in node_keys:
             chain = [scope[key] for scope in merge.scope_settings if key in scope]
             if None not in chain:
-                body.append(entry(key, setting_value(chain)))
+                body.append(generated_entry(key, setting_value(chain)))
         given = []
         for item in inputs:
-            params = [entry(key, setting_value([setting] + [scope[key] for scope in merge.scope_settings
+            params = [generated_entry(key, setting_value([setting] + [scope[key] for scope in merge.scope_settings
                                                             if key in scope]))
                       for key, setting in item.settings.items()]
             given.append((names[item.path], params))
         if any(params for _, params in given):
-            body.append(entry("inputs", ast.MapValue(tuple(entry(name, ast.MapValue(tuple(params), NOWHERE))
+            body.append(generated_entry("inputs", ast.MapValue(tuple(generated_entry(name, ast.MapValue(tuple(params), NOWHERE))
                                                            for name, params in given), NOWHERE)))
         else:
-            body.append(entry("inputs", ast.ListValue(tuple(name_ref(name) for name, _ in given), NOWHERE)))
+            body.append(generated_entry("inputs", ast.ListValue(tuple(generated_ref(name) for name, _ in given), NOWHERE)))
         if merge.dtype:
-            body.append(entry("dtype", name_ref(merge.dtype)))
+            body.append(generated_entry("dtype", generated_ref(merge.dtype)))
         if merge.tokenizer is not None:
             local = {p: names[p] for p in [i.path for i in inputs] + ([base.path] if base else [])}
             tokenizer = tokenizer_entry(self, merge.tokenizer, local)
@@ -809,9 +809,9 @@ class _Importer:
             self.cannot((tokenizer.node if tokenizer else None) or merge.root,
                         "a tokenizer or chat template other than `tokenizer_source: base` on passthrough slices",
                         "cfmlang's `grow` (stack) keeps the first slice's tokenizer")
-        body = [entry("method", name_ref("stack"))]
+        body = [generated_entry("method", generated_ref("stack"))]
         if merge.dtype:
-            body.append(entry("dtype", name_ref(merge.dtype)))
+            body.append(generated_entry("dtype", generated_ref(merge.dtype)))
         slices = []
         for item in merge.inputs:
             start, end = item.bounds
@@ -820,9 +820,9 @@ class _Importer:
             chain = [s.get("scale") for s in (item.settings, item.slice_settings, *merge.scope_settings)
                      if "scale" in s]
             scaled = chain and None not in chain
-            slices.append(ast.MapValue((entry("from", layers), entry("scale", setting_value(chain))), NOWHERE)
+            slices.append(ast.MapValue((generated_entry("from", layers), generated_entry("scale", setting_value(chain))), NOWHERE)
                           if scaled else layers)
-        body.append(entry("slices", ast.ListValue(tuple(slices), NOWHERE)))
+        body.append(generated_entry("slices", ast.ListValue(tuple(slices), NOWHERE)))
         return declaration("grow", merge.node, body)
 
     def header(self, names: dict[str, str]) -> list[str]:
@@ -834,7 +834,7 @@ class _Importer:
 
     def model_decls(self, names: dict[str, str]) -> list[ast.Statement]:
         """One `model` declaration per input path."""
-        return [declaration("model", name, [entry("source", ast.Tagged("hf", self.written_path(path),
+        return [declaration("model", name, [generated_entry("source", ast.Tagged("hf", self.written_path(path),
                                                                        NOWHERE, NOWHERE))])
                 for path, name in names.items()]
 
@@ -875,14 +875,6 @@ class _Importer:
 
 # ---- rendering helpers ---------------------------------------------------------------------------
 
-def name_ref(name: str) -> ast.Ref:
-    return ast.Ref(name, (), NOWHERE, NOWHERE)
-
-
-def entry(key: str, value: ast.Value) -> ast.Entry:
-    return ast.Entry(key, NOWHERE, value)
-
-
 def declaration(keyword: str, name: str, body: list[ast.Entry]) -> ast.Decl:
     return ast.Decl(keyword, NOWHERE, name, NOWHERE, ast.MapValue(tuple(body), NOWHERE), NOWHERE)
 
@@ -901,7 +893,7 @@ def setting_value(chain: list[_Setting]) -> ast.Value:
             break
     if len(entries) == 1 and entries[0][0] is None:
         return entries[0][1]
-    return ast.MapValue(tuple(entry("default" if f is None else f, v) for f, v in entries), NOWHERE)
+    return ast.MapValue(tuple(generated_entry("default" if f is None else f, v) for f, v in entries), NOWHERE)
 
 
 def identifier(path: str) -> str:

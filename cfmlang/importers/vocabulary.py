@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfmlang.frontend import ast
-from cfmlang.frontend.format import NOWHERE
+from cfmlang.frontend.format import NOWHERE, generated_entry, generated_ref
 from cfmlang.ops.merge.chat_templates import BUILT_IN
 
 POLICIES = ("union", "base")
@@ -107,41 +107,41 @@ def tokenizer_entry(importer, setting: TokenizerSetting, names: dict[str, str]) 
     if source is None:
         return None
     if not setting.tokens and setting.pad_to_multiple_of is None:
-        return _entry("tokenizer", _ref(source))
-    body = [_entry("source", _ref(source))]
+        return generated_entry("tokenizer", generated_ref(source))
+    body = [generated_entry("source", generated_ref(source))]
     if setting.pad_to_multiple_of is not None:
-        body.append(_entry("pad_to_multiple_of", ast.Number(setting.pad_to_multiple_of, NOWHERE)))
+        body.append(generated_entry("pad_to_multiple_of", ast.Number(setting.pad_to_multiple_of, NOWHERE)))
     rules = []
     for token, rule_source, force, node in setting.tokens:
         value = _rule_source(importer, rule_source, names, node)
         if value is None:
             return None
-        rule = [_entry("source", value)] + ([_entry("force", ast.Bool(True, NOWHERE))] if force else [])
-        rules.append(_entry(token, ast.MapValue(tuple(rule), NOWHERE)))
+        rule = [generated_entry("source", value)] + ([generated_entry("force", ast.Bool(True, NOWHERE))] if force else [])
+        rules.append(generated_entry(token, ast.MapValue(tuple(rule), NOWHERE)))
     if rules:
-        body.append(_entry("tokens", ast.MapValue(tuple(rules), NOWHERE)))
-    return _entry("tokenizer", ast.MapValue(tuple(body), NOWHERE))
+        body.append(generated_entry("tokens", ast.MapValue(tuple(rules), NOWHERE)))
+    return generated_entry("tokenizer", ast.MapValue(tuple(body), NOWHERE))
 
 
 def chat_template_entry(template: tuple[str, str]) -> ast.Entry:
     kind, value = template
-    return _entry("chat_template", _ref(value) if kind == "name" else ast.String(value, NOWHERE))
+    return generated_entry("chat_template", generated_ref(value) if kind == "name" else ast.String(value, NOWHERE))
 
 
 def _rule_source(importer, source, names: dict[str, str], node) -> ast.Value | None:
     if isinstance(source, str):
         name = _name(importer, source, names, node)
-        return None if name is None else _ref(name)
-    entries = [_entry("kind", _ref(source["kind"]))]
+        return None if name is None else generated_ref(name)
+    entries = [generated_entry("kind", generated_ref(source["kind"]))]
     if source["kind"] == "model_token":
         name = _name(importer, str(source.get("model")), names, node)
         if name is None:
             return None
-        entries.append(_entry("model", _ref(name)))
+        entries.append(generated_entry("model", generated_ref(name)))
         if source.get("token") is not None:
-            entries.append(_entry("token", ast.String(str(source["token"]), NOWHERE)))
+            entries.append(generated_entry("token", ast.String(str(source["token"]), NOWHERE)))
         if source.get("token_id") is not None:
-            entries.append(_entry("token_id", ast.Number(int(source["token_id"]), NOWHERE)))
+            entries.append(generated_entry("token_id", ast.Number(int(source["token_id"]), NOWHERE)))
     return ast.MapValue(tuple(entries), NOWHERE)
 
 
@@ -152,11 +152,3 @@ def _name(importer, path: str, names: dict[str, str], node) -> str | None:
         importer.cannot(node, f"the tokenizer model `{path}` is not one of the merged models",
                         "cfmlang takes tokenizers and token rows from the merge's own inputs")
     return found
-
-
-def _ref(name: str) -> ast.Ref:
-    return ast.Ref(name, (), NOWHERE, NOWHERE)
-
-
-def _entry(key: str, value: ast.Value) -> ast.Entry:
-    return ast.Entry(key, NOWHERE, value)
