@@ -35,7 +35,8 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check cfmlang tests benchmarks examples
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder -m "not solo"
+	$(BIN)/python -m pytest -p no:xdist -m solo
 
 bench: install-dev
 	$(BIN)/python benchmarks/merge_vs_mergekit.py

@@ -67,14 +67,19 @@ CASES = {  # program, size (at least 0.2 s of CPU: smaller times are too noisy),
 }
 MEMORY_BOUND = {"a string of N bytes"}
 """Cases that stream through more memory than the caches hold: 5-8x alone, but up to 33x
-beside another xdist worker's SmolLM2 tests (memory bandwidth shared), so they are timed only
-when the suite runs in one process."""
+beside another xdist worker's SmolLM2 tests (memory bandwidth shared). They are marked
+`solo`: `make test` runs them in one process after the parallel suite, and a run under
+xdist skips them."""
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+def timed_case(case: str):
+    return pytest.param(case, marks=pytest.mark.solo) if case in MEMORY_BOUND else case
+
+
+@pytest.mark.parametrize("case", [timed_case(case) for case in sorted(CASES)])
 def test_eight_times_the_program_costs_less_than_twelve_times_the_time(case, model):
     if case in MEMORY_BOUND and os.environ.get("PYTEST_XDIST_WORKER"):
-        pytest.skip("memory-bound: its time depends on what the other worker does (run without -n)")
+        pytest.skip("memory-bound: timed alone (`make test` runs `solo` tests in one process after the others)")
     build, size, errors = CASES[case]
     seconds(build(model, size // 4), errors(size // 4))           # warm the parser and the header cache
     small = min(seconds(build(model, size), errors(size)) for _ in range(3))
