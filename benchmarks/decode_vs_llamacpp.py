@@ -112,22 +112,47 @@ def step_overhead(lowered, prompt, steps: int = 32) -> dict[str, float]:
 
 
 def bytes_per_token(lowered, cache_positions: int) -> int:
-    """Weights the decode program reads per token (the manifest's packing entry; float32
-    weights when nothing is packed) plus the KV cache it attends over."""
+    """Weights the decode program reads per token plus the KV cache it attends over. The
+    weights: the manifest's packing entry (the linear layers outside routed FFNs; float32
+    weights when nothing is packed) and, for each routed FFN, its router and the k of its
+    E experts' float32 rows that a token gathers."""
     entry = lowered.entry.get("packing") or {}
     config = lowered.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     cache = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * cache_positions * 4
+    eager = eager_model(lowered)
     weights = entry.get("decode_weight_bytes")
     if weights is None:
-        weights = sum(p.numel() * p.element_size() for p in lowered_parameters(lowered))
-    return int(weights + cache)
+        return int(tensor_bytes(eager.parameters()) + cache)
+    return int(weights + routed_ffn_bytes(eager) + cache)
 
 
-def lowered_parameters(lowered):
+def eager_model(lowered):
     from cfmlang.api import load
 
-    return load(lowered.directory, target="eager").parameters()
+    return load(lowered.directory, target="eager")
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def routed_ffn_bytes(model) -> int:
+    """Per token, over every routed FFN: k/E of its expert weights and what its router reads
+    (a quantized router on the CPU reads its int4 copy and scales, not the codes it keeps)."""
+    from cfmlang.runtime.routed_mlp import RoutedMLP
+
+    total = 0
+    for module in model.modules():
+        if not isinstance(module, RoutedMLP):
+            continue
+        total += module.k * tensor_bytes([module.gate_up, module.down]) // module.count
+        router = module.router
+        if router is not None and getattr(router, "packed", None) is not None:
+            total += tensor_bytes([router.packed, router.scale_zero])
+        elif router is not None:
+            total += tensor_bytes([*router.parameters(), *router.buffers()])
+    return total
 
 
 def main(argv=None) -> int:
