@@ -33,6 +33,20 @@ model tuned:
   attach: [tone]
 output: tuned
 """
+SEARCH = PROGRAM.replace("output: tuned\n", """merge mix:
+  method: linear
+  inputs:
+    base: {weight: search(0.2, 0.8)}
+    tuned: {weight: 0.5}
+search mix_weight:
+  target: mix
+  objective:
+    minimize:
+      - {task: "data.jsonl", metric: nll, weight: 1.0}
+  budget: 2
+  seed: 0
+  sampler: random
+""")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +56,7 @@ def project(tmp_path_factory) -> Path:
     lines = [f'{{"prompt": "a {word}", "response": "the sea {word}"}}' for word in ("poem", "story", "code", "loop")]
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     (root / "tuned.brick").write_text(PROGRAM)
+    (root / "mix.brick").write_text(SEARCH)
     return root
 
 
@@ -145,6 +160,7 @@ def test_every_command_is_quiet_about_third_parties_and_never_silent_for_long(pr
         ["analyze", str(extras["planted"]), "-o", "report", "--probes", str(extras["probes"]), "--max-prompts", "8",
          "--levels", "0,50", "--cett", "0.2", "--eval-per-ability", "2", "--cett-tokens", "64"],
         ["bench", "lowered", "--batch", "1", "--prompt-tokens", "5", "--new-tokens", "3", "--repeat", "1"],
+        ["search", "mix.brick", "-o", "searched"],
         ["cache", "clear"],
     ]
     runs = {"compile": compiled, "compile again": again, "compile --target export": lowered}
@@ -155,6 +171,7 @@ def test_every_command_is_quiet_about_third_parties_and_never_silent_for_long(pr
         assert third_party_lines(done.stderr + done.stdout) == [], name
         assert done.longest_silence() < MAX_SILENCE, (name, done.lines, done.ended)
     assert any(line.startswith("still working (") for done in runs.values() for _, line in done.lines)
+    assert re.search(r"^trial 1 \[2/2\]: [0-9.]+; best ", runs["search"].stderr, re.M), runs["search"].stderr
 
 
 def test_warnings_print_before_the_work_they_concern(project):
