@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -171,18 +172,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _loads_smollm2(item) -> bool:
-    import inspect
-
     functions = [getattr(item, "function", None)]
     info = getattr(item, "_fixtureinfo", None)
     for name in (info.names_closure if info else ()):
         functions += [d.func for d in info.name2fixturedefs.get(name, ())
                       if d.func.__module__ != __name__]   # this file's fixtures only share caches
-    for function in functions:
-        try:
-            source = inspect.getsource(function) if function is not None else ""
-        except (OSError, TypeError):
-            continue
-        if any(word in source for word in SMOLLM2_MARKS):
-            return True
+    if any(_names_smollm2(function) for function in functions if function is not None):
+        return True
     return "smollm2" in Path(str(item.fspath)).name
+
+
+@functools.cache
+def _names_smollm2(function) -> bool:
+    """Whether the source of a test or fixture function has one of SMOLLM2_MARKS (read
+    once per function: a fixture serves many tests, a parametrized test many items)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(word in source for word in SMOLLM2_MARKS)

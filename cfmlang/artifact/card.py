@@ -18,6 +18,7 @@ import yaml
 
 from cfmlang.compiler.ir import CheckedProgram, ModelNode
 from cfmlang.compiler.keys import FileHash, source_contents
+from cfmlang.io.gguf_header import gguf_header
 
 CARD_NAME = "README.md"
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -135,13 +136,11 @@ def _json(path: Path) -> dict:
 
 def _gguf_general(path: Path) -> dict:
     """The GGUF file's `general.*` string fields."""
-    from gguf import GGUFReader
-
     try:
-        fields = GGUFReader(path).fields
+        header = gguf_header(path)
+        return {k: header.string(k) for k, f in header.fields.items() if k.startswith("general.") and f.type == "STRING"}
     except (OSError, ValueError):
         return {}
-    return {k: f.contents() for k, f in fields.items() if k.startswith("general.") and isinstance(f.contents(), str)}
 
 
 def _as_list(value) -> list:

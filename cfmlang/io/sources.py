@@ -15,6 +15,7 @@ from cfmlang.architectures import ArchitectureError, describe, gguf_tensor_name,
 from cfmlang.compiler.ir import ArchInfo, Source, TensorSpec
 from cfmlang.diagnostics import Diagnostic, Span, did_you_mean, error
 from cfmlang.io.filecache import per_file_version
+from cfmlang.io.gguf_header import gguf_header
 
 SOURCE_TAGS = ("hf", "gguf", "pkg", "safetensors", "peft")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -363,34 +364,31 @@ def safetensors_header_specs(path: Path) -> tuple[TensorSpec, ...]:
 
 
 def gguf_arch(path: Path) -> ArchInfo:
-    """The architecture in a GGUF file's metadata. Reading it walks every metadata array
-    (a 49k-token vocabulary takes seconds), so it is remembered per file version."""
+    """The architecture in a GGUF file's metadata (remembered per file version, like the
+    header it is read from: see gguf_header)."""
     stat = path.stat()
     return _gguf_arch(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
 def _gguf_arch(path_name: str, size: int, mtime_ns: int) -> ArchInfo:
-    from gguf import GGUFReader
-
     path = Path(path_name)
     try:
-        reader = GGUFReader(str(path))
-        arch = _gguf_field(reader, "general.architecture")
-        field = lambda key: int(_gguf_field(reader, f"{arch}.{key}"))  # noqa: E731
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = len(tokens.data) if tokens is not None else field("vocab_size")
+        header = gguf_header(path)
+        arch = _gguf_field(header, "general.architecture")
+        field = lambda key: int(_gguf_field(header, f"{arch}.{key}"))  # noqa: E731
+        tokens = header.fields.get("tokenizer.ggml.tokens")
+        vocab = tokens.count if tokens is not None else field("vocab_size")
         config = {"model_type": arch, "num_hidden_layers": field("block_count"),
                   "hidden_size": field("embedding_length"), "intermediate_size": field("feed_forward_length"),
                   "vocab_size": vocab, "num_attention_heads": field("attention.head_count"),
                   "num_key_value_heads": field("attention.head_count_kv")}
         layout = describe(config)
         specs = []
-        for tensor in reader.tensors:
-            hf_name = gguf_tensor_name(layout, tensor.name)
+        for name, shape in header.tensors:
+            hf_name = gguf_tensor_name(layout, name)
             if hf_name:
-                shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-                specs.append(TensorSpec(hf_name, shape, "F32"))
+                specs.append(TensorSpec(hf_name, tuple(reversed(shape)), "F32"))
         return ArchInfo(model_type=arch, num_layers=layout.num_layers, hidden_size=layout.hidden_size,
                         vocab_size=vocab, intermediate_size=layout.intermediate_size, tensors=tuple(specs),
                         layout=layout)
@@ -402,11 +400,8 @@ def _gguf_arch(path_name: str, size: int, mtime_ns: int) -> ArchInfo:
         raise SourceError("E051", f"{path.name} is not a readable GGUF file ({exc})") from None
 
 
-def _gguf_field(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
+def _gguf_field(header, key: str):
+    field = header.fields.get(key)
+    if field is None or field.value is None:
         raise SourceError("E051", f"GGUF metadata lacks `{key}`")
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0].name == "STRING":
-        return bytes(value).decode()
-    return value[0]
+    return field.value.decode() if field.type == "STRING" else field.value

@@ -3,9 +3,10 @@
 folder's own template."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
+
+from cfmlang.io.gguf_header import gguf_header
 
 CHATML = (
     "{% for message in messages %}"
@@ -56,18 +57,7 @@ def of_folder(folder: Path) -> str | None:
 
 def of_gguf(path: Path) -> str | None:
     """The chat template in a GGUF file's metadata (`tokenizer.chat_template`)."""
-    stat = path.stat()
-    return _of_gguf(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4)
-def _of_gguf(path: str, size: int, mtime_ns: int) -> str | None:
-    from gguf import GGUFReader
-
     try:
-        field = GGUFReader(path).fields.get("tokenizer.chat_template")
+        return gguf_header(path).string("tokenizer.chat_template", errors="replace") or None
     except Exception:   # gguf raises plain ValueError/KeyError on bad files
         return None
-    if field is None or not field.data:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace") or None
