@@ -8,6 +8,7 @@ counterfact set (or the tuning set), for the unedited model and each method:
 
     python benchmarks/edit_quality.py [--set heldout|tuning] [--limit N]
         [--methods unedited,rome,memit,alphaedit] [--option rome.clamp_norm=1.0 ...] [--json FILE]
+        [--fluency-tokens 0]    # no fluency texts (tuning ROME, whose bars do not read fluency)
 
 Prints one row per method (efficacy, greedy efficacy, paraphrase, neighbourhood, score,
 fluency and fluency relative to the unedited model) and the bars of issue 21.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cfmlang.eval import counterfact  # noqa: E402
 from cfmlang.eval.tasks import load_task  # noqa: E402
 from cfmlang.ops.registry import lookup  # noqa: E402
-from cfmlang.ops.update.editing import Request  # noqa: E402
+from cfmlang.ops.update.editing import Request, down_proj  # noqa: E402
 from cfmlang.ops.update.knowledge import rome_with, second_moments  # noqa: E402
 
 COLUMNS = ("efficacy", "greedy_efficacy", "paraphrase", "neighbourhood", "score", "fluency")
@@ -66,38 +67,42 @@ def requests(facts) -> list[Request]:
     return [Request(f.prompt, f.subject, f.target_new) for f in facts]
 
 
-def run_rome(model, tokenizer, facts, options, log) -> list[dict]:
+def run_rome(model, tokenizer, facts, options, fluency, log) -> list[dict]:
     moments = second_moments(model, tokenizer, [options["layer"]], options, 0, log)
+    weight = down_proj(model, options["layer"]).weight
+    saved = weight.detach().clone()          # the one tensor a ROME edit changes
     rows = []
     for number, fact in enumerate(facts, start=1):
-        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-        rome_with(model, tokenizer, requests([fact]), options, moments, lambda msg: None)
-        rows += counterfact.fact_rows(model, tokenizer, [fact], seed=number)
+        start = time.monotonic()
+        reached = rome_with(model, tokenizer, requests([fact]), options, moments, lambda msg: None)
+        edited = time.monotonic()
+        rows += counterfact.fact_rows(model, tokenizer, [fact], fluency, seed=number)
         with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                parameter.copy_(saved[name])
-        log(f"  rome {number}/{len(facts)}: efficacy {rows[-1]['efficacy']}, greedy {rows[-1]['completion']!r}, "
-            f"neighbourhood {rows[-1]['neighbourhood']:.2f}; so far {counterfact.summary(rows)}")
+            weight.copy_(saved)
+        log(f"  rome {number}/{len(facts)} (edit {edited - start:.0f} s, measure {time.monotonic() - edited:.0f} s, "
+            f"p(target) reached {reached.target_probability[0]:.2f}): efficacy {rows[-1]['efficacy']}, "
+            f"greedy {rows[-1]['completion']!r}, neighbourhood {rows[-1]['neighbourhood']:.2f}; "
+            f"so far {counterfact.summary(rows)}")
     return rows
 
 
-def run_together(method: str, model, tokenizer, facts, options, log) -> list[dict]:
+def run_together(method: str, model, tokenizer, facts, options, fluency, log) -> list[dict]:
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     lookup("update", method).edit(model, tokenizer, requests(facts), options, 0,
                                   lambda msg: log(msg) if "step" not in msg else None)
     rows = []
     for start in range(0, len(facts), 16):
-        rows += counterfact.fact_rows(model, tokenizer, facts[start:start + 16], seed=start)
+        rows += counterfact.fact_rows(model, tokenizer, facts[start:start + 16], fluency, seed=start)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(saved[name])
     return rows
 
 
-def unedited(model, tokenizer, facts) -> list[dict]:
+def unedited(model, tokenizer, facts, fluency) -> list[dict]:
     rows = []
     for start in range(0, len(facts), 16):
-        rows += counterfact.fact_rows(model, tokenizer, facts[start:start + 16], seed=start)
+        rows += counterfact.fact_rows(model, tokenizer, facts[start:start + 16], fluency, seed=start)
     return rows
 
 
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--fluency-tokens", type=int, default=counterfact.FLUENCY_TOKENS,
+                        help="tokens sampled per fluency text (0: no fluency, e.g. when tuning ROME)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,11 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         log(f"{method} ...")
         if method == "unedited":
-            rows = unedited(model, tokenizer, facts)
+            rows = unedited(model, tokenizer, facts, args.fluency_tokens)
         elif method == "rome":
-            rows = run_rome(model, tokenizer, facts, options_of("rome", model, overrides), log)
+            rows = run_rome(model, tokenizer, facts, options_of("rome", model, overrides), args.fluency_tokens, log)
         else:
-            rows = run_together(method, model, tokenizer, facts, options_of(method, model, overrides), log)
+            rows = run_together(method, model, tokenizer, facts, options_of(method, model, overrides),
+                                args.fluency_tokens, log)
         results[method] = (counterfact.summary(rows), time.monotonic() - start)
         details[method] = rows
         log(f"{method}: {results[method][0]}")

@@ -127,11 +127,27 @@ def added_to_mlp_output(model, layer: int, rows: list[int], positions: list[int]
         handle.remove()
 
 
+def forward_until(model, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Run the model body on `batch` until `module` has run (with the hooks registered on
+    it before this call), and no further: the later layers and the output layer over
+    every position would compute nothing the caller reads."""
+    def stop(module, args, output):
+        raise _Enough
+
+    handle = module.register_forward_hook(stop)
+    try:
+        with torch.no_grad(), contextlib.suppress(_Enough):
+            model.base_model(**batch)
+    finally:
+        handle.remove()
+
+
 def keys_at(model, tokenizer, layer: int, texts: list[str], subjects: list[str]) -> torch.Tensor:
-    """[len(texts), ffn] keys at each text's subject-last token (one batched pass)."""
+    """[len(texts), ffn] keys at each text's subject-last token (one batched pass, up to
+    `layer`)."""
     positions = [subject_last_token(tokenizer, t, s) for t, s in zip(texts, subjects)]
-    with torch.no_grad(), captured_keys(model, layer) as seen:
-        model(**encode(tokenizer, texts))
+    with captured_keys(model, layer) as seen:
+        forward_until(model, down_proj(model, layer), encode(tokenizer, texts))
     return seen[0][torch.arange(len(texts)), torch.tensor(positions)].double()
 
 
@@ -149,11 +165,10 @@ def mlp_output_at(model, tokenizer, layer: int, request: Request) -> torch.Tenso
     """The FFN output at `layer` at the subject's last token of the bare prompt."""
     position = subject_last_token(tokenizer, request.prompt, request.subject)
     seen = []
-    handle = down_proj(model, layer).register_forward_hook(
-        lambda module, args, output: seen.append(output.detach()))
+    module = down_proj(model, layer)
+    handle = module.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
     try:
-        with torch.no_grad():
-            model(**encode(tokenizer, [request.prompt]))
+        forward_until(model, module, encode(tokenizer, [request.prompt]))
     finally:
         handle.remove()
     return seen[0][0, position].double()
@@ -247,11 +262,11 @@ def residual_after(model, tokenizer, layer: int, requests: list[Request]) -> tor
     subject-last token."""
     positions = [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests]
     seen = []
-    handle = layer_module(model, layer).register_forward_hook(
+    block = layer_module(model, layer)
+    handle = block.register_forward_hook(
         lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).detach()))
     try:
-        with torch.no_grad():
-            model(**encode(tokenizer, [r.prompt for r in requests]))
+        forward_until(model, block, encode(tokenizer, [r.prompt for r in requests]))
     finally:
         handle.remove()
     return seen[0][torch.arange(len(requests)), torch.tensor(positions)].double()

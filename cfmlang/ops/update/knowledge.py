@@ -32,7 +32,7 @@ class EditOptions(Params):
     lr: Annotated[float, Field(gt=0)] = 0.5                            # v_lr
     kl_factor: Annotated[float, Field(ge=0)] = 0.0625
     weight_decay: Annotated[float, Field(ge=0)] = 0.5                  # v_weight_decay
-    clamp_norm: Annotated[float, Field(gt=0)] = 4.0                    # clamp_norm_factor
+    clamp_norm: Annotated[float, Field(gt=0)] = 4.0                    # clamp_norm_factor (ROME's)
     prefixes: Annotated[list[str], Field(min_length=1)] = list(DEFAULT_PREFIXES)
     covariance: Literal["text", "sampled", "identity"] = "text"
     calibration_texts: Annotated[int, Field(ge=1, le=4096)] = 64
@@ -65,7 +65,6 @@ class Rome(EditMethod):
 
     class Options(EditOptions):
         layer: Annotated[int, Field(ge=0)] | None = None
-        clamp_norm: Annotated[float, Field(gt=0)] = 0.75               # clamp_norm_factor (MEMIT's)
 
     @staticmethod
     def default_layers(num_layers: int) -> int:
