@@ -363,16 +363,10 @@ def safetensors_header_specs(path: Path) -> tuple[TensorSpec, ...]:
                  for name, info in header.items() if name != "__metadata__")
 
 
+@per_file_version(maxsize=8)
 def gguf_arch(path: Path) -> ArchInfo:
     """The architecture in a GGUF file's metadata (remembered per file version, like the
     header it is read from: see gguf_header)."""
-    stat = path.stat()
-    return _gguf_arch(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _gguf_arch(path_name: str, size: int, mtime_ns: int) -> ArchInfo:
-    path = Path(path_name)
     try:
         header = gguf_header(path)
         arch = _gguf_field(header, "general.architecture")

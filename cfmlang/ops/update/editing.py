@@ -127,11 +127,18 @@ def added_to_mlp_output(model, layer: int, rows: list[int], positions: list[int]
         handle.remove()
 
 
-def forward_until(model, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+class _Enough(Exception):
+    """Raised inside a forward pass once the module whose output is wanted has run."""
+
+
+def forward_until(model, module: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """Run the model body on `batch` until `module` has run (with the hooks registered on
     it before this call), and no further: the later layers and the output layer over
-    every position would compute nothing the caller reads."""
+    every position would compute nothing the caller reads. Returns `module`'s output."""
+    reached = []
+
     def stop(module, args, output):
+        reached.append(output)
         raise _Enough
 
     handle = module.register_forward_hook(stop)
@@ -140,6 +147,7 @@ def forward_until(model, module: torch.nn.Module, batch: dict[str, torch.Tensor]
             model.base_model(**batch)
     finally:
         handle.remove()
+    return reached[0]
 
 
 def keys_at(model, tokenizer, layer: int, texts: list[str], subjects: list[str]) -> torch.Tensor:
@@ -164,14 +172,8 @@ def averaged_keys(model, tokenizer, layer: int, requests: list[Request],
 def mlp_output_at(model, tokenizer, layer: int, request: Request) -> torch.Tensor:
     """The FFN output at `layer` at the subject's last token of the bare prompt."""
     position = subject_last_token(tokenizer, request.prompt, request.subject)
-    seen = []
-    module = down_proj(model, layer)
-    handle = module.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
-    try:
-        forward_until(model, module, encode(tokenizer, [request.prompt]))
-    finally:
-        handle.remove()
-    return seen[0][0, position].double()
+    output = forward_until(model, down_proj(model, layer), encode(tokenizer, [request.prompt]))
+    return output[0, position].double()
 
 
 @dataclass(frozen=True)
@@ -261,15 +263,9 @@ def residual_after(model, tokenizer, layer: int, requests: list[Request]) -> tor
     """[n, hidden]: the residual stream leaving block `layer` at each bare prompt's
     subject-last token."""
     positions = [subject_last_token(tokenizer, r.prompt, r.subject) for r in requests]
-    seen = []
-    block = layer_module(model, layer)
-    handle = block.register_forward_hook(
-        lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).detach()))
-    try:
-        forward_until(model, block, encode(tokenizer, [r.prompt for r in requests]))
-    finally:
-        handle.remove()
-    return seen[0][torch.arange(len(requests)), torch.tensor(positions)].double()
+    output = forward_until(model, layer_module(model, layer), encode(tokenizer, [r.prompt for r in requests]))
+    hidden = output[0] if isinstance(output, tuple) else output
+    return hidden[torch.arange(len(requests)), torch.tensor(positions)].double()
 
 
 @dataclass(frozen=True)
@@ -294,26 +290,15 @@ class KeyMoments:
         return (1 - weight) * moment + (weight + 1e-6) * scale * torch.eye(size, dtype=moment.dtype)
 
 
-class _Enough(Exception):
-    """Raised inside a forward pass once the deepest wanted keys are captured."""
-
-
 def key_second_moments(model, layers: list[int], tokens: torch.Tensor, batch_size: int = 16) -> dict[int, KeyMoments]:
     """Key statistics over every position of the `tokens` rows at each of `layers`; the
     forward passes stop at the deepest of them (nothing after it is needed)."""
     totals: dict[int, torch.Tensor] = {}
     fourth: dict[int, float] = {}
-
-    def stop(module, args):
-        raise _Enough
-
     for start in range(0, len(tokens), batch_size):
-        with torch.no_grad(), contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             seen = {layer: stack.enter_context(captured_keys(model, layer)) for layer in layers}
-            handle = down_proj(model, max(layers)).register_forward_pre_hook(stop)
-            stack.callback(handle.remove)
-            with contextlib.suppress(_Enough):
-                model.base_model(input_ids=tokens[start:start + batch_size])
+            forward_until(model, down_proj(model, max(layers)), {"input_ids": tokens[start:start + batch_size]})
         for layer in layers:   # float32 products (as ROME's statistics), summed in float64
             keys = seen[layer][0].flatten(0, 1)
             totals[layer] = totals.get(layer, 0) + (keys.T @ keys).double()
