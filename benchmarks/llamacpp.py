@@ -35,7 +35,11 @@ DRIVER = "cfm-llama-decode"
 DRIVER_SOURCE = Path(__file__).with_name("llamacpp_decode.cpp")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON")
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_EXAMPLES=ON", "-DLLAMA_BUILD_TOOLS=ON",
+               # ggml's AMX matmul (compiled in by -march=native where the CPU lists AMX) died with
+               # SIGILL at its first `tilezero` on a Xeon here; its AVX-512 kernels run instead
+               "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+               "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
 
 def cache_root() -> Path:

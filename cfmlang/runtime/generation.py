@@ -24,6 +24,7 @@ from cfmlang.artifact.load import transformers_config
 from cfmlang.artifact.read import lowered_entry
 from cfmlang.compiler.lower.decoder import empty_cache
 from cfmlang.diagnostics import CompileError, error
+from cfmlang.runtime import native
 
 DEFAULT_NEW_TOKENS = 20
 
@@ -64,7 +65,9 @@ class InductorProgram:
     contiguous inputs (a sliced prompt would be misread), hence `contiguous()`."""
 
     def __init__(self, paths: dict[str, Path], decode_max_batch: int | None = None, trust_code: bool = False,
-                 in_place: bool = True):
+                 in_place: bool = True, native_kernels: bool = False):
+        if native_kernels:
+            native.load()       # the exact packed decode program calls torch.ops.cfmlang.*
         self.runs = {name: PackageCall(load_native(path, trust_code,
                                                    lambda copy: torch._inductor.aoti_load_package(str(copy))))
                      for name, path in paths.items()}
@@ -151,7 +154,8 @@ class LoweredModel:
         if checked.target == "export":
             return InPlaceProgram(checked.files, str(self.device))
         if checked.target == "inductor":
-            return InductorProgram(checked.files, checked.decode_max_batch, trust_code, checked.in_place_cache)
+            return InductorProgram(checked.files, checked.decode_max_batch, trust_code, checked.in_place_cache,
+                                   native_kernels=checked.raw.get("packing", {}).get("kernel") == "exact")
         return StaticProgram.load(checked.files, checked.static, trust_code)
 
     def cache_for(self, batch: int, length: int):

@@ -183,7 +183,7 @@ def test_packed_inductor_decode_matches_eager_and_hf_greedy(block_model, tmp_pat
         assert main(["compile", str(brick), "-o", str(tmp_path / "out"), "--target", "inductor", "-q"]) == 0
     decode_constants = torch._inductor.aoti_load_package(
         str(tmp_path / "out" / "lowered" / "decode_inductor.pt2")).get_constant_fqns()
-    assert {"layers.0.mlp.gate_proj.codes", "lm_head.codes"} <= set(decode_constants)
+    assert {"layers.0.mlp.gate_proj.rows", "lm_head.rows"} <= set(decode_constants)
     lowered, eager = cfmlang.load(tmp_path / "out"), cfmlang.load(tmp_path / "out", target="eager")
     entry = lowered.entry
     assert entry["files"] == {"prefill": "lowered/prefill_inductor.pt2", "decode": "lowered/decode_inductor.pt2"}

@@ -13,7 +13,8 @@ step copies nothing but the new token's entries and returns only the logits.
 Float32 linear layers whose weights are exact GGUF block values are packed for decoding
 (see `packing`): the package then holds a prefill program with float32 weights and a
 one-token decode program that reads the block codes, either rebuilt into float32 inside
-Inductor's fused products (`--decode-kernel exact`, eager's weights bit for bit) or
+cfmlang's native kernel (`--decode-kernel exact`, eager's weights bit for bit; the package
+calls `torch.ops.cfmlang.*`, which `runtime.native` loads before the package) or
 multiplied by torch's weight-only int4/int8 CPU kernels with bfloat16 activations
 (`bf16`, `bf16x2`: see `runtime.packed_linear.KernelLinear` for their error). Saved as `lowered/model_inductor.pt2`,
 or `prefill_inductor.pt2` and `decode_inductor.pt2` (packed or routed models, see

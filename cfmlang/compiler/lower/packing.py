@@ -10,8 +10,8 @@ weights are not block values; their layers stay float32.
 Only the inductor decode program uses packed layers; the prefill program keeps the
 float32 layers, whose matrix products are faster over many tokens. A packed layer is
 computed one of three ways (`lower.DECODE_KERNELS`, the `--decode-kernel` option):
-- `exact`: `PackedLinear`, the float32 weight rebuilt from the codes inside Inductor's
-  fused product: eager's weights bit for bit;
+- `exact`: `PackedLinear`, cfmlang's native kernel rebuilding the float32 weight from the
+  codes inside the product: eager's weights bit for bit, float32 sums over all threads;
 - `bf16`: `KernelLinear`, torch's weight-only int4 CPU kernel over the codes, bfloat16
   activations and outputs (the block scales rounded to bfloat16);
 - `bf16x2`: the same with each input split into two bfloat16 parts (high and low), which
@@ -34,6 +34,7 @@ from cfmlang.runtime.routed_mlp import RoutedMLP
 # 5 rows on (`cfmc bench DIR --batch 1 2 4 6 8`). A dense model decodes larger batches with
 # its float32 prefill program; routed models always use their gather decode program.
 PACKED_DECODE_MAX_BATCH = 4
+MAX_PACKED_INPUTS = 65536    # the native kernel's limit on a layer's inputs (kMaxInputs); wider layers stay float32
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def as_float16(values: torch.Tensor) -> torch.Tensor | None:
 
 def q4_1_layer(weight: torch.Tensor, bias) -> PackedLinear | None:
     rows, inputs = weight.shape
-    if inputs % (2 * BLOCK):
+    if inputs % (2 * BLOCK) or inputs > MAX_PACKED_INPUTS:
         return None
     blocks = weight.reshape(rows, inputs // BLOCK, BLOCK)
     offset = blocks.min(-1).values          # the block's minimum is its code 0
@@ -101,7 +102,7 @@ def q4_1_layer(weight: torch.Tensor, bias) -> PackedLinear | None:
 
 def q8_0_layer(weight: torch.Tensor, bias) -> PackedLinear | None:
     rows, inputs = weight.shape
-    if inputs % BLOCK:
+    if inputs % BLOCK or inputs > MAX_PACKED_INPUTS:
         return None
     blocks = weight.reshape(rows, inputs // BLOCK, BLOCK)
     found = recover(blocks, blocks.abs().max(-1).values / 127, None, -128, 127)
