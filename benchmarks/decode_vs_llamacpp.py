@@ -115,7 +115,8 @@ def bytes_per_token(lowered, cache_positions: int) -> int:
     """Weights the decode program reads per token plus the KV cache it attends over. The
     weights: the manifest's packing entry (the linear layers outside routed FFNs; float32
     weights when nothing is packed) and, for each routed FFN, its router and the k of its
-    E experts' float32 rows that a token gathers."""
+    E experts' rows that a token gathers (packed ones when the entry says the routed FFNs
+    were packed)."""
     entry = lowered.entry.get("packing") or {}
     config = lowered.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -124,7 +125,7 @@ def bytes_per_token(lowered, cache_positions: int) -> int:
     weights = entry.get("decode_weight_bytes")
     if weights is None:
         return int(tensor_bytes(eager.parameters()) + cache)
-    return int(weights + routed_ffn_bytes(eager) + cache)
+    return int(weights + routed_ffn_bytes(eager, packed=bool(entry.get("routed"))) + cache)
 
 
 def eager_model(lowered):
@@ -137,16 +138,24 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def routed_ffn_bytes(model) -> int:
-    """Per token, over every routed FFN: k/E of its expert weights and what its router reads
-    (a quantized router on the CPU reads its int4 copy and scales, not the codes it keeps)."""
+def routed_ffn_bytes(model, packed: bool = False) -> int:
+    """Per token, over every routed FFN: k/E of its expert weights (float32, or with `packed`
+    their Q4_1 rows and columns plus every block's float16 numbers, which a token's chosen
+    neurons touch nearly all of) and what its router reads (a quantized router on the CPU
+    reads its int4 copy and scales, not the codes it keeps)."""
+    from cfmlang.compiler.lower.packing import packed_routed
     from cfmlang.runtime.routed_mlp import RoutedMLP
 
     total = 0
     for module in model.modules():
         if not isinstance(module, RoutedMLP):
             continue
-        total += module.k * tensor_bytes([module.gate_up, module.down]) // module.count
+        ffn = packed_routed(module) if packed else None
+        if ffn is not None:
+            total += module.k * tensor_bytes([ffn.rows, ffn.codes, ffn.block_of]) // module.count
+            total += tensor_bytes([ffn.numbers])
+        else:
+            total += module.k * tensor_bytes([module.gate_up, module.down]) // module.count
         router = module.router
         if router is not None and getattr(router, "packed", None) is not None:
             total += tensor_bytes([router.packed, router.scale_zero])

@@ -3,7 +3,8 @@
 The kernels are compiled with the C++ compiler Inductor already needs (`$CXX`, else `g++`),
 for this CPU (`-march=native`), against the installed torch, into
 `$CFM_KERNEL_CACHE` (default `~/.cache/cfmlang/kernels/`), under a name that hashes the
-source, the compiler command and torch's version: a change of any of them builds anew.
+source, the compiler command, torch's version and the CPU's instruction sets: a change of
+any of them (a home folder shared by machines of another CPU included) builds anew.
 The build writes to a temporary file and renames it into place, so concurrent builds never
 load a half-written library. Loading registers `torch.ops.cfmlang.*`; ahead-of-time
 programs that call these ops (the inductor decode program) need them loaded first.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -40,6 +42,15 @@ def compiler() -> str:
     return name
 
 
+def cpu_signature() -> str:
+    """The CPU's instruction-set flags (Linux), else the machine name: what `-march=native` reads."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line for line in info if line.startswith("flags")), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 def build_command(source: Path, target: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """The compiler command that builds `source` into the shared library `target`; `extra`
     flags come last (the tests build the portable kernels with `-mno-avx512f`)."""
@@ -57,7 +68,7 @@ def build_command(source: Path, target: Path, extra: tuple[str, ...] = ()) -> li
 def library_path(extra: tuple[str, ...] = ()) -> Path:
     """The built library for this source, compiler, flags and torch (built now if missing)."""
     command = build_command(SOURCE, Path("OUT"), extra)
-    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join(command).encode() + torch.__version__.encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, torch.__version__, cpu_signature()]).encode())
     target = cache_dir() / f"cfmlang_kernels_{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -94,3 +105,7 @@ def register_shapes() -> None:
     """The ops' output shapes for tracing (`torch.export` runs them on fake tensors)."""
     for op in ("cfmlang::q4_1_linear", "cfmlang::q8_0_linear"):
         torch.library.register_fake(op)(lambda x, rows: x.new_empty(x.shape[0], rows.shape[0]))
+    torch.library.register_fake("cfmlang::q4_1_gather")(
+        lambda x, rows, index, width: x.new_empty(x.shape[0], index.shape[1] * width))
+    torch.library.register_fake("cfmlang::q4_1_columns")(
+        lambda a, codes, numbers, block_of, index, width: a.new_empty(a.shape[0], 2 * codes.shape[1]))

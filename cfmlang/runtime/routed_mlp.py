@@ -199,6 +199,9 @@ class RoutedMLP(nn.Module):
         self.k = k
         self.act = act
         self.formulation = formulation
+        # the original index of each neuron (routed artifacts record it): lets the inductor
+        # target put the down projection back into GGUF blocks and pack it (lower.packing)
+        self.neuron_order: torch.Tensor | None = None
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, count: int, router: nn.Module | None, k: int) -> "RoutedMLP":

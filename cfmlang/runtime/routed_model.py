@@ -29,4 +29,5 @@ def route_model(model, directory, routing: dict):
         block = layer_module(model, layer)
         router = make_router(routing["router"], own, block.mlp.act_fn, routing["count"])
         block.mlp = RoutedMLP.from_dense(block.mlp, routing["count"], router, routing["k"])
+        block.mlp.neuron_order = tensors.get(f"layers.{layer}.order")     # for packing (lower.packing)
     return model

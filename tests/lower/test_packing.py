@@ -16,13 +16,14 @@ import cfmlang
 from cfmlang.cli import main
 from cfmlang.compiler.lower import LowerOptions, preflight
 from cfmlang.compiler.lower.packing import (PACKED_DECODE_MAX_BATCH, linear_layers, pack_linears,
-                                            packed_layer)
+                                            packed_layer, packed_routed)
 from cfmlang.diagnostics import CompileError
 from cfmlang.runtime.packed_linear import KernelLinear
 from cfmlang.io.sources import resolve_source
 from cfmlang.io.gguf import converted_gguf
 from cfmlang.cachedir import default_cache_dir
 from cfmlang.runtime.generation import for_step
+from cfmlang.runtime.routed_mlp import RoutedMLP, SimilarityRouter, pack
 
 
 def q4_1(weight: torch.Tensor) -> torch.Tensor:
@@ -233,9 +234,10 @@ def test_no_pack_keeps_one_float32_program(block_model, tmp_path):
     assert entry["files"] == {"program": "lowered/model_inductor.pt2"} and "packing" not in entry
 
 
-def test_a_routed_model_packs_its_attention_and_decodes_with_the_gather(block_model, tmp_path):
-    """Routed FFNs keep their float32 expert weights; attention and lm_head are packed in
-    the gather decode program, which decodes every batch size."""
+def test_a_routed_model_packs_its_attention_and_experts_and_decodes_with_the_gather(block_model, tmp_path):
+    """Attention, lm_head and the routed FFNs (gate/up rows, down columns put back into
+    their original blocks by the recorded neuron order) are packed in the gather decode
+    program, which decodes every batch size with eager's logits."""
     routed = ('model m:\n  source: hf "{model}"\n'
               "brick e:\n  kind: experts\n  from: m.layers[*].mlp\n  split: kmeans\n  count: 4\n"
               "route r:\n  method: topk\n  experts: e\n  router: similarity\n  k: 2\n"
@@ -243,7 +245,12 @@ def test_a_routed_model_packs_its_attention_and_decodes_with_the_gather(block_mo
     result = cfmlang.compile(routed, tmp_path / "out", target="inductor")
     entry = result.manifest["lowered"]
     assert (entry["packing"]["q4_1"], entry["packing"]["q8_0"], entry["packing"]["float32"]) == (8, 1, 0)
+    assert entry["packing"]["routed"] == 2
     assert "decode_max_batch" not in entry["packing"]
+    decode_constants = set(torch._inductor.aoti_load_package(
+        str(tmp_path / "out" / "lowered" / "decode_inductor.pt2")).get_constant_fqns())
+    assert {"layers.0.mlp.rows", "layers.0.mlp.codes", "layers.1.mlp.numbers"} <= decode_constants
+    assert not any(name.endswith("mlp.down") or name.endswith("mlp.gate_up") for name in decode_constants)
     lowered, eager = cfmlang.load(tmp_path / "out"), cfmlang.load(tmp_path / "out", target="eager")
     prompt = torch.randint(3, 128, (6, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -252,3 +259,32 @@ def test_a_routed_model_packs_its_attention_and_decodes_with_the_gather(block_mo
         assert (logits - reference[:, :8]).abs().max() < 1e-4
         logits, cache = lowered.decode(prompt[:, 8], 8, cache)
         assert (logits[:, 0] - reference[:, 8]).abs().max() < 1e-4
+
+
+def routed_ffn(order: torch.Tensor, hidden: int = 64, neurons: int = 128, count: int = 4):
+    """A RoutedMLP whose gate/up/down weights are Q4_1 values in the original neuron order,
+    stored in the expert order `order` (order[i]: the original index of neuron i)."""
+    generator = torch.Generator().manual_seed(21)
+    gate, up = (q4_1(torch.randn(neurons, hidden, generator=generator) * 0.1) for _ in range(2))
+    down = q4_1(torch.randn(hidden, neurons, generator=generator) * 0.1)
+    gate_up, down_packed = pack(gate[order], up[order], down[:, order], count)
+    router = SimilarityRouter(torch.randn(count, hidden, generator=generator))
+    module = RoutedMLP(gate_up, down_packed, router, k=2, act=nn.functional.silu, formulation="gather")
+    module.neuron_order = order
+    return module
+
+
+def test_a_routed_ffn_packs_with_its_neuron_order_and_computes_the_same_function():
+    order = torch.randperm(128, generator=torch.Generator().manual_seed(5))
+    module = routed_ffn(order)
+    packed = packed_routed(module)
+    assert packed is not None
+    x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected, got = module(x), packed(x)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    # a wrong order leaves the down projection's values out of their blocks: not packed
+    module.neuron_order = torch.roll(order, 1)
+    assert packed_routed(module) is None
+    module.neuron_order = None
+    assert packed_routed(module) is None

@@ -101,3 +101,57 @@ def test_a_machine_without_a_compiler_gets_a_diagnostic(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "E245" in done.stdout and "no-such-compiler-here" in done.stdout and "--decode-kernel bf16" in done.stdout
     assert list(tmp_path.iterdir()) == []          # nothing half-built left in the cache
+
+
+def routed_weights(seed: int, hidden: int = 128, neurons: int = 128, width: int = 16):
+    """A routed FFN's packed tensors (see runtime.packed_routed) and the float32 weights they
+    stand for: gate/up rows `rows_weight` [2N, hidden] (expert e's gate rows, then its up
+    rows), and down columns `columns` [N, hidden] (neuron n's column)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, rows_weight = q4_1_codes(2 * neurons, hidden, seed)
+    codes = torch.randint(0, 256, (neurons, hidden // 2), dtype=torch.uint8, generator=generator)
+    blocks = neurons // BLOCK
+    numbers = torch.stack((torch.rand(blocks, hidden, generator=generator) * 0.02,
+                           -torch.rand(blocks, hidden, generator=generator) * 0.1), dim=1).half()
+    block_of = torch.randperm(neurons, generator=generator).div(BLOCK, rounding_mode="floor").to(torch.int32)
+    per_output = torch.cat((codes & 15, codes >> 4), dim=1).double()                # [N, hidden]
+    chosen = numbers[block_of.long()].double()                                     # [N, 2, hidden]
+    columns = (per_output * chosen[:, 0] + chosen[:, 1]).float()
+    return (rows, codes, numbers, block_of), rows_weight, columns, width
+
+
+@pytest.mark.parametrize("form", ["native", "portable"])
+def test_the_routed_gather_and_columns_read_the_chosen_experts_weights(kernels, form):
+    (rows, codes, numbers, block_of), rows_weight, columns, width = routed_weights(seed=8)
+    ops = kernels[form]
+    index = torch.tensor([[0, 3, 5], [7, 2, 4]])               # two tokens, three experts each
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(9))
+    pre = ops.q4_1_gather(x, rows, index, 2 * width)           # gate/up rows: width*2 per expert
+    expected_rows = torch.stack([rows_weight.view(8, 2 * width, 128)[index[t]].reshape(-1, 128) for t in range(2)])
+    expected = torch.einsum("tk,trk->tr", x.double(), expected_rows.double())
+    assert (pre.double() - expected).abs().max() < 1e-5
+    # one active neuron of weight 1: its down column, bit for bit
+    for t, neuron in ((0, 3 * width + 5), (1, 7 * width + 15)):
+        a = torch.zeros(1, 3 * width)
+        position = list(index[t]).index(neuron // width) * width + neuron % width
+        a[0, position] = 1.0
+        assert torch.equal(ops.q4_1_columns(a, codes, numbers, block_of, index[t:t + 1], width)[0], columns[neuron])
+    a = torch.randn(2, 3 * width, generator=torch.Generator().manual_seed(10))
+    neurons = (index.unsqueeze(-1) * width + torch.arange(width)).view(2, -1)
+    expected = torch.stack([a[t].double() @ columns[neurons[t]].double() for t in range(2)])
+    assert (ops.q4_1_columns(a, codes, numbers, block_of, index, width).double() - expected).abs().max() < 1e-5
+
+
+def test_the_routed_columns_sum_the_same_whatever_the_thread_count(kernels):
+    (_, codes, numbers, block_of), _, _, width = routed_weights(seed=11, hidden=576, neurons=256)
+    index = torch.tensor([[1, 4, 9, 12]])
+    a = torch.randn(1, 4 * width, generator=torch.Generator().manual_seed(12))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(kernels["native"].q4_1_columns(a, codes, numbers, block_of, index, width))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*results)

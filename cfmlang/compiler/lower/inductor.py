@@ -71,7 +71,8 @@ def packed_layers(model: nn.Module, options, log) -> tuple[dict, dict]:
     log(f"weight packing: {report.describe()}")
     if not packed:
         return {}, {}
-    entry = {"q4_1": report.q4_1, "q8_0": report.q8_0, "float32": report.float32, "kernel": options.decode_kernel,
+    entry = {"q4_1": report.q4_1, "q8_0": report.q8_0, "float32": report.float32, "routed": report.routed,
+             "kernel": options.decode_kernel,
              "decode_weight_bytes": report.packed_bytes, "float32_weight_bytes": report.float32_bytes}
     if not routed_layers(model):
         entry["decode_max_batch"] = PACKED_DECODE_MAX_BATCH

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cfmlang.runtime.packed_linear import BLOCK, KernelLinear, PackedLinear
+from cfmlang.runtime.packed_routed import PackedRoutedMLP
 from cfmlang.runtime.routed_mlp import RoutedMLP
 
 # Rebuilding weights from codes costs arithmetic per row of the batch, reading float32
@@ -46,11 +47,17 @@ class PackingReport:
     float32: int
     float32_bytes: int
     packed_bytes: int
+    routed: int = 0          # routed FFNs packed (PackedRoutedMLP)
+    routed_float32: int = 0  # routed FFNs left as float32 gathers
 
     def describe(self) -> str:
-        return (f"{self.q4_1 + self.q8_0} of {self.q4_1 + self.q8_0 + self.float32} linear weights are exact "
+        text = (f"{self.q4_1 + self.q8_0} of {self.q4_1 + self.q8_0 + self.float32} linear weights are exact "
                 f"block values (Q4_1: {self.q4_1}, Q8_0: {self.q8_0}); the decode program reads "
                 f"{self.packed_bytes / 1e6:.0f} MB of them per token instead of {self.float32_bytes / 1e6:.0f} MB")
+        if self.routed or self.routed_float32:
+            text += (f"; {self.routed} of {self.routed + self.routed_float32} routed FFNs packed (their "
+                     "chosen experts' Q4_1 rows and columns read per token)")
+        return text
 
 
 def candidate_scales(estimate: torch.Tensor) -> list[torch.Tensor]:
@@ -121,6 +128,31 @@ def packed_layer(linear: nn.Linear) -> PackedLinear | None:
     return q4_1_layer(weight, bias) or q8_0_layer(weight, bias)
 
 
+def packed_routed(module: RoutedMLP) -> PackedRoutedMLP | None:
+    """A routed FFN with every weight an exact Q4_1 block value as a PackedRoutedMLP (its
+    down projection back in the neurons' original order to find its blocks), or None:
+    no recorded neuron order, the oracle router (it reads every expert), or weights that
+    are not Q4_1 blocks."""
+    order = module.neuron_order
+    if order is None or module.router is None or module.hidden % (2 * BLOCK):
+        return None
+    columns = module.columns().detach()                                   # [E, d, 2m]
+    gate_up = q4_1_layer(columns.permute(0, 2, 1).reshape(-1, module.hidden), None)
+    neurons = module.down.detach().reshape(-1, module.hidden)              # [N, d], expert order
+    original = torch.empty_like(neurons)
+    original[order.long()] = neurons
+    down = q4_1_layer(original.T.contiguous(), None)                       # [d, N]: blocks along the neurons
+    if gate_up is None or down is None:
+        return None
+    per_output = torch.cat((down.codes & 15, down.codes >> 4), dim=1)[:, order.long()].T    # [N, d]
+    half = module.hidden // 2
+    codes = (per_output[:, :half] | (per_output[:, half:] << 4)).contiguous()
+    numbers = torch.stack((down.scale.T, down.offset.T), dim=1).contiguous()               # [B, 2, d]
+    block_of = (order // BLOCK).to(torch.int32)
+    return PackedRoutedMLP(gate_up.rows, codes, numbers, block_of, module.router, module.k, module.count,
+                           module.act)
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The model's linear layers by name, leaving out those inside routed FFNs."""
     routed = [name for name, module in model.named_modules() if isinstance(module, RoutedMLP)]
@@ -138,12 +170,16 @@ def pack_linears(model: nn.Module, kernel: str = "exact") -> tuple[dict[str, nn.
     if kernel != "exact":
         packed = {name: KernelLinear.from_packed(layer, split_inputs=kernel == "bf16x2")
                   for name, layer in packed.items()}
+    routed = {name: module for name, module in model.named_modules() if isinstance(module, RoutedMLP)}
+    packed_ffns = {name: ffn for name, ffn in ((name, packed_routed(module)) for name, module in routed.items())
+                   if ffn is not None} if kernel == "exact" else {}
     float32_bytes = sum(linear.weight.numel() * 4 for linear in layers.values())
     unpacked_bytes = sum(linear.weight.numel() * 4 for name, linear in layers.items() if name not in packed)
     report = PackingReport(q4_1=kinds.count("q4_1"), q8_0=kinds.count("q8_0"),
                            float32=len(layers) - len(packed), float32_bytes=float32_bytes,
-                           packed_bytes=unpacked_bytes + sum(layer.weight_bytes() for layer in packed.values()))
-    return packed, report
+                           packed_bytes=unpacked_bytes + sum(layer.weight_bytes() for layer in packed.values()),
+                           routed=len(packed_ffns), routed_float32=len(routed) - len(packed_ffns))
+    return {**packed, **packed_ffns}, report
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 #if defined(__AVX512F__) && defined(__F16C__)
 #include <immintrin.h>
 #define CFM_AVX512 1
@@ -181,8 +182,30 @@ void input_rows(int64_t M, Row&& row) {
 // prefetcher alone left the product at about half of the machine's read bandwidth.
 constexpr int64_t kAhead = 4;
 
-// x [M, K] times every weight row of `rows` [N, row_bytes(K)]; `one(x, K, row, out, stride)`
-// computes one output column for a template number of input rows.
+// out[r, n - begin] (row stride `out_stride`) = x[r] . weight row n, for the weight rows
+// [begin, end) of `weights` and the input rows [0, M); two weight rows at a time (twice the
+// independent sums), input rows 4 at a time (the weights rebuilt once per 4).
+template <template <int, int> class One>
+void weight_rows(const float* x, int64_t M, int64_t K, const uint8_t* weights, int64_t row_bytes, int64_t begin,
+                 int64_t end, float* out, int64_t out_stride) {
+  int64_t n = begin;
+  for (; n + 2 <= end; n += 2) {
+    if (n + 2 + kAhead <= end)
+      for (int64_t byte = 0; byte < 2 * row_bytes; byte += 64)
+        __builtin_prefetch(weights + (n + kAhead) * row_bytes + byte, 0, 3);
+    input_rows(M, [&](int64_t r0, auto count) {
+      One<decltype(count)::value, 2>::run(x + r0 * K, K, weights + n * row_bytes, row_bytes,
+                                          out + r0 * out_stride + (n - begin), out_stride);
+    });
+  }
+  if (n < end)
+    input_rows(M, [&](int64_t r0, auto count) {
+      One<decltype(count)::value, 1>::run(x + r0 * K, K, weights + n * row_bytes, row_bytes,
+                                          out + r0 * out_stride + (n - begin), out_stride);
+    });
+}
+
+// x [M, K] times every weight row of `rows` [N, row_bytes(K)].
 template <template <int, int> class One>
 at::Tensor product(const at::Tensor& x_in, const at::Tensor& rows_in, int64_t row_bytes, int64_t multiple,
                    const char* name) {
@@ -198,18 +221,7 @@ at::Tensor product(const at::Tensor& x_in, const at::Tensor& rows_in, int64_t ro
   const uint8_t* wp = rows.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    int64_t n = begin;
-    for (; n + 2 <= end; n += 2) {        // two weight rows at a time: twice the independent sums
-      if (n + 2 + kAhead <= end)
-        for (int64_t byte = 0; byte < 2 * row_bytes; byte += 64) __builtin_prefetch(wp + (n + kAhead) * row_bytes + byte, 0, 3);
-      input_rows(M, [&](int64_t r0, auto count) {
-        One<decltype(count)::value, 2>::run(xp + r0 * K, K, wp + n * row_bytes, row_bytes, op + r0 * N + n, N);
-      });
-    }
-    if (n < end)
-      input_rows(M, [&](int64_t r0, auto count) {
-        One<decltype(count)::value, 1>::run(xp + r0 * K, K, wp + n * row_bytes, row_bytes, op + r0 * N + n, N);
-      });
+    weight_rows<One>(xp, M, K, wp, row_bytes, begin, end, op + begin, N);
   });
   return out;
 }
@@ -233,6 +245,177 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
   return product<Q8_0>(x, rows, x.size(1) + 2 * (x.size(1) / kBlock), kBlock, "q8_0_linear");
 }
 
+// Routed FFNs (decode): only the chosen experts' weights are read.
+//
+//   cfmlang::q4_1_gather(x [M, K] f32, rows [E * width, row_bytes(K)] u8, index [M, C] i64, width)
+//       -> [M, C * width]: for each token t and chosen expert c, x[t] times the `width`
+//          consecutive Q4_1 weight rows of expert index[t, c] (its gate rows, then its up rows).
+at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const at::Tensor& index_in, int64_t width) {
+  const auto x = x_in.contiguous(), rows = rows_in.contiguous(), index = index_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), row_bytes = K / 2 + 4 * (K / kBlock);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && K % (2 * kBlock) == 0 && K <= kMaxInputs && rows.dim() == 2
+              && rows.scalar_type() == at::kByte && rows.size(1) == row_bytes && width > 0
+              && rows.size(0) % width == 0, "q4_1_gather: x, rows and width disagree");
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == M && index.scalar_type() == at::kLong,
+              "q4_1_gather: index must be int64 [M, C]");
+  const int64_t C = index.size(1), experts = rows.size(0) / width;
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M * C; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < experts, "q4_1_gather: expert out of range");
+  auto out = at::empty({M, C * width}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = rows.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / C, first = ip[task] * width;
+      weight_rows<Q4_1>(xp + t * K, 1, K, wp, row_bytes, first, first + width, op + task * width, 0);
+    }
+  });
+  return out;
+}
+
+//   cfmlang::q4_1_columns(a [M, C * width] f32, codes [N, D/2] u8, numbers [B, 2, D] f16,
+//                         block_of [N] i32, index [M, C] i64, width) -> [M, D]
+//       out[t] = sum over chosen experts c and their neurons j of a[t, c * width + j] times
+//       the down-projection column of neuron n = index[t, c] * width + j. A column is held
+//       neuron by neuron: codes[n] (output h in the low nibble of byte h, output h + D/2 in
+//       the high one) with the float16 (d, m) of the Q4_1 block the neuron belonged to in
+//       the original weight (numbers[block_of[n], 0 / 1, h]): w = fma(q, d, m), bit for bit
+//       the original weight.
+//
+// A token's chosen neurons are first ordered by block (a counting sort), so that each
+// block's numbers are loaded once per group of outputs, not once per neuron. Outputs go in
+// groups of 64 (4 chunks of 16 in each half, their sums in registers) over the threads;
+// every group sums its neurons in the same order whatever the number of threads.
+struct Chosen {
+  std::vector<int64_t> neuron;
+  std::vector<float> activation;
+  std::vector<int64_t> block_start;     // neurons of block b: [block_start[b], block_start[b + 1])
+};
+
+Chosen by_block(const float* a, const int64_t* index, const int32_t* block_of, int64_t C, int64_t width,
+                int64_t blocks) {
+  Chosen chosen;
+  const int64_t count = C * width;
+  chosen.neuron.resize(count);
+  chosen.activation.resize(count);
+  chosen.block_start.assign(blocks + 1, 0);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < width; ++j) ++chosen.block_start[block_of[index[c] * width + j] + 1];
+  for (int64_t b = 0; b < blocks; ++b) chosen.block_start[b + 1] += chosen.block_start[b];
+  std::vector<int64_t> next(chosen.block_start.begin(), chosen.block_start.end() - 1);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t n = index[c] * width + j, slot = next[block_of[n]]++;
+      chosen.neuron[slot] = n;
+      chosen.activation[slot] = a[c * width + j];
+    }
+  return chosen;
+}
+
+// out[h0 + 16 i] and out[half + h0 + 16 i] for i < chunks, over every chosen neuron.
+template <int chunks>
+void column_group(const Chosen& chosen, const uint8_t* codes, const uint8_t* numbers, int64_t D, int64_t h0,
+                  float* out) {
+  const int64_t half = D / 2, blocks = static_cast<int64_t>(chosen.block_start.size()) - 1;
+#if CFM_AVX512
+  auto halves = [](const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
+  __m512 low[chunks], high[chunks];
+  for (int i = 0; i < chunks; ++i) low[i] = high[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = chosen.block_start[b], last = chosen.block_start[b + 1];
+    if (first == last) continue;
+    const uint8_t* scale = numbers + b * 2 * D * 2;
+    const uint8_t* offset = scale + D * 2;
+    __m512 d_low[chunks], m_low[chunks], d_high[chunks], m_high[chunks];
+    for (int i = 0; i < chunks; ++i) {
+      const int64_t h = h0 + 16 * i;
+      d_low[i] = halves(scale + 2 * h), m_low[i] = halves(offset + 2 * h);
+      d_high[i] = halves(scale + 2 * (h + half)), m_high[i] = halves(offset + 2 * (h + half));
+    }
+    for (int64_t s = first; s < last; ++s) {
+      const uint8_t* row = codes + chosen.neuron[s] * half + h0;
+      const __m512 activation = _mm512_set1_ps(chosen.activation[s]);
+      for (int i = 0; i < chunks; ++i) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i)));
+        const __m512 w_low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))),
+                                             d_low[i], m_low[i]);
+        const __m512 w_high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d_high[i], m_high[i]);
+        low[i] = _mm512_fmadd_ps(activation, w_low, low[i]);
+        high[i] = _mm512_fmadd_ps(activation, w_high, high[i]);
+      }
+    }
+  }
+  for (int i = 0; i < chunks; ++i) {
+    _mm512_storeu_ps(out + h0 + 16 * i, low[i]);
+    _mm512_storeu_ps(out + half + h0 + 16 * i, high[i]);
+  }
+#else
+  float low[chunks][16] = {}, high[chunks][16] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* scale = numbers + b * 2 * D * 2;
+    const uint8_t* offset = scale + D * 2;
+    for (int64_t s = chosen.block_start[b]; s < chosen.block_start[b + 1]; ++s) {
+      const uint8_t* row = codes + chosen.neuron[s] * half;
+      const float activation = chosen.activation[s];
+      for (int i = 0; i < chunks; ++i)
+        for (int lane = 0; lane < 16; ++lane) {
+          const int64_t h = h0 + 16 * i + lane;
+          const float w_low = std::fma(static_cast<float>(row[h] & 15), half_at(scale + 2 * h), half_at(offset + 2 * h));
+          const float w_high = std::fma(static_cast<float>(row[h] >> 4), half_at(scale + 2 * (h + half)),
+                                        half_at(offset + 2 * (h + half)));
+          low[i][lane] = std::fma(activation, w_low, low[i][lane]);
+          high[i][lane] = std::fma(activation, w_high, high[i][lane]);
+        }
+    }
+  }
+  for (int i = 0; i < chunks; ++i)
+    for (int lane = 0; lane < 16; ++lane) {
+      out[h0 + 16 * i + lane] = low[i][lane];
+      out[half + h0 + 16 * i + lane] = high[i][lane];
+    }
+#endif
+}
+
+at::Tensor q4_1_columns(const at::Tensor& a_in, const at::Tensor& codes_in, const at::Tensor& numbers_in,
+                        const at::Tensor& block_in, const at::Tensor& index_in, int64_t width) {
+  const auto a = a_in.contiguous(), codes = codes_in.contiguous(), numbers = numbers_in.contiguous();
+  const auto block_of = block_in.contiguous(), index = index_in.contiguous();
+  const int64_t M = a.size(0), C = index.size(1), N = codes.size(0), D = 2 * codes.size(1), half = D / 2;
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 2 && a.size(1) == C * width && index.size(0) == M
+              && index.scalar_type() == at::kLong && codes.scalar_type() == at::kByte
+              && numbers.scalar_type() == at::kHalf && numbers.dim() == 3 && numbers.size(1) == 2
+              && numbers.size(2) == D && block_of.scalar_type() == at::kInt && block_of.numel() == N
+              && half % 16 == 0 && width > 0 && N % width == 0, "q4_1_columns: shapes or types disagree");
+  const int64_t blocks = numbers.size(0);
+  const int32_t* bp = block_of.data_ptr<int32_t>();
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(bp[n] >= 0 && bp[n] < blocks, "q4_1_columns: block out of range");
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M * C; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N / width, "q4_1_columns: expert out of range");
+  auto out = at::empty({M, D}, a.options());
+  const float* ap = a.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint8_t* np = reinterpret_cast<const uint8_t*>(numbers.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  const int64_t groups = (half / 16 + 3 - 1) / 3;
+  for (int64_t t = 0; t < M; ++t) {
+    const Chosen chosen = by_block(ap + t * C * width, ip + t * C, bp, C, width, blocks);
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t h0 = g * 16 * 3, chunks = std::min<int64_t>(3, (half - h0) / 16);
+        float* row_out = op + t * D;
+        switch (chunks) {
+          case 4: column_group<4>(chosen, cp, np, D, h0, row_out); break;
+          case 3: column_group<3>(chosen, cp, np, D, h0, row_out); break;
+          case 2: column_group<2>(chosen, cp, np, D, h0, row_out); break;
+          default: column_group<1>(chosen, cp, np, D, h0, row_out); break;
+        }
+      }
+    });
+  }
+  return out;
+}
+
 }  // namespace
 
 // The ops' namespace: `cfmlang`, or another name given at build time (the tests build the
@@ -244,9 +427,13 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
 TORCH_LIBRARY(CFM_OPS_NAMESPACE, m) {
   m.def("q4_1_linear(Tensor x, Tensor rows) -> Tensor");
   m.def("q8_0_linear(Tensor x, Tensor rows) -> Tensor");
+  m.def("q4_1_gather(Tensor x, Tensor rows, Tensor index, int width) -> Tensor");
+  m.def("q4_1_columns(Tensor a, Tensor codes, Tensor numbers, Tensor block_of, Tensor index, int width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(CFM_OPS_NAMESPACE, CPU, m) {
   m.impl("q4_1_linear", &q4_1_linear);
   m.impl("q8_0_linear", &q8_0_linear);
+  m.impl("q4_1_gather", &q4_1_gather);
+  m.impl("q4_1_columns", &q4_1_columns);
 }
