@@ -39,7 +39,8 @@ def bench(directory, batches=(1, 8), prompt_tokens: int = 64, new_tokens: int = 
     return {"directory": str(Path(directory)), "target": compiled.target, "anchor": anchor_name,
             "device": str(compiled.device), "dtype": str(compiled.dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "repeat": repeat, "results": rows, "load": busiest(load_before, machine_load())}
+            "repeat": repeat, "results": rows,
+            "load": busiest(load_before, machine_load(own_threads=torch.get_num_threads()))}
 
 
 BUSY_LOAD_PER_CORE = 0.5
@@ -47,19 +48,24 @@ BUSY_LOAD_PER_CORE = 0.5
 is busy: other work shares the cores, and the measured ratios are not the machine's."""
 
 
-def machine_load() -> dict:
-    """The 1-minute load average, the core count, and whether the machine is busy."""
+def machine_load(own_threads: int = 0) -> dict:
+    """The 1-minute load average, the core count, and whether the machine is busy: whether
+    the load less `own_threads` (the benchmark's own threads, which a reading taken after
+    the measurements includes) is above BUSY_LOAD_PER_CORE per core."""
     try:
         one_minute = os.getloadavg()[0]
     except OSError:
-        return {"load_1min": None, "cores": os.cpu_count(), "busy": False}
+        return {"load_1min": None, "cores": os.cpu_count(), "own_threads": own_threads, "busy": False}
     cores = os.cpu_count() or 1
-    return {"load_1min": round(one_minute, 2), "cores": cores, "busy": one_minute > BUSY_LOAD_PER_CORE * cores}
+    others = max(0.0, one_minute - own_threads)
+    return {"load_1min": round(one_minute, 2), "cores": cores, "own_threads": own_threads,
+            "busy": others > BUSY_LOAD_PER_CORE * cores}
 
 
 def busiest(*loads: dict) -> dict:
-    """The highest of several load readings (before and after the measurements)."""
-    return max(loads, key=lambda load: load["load_1min"] or 0.0)
+    """Of several load readings (before and after the measurements), the one with the most
+    load besides the benchmark's own."""
+    return max(loads, key=lambda load: (load["load_1min"] or 0.0) - load["own_threads"])
 
 
 def load_line(load: dict) -> str:

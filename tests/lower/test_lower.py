@@ -445,3 +445,21 @@ def test_an_architecture_outside_the_llama_family_is_E173(tmp_path):
                         target="export")
     assert caught.value.diagnostics[0].code == "E173" and "gemma" in caught.value.diagnostics[0].message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("others_per_core, busy", [(0.1, False), (0.8, True)])
+def test_cfmc_bench_does_not_count_its_own_threads_as_other_work(merged_export, capsys, monkeypatch,
+                                                                  others_per_core, busy):
+    """The reading after the measurements includes the benchmark's own threads: only the
+    load above them says whether other processes shared the cores."""
+    import os
+
+    cores = os.cpu_count() or 1
+    readings = iter([(0.1 * cores, 0.0, 0.0), (torch.get_num_threads() + others_per_core * cores, 0.0, 0.0)])
+    monkeypatch.setattr(os, "getloadavg", lambda: next(readings))
+    code = main(["bench", str(merged_export), "--batch", "1", "--prompt-tokens", "5", "--new-tokens", "2",
+                 "--repeat", "1", "--format", "json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert ("warning[W200]" in captured.err) == busy
+    assert json.loads(captured.out)["load"]["busy"] == busy
