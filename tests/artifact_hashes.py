@@ -4,13 +4,23 @@ a change of the compiler's structure can be shown not to move any output.
     python tests/artifact_hashes.py record [--smollm2]    # writes tests/golden/artifact_hashes.json
     python tests/artifact_hashes.py verify [--smollm2]    # prints every artifact that moved
     python tests/artifact_hashes.py record --smollm2 --only examples/smol.brick   # just these keys
+    python tests/artifact_hashes.py record --machine     # this machine's differences, see below
 
 `tests/compiler/test_artifact_hashes.py` verifies the tiny-model programs in every run of the suite;
 the SmolLM2 examples (tens of minutes on 2 cores) are verified with `--smollm2`, or in the
 suite with CFM_SMOLLM2_HASHES=1. Absolute paths of the build folders are replaced by
 placeholders before hashing, cfm.json's `created` is fixed by SOURCE_DATE_EPOCH, and its
 nodes' content keys (which hash cfmlang's own code) and a stray top-level `verified`
-are left out."""
+are left out.
+
+Outputs computed by optimisation or float measurement (trained adapters and routers,
+edits, fine-tunes, grow verification figures) differ between CPUs whose torch kernels
+round differently (AVX2 against AVX-512, AMD against Intel math-library paths) while every
+other output is the same. For such a machine class, `record --machine` writes the
+artifacts whose hashes differ from the main record into
+tests/golden/artifact_hashes_machines.json under the class's label (CPU vendor and
+torch's CPU capability, `machine()`); on a machine of that class they replace the main
+record's entries. Artifacts that do not differ stay checked against the main record."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +39,7 @@ EXAMPLES = REPO / "examples"
 ARTIFACTS = TESTS / "golden" / "artifacts"
 GOLDEN_OK = TESTS / "golden" / "ok"
 RECORD = TESTS / "golden" / "artifact_hashes.json"
+MACHINE_RECORD = TESTS / "golden" / "artifact_hashes_machines.json"
 
 TINY_EXAMPLES = ("linear.brick", "task_arithmetic.brick", "nested.brick", "grow.brick")
 SMOL_EXAMPLES = ("smol.brick", "smol_grow.brick", "smol_experts.brick", "smol_neurons.brick",
@@ -176,14 +187,35 @@ def _compute(smollm2: bool, only: set[str] | None, log) -> dict[str, dict[str, s
     return found
 
 
+def machine() -> str:
+    """This machine's class for the record: CPU vendor and the CPU capability torch's
+    kernels dispatch to (e.g. "GenuineIntel AVX512")."""
+    import torch
+
+    vendor = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            vendor = next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return f"{vendor} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def machine_records() -> dict[str, dict[str, dict[str, str]]]:
+    return json.loads(MACHINE_RECORD.read_text()) if MACHINE_RECORD.exists() else {}
+
+
 def recorded() -> dict[str, dict[str, str]]:
-    return json.loads(RECORD.read_text())
+    """The main record, with this machine class's own entries in place of those."""
+    return {**json.loads(RECORD.read_text()), **machine_records().get(machine(), {})}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("record", "verify"))
     parser.add_argument("--smollm2", action="store_true", help="the SmolLM2 examples too (slow)")
+    parser.add_argument("--machine", action="store_true",
+                        help="record: keep what differs from the main record under this machine class")
     parser.add_argument("--only", action="append", metavar="KEY",
                         help="only this record key (repeatable), e.g. examples/linear.brick")
     args = parser.parse_args(argv)
@@ -192,8 +224,17 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"no artifact is recorded as {', '.join(unknown)} (SmolLM2 keys need --smollm2)")
     found = compute(args.smollm2, only)
+    if args.action == "record" and args.machine:
+        main_record = json.loads(RECORD.read_text())
+        records = machine_records()
+        own = {key: value for key, value in records.get(machine(), {}).items() if key not in found}
+        own.update({key: value for key, value in found.items() if main_record.get(key) != value})
+        records[machine()] = own
+        MACHINE_RECORD.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(own)} artifacts for {machine()} in {MACHINE_RECORD}")
+        return 0
     if args.action == "record":
-        merged = {**(recorded() if RECORD.exists() else {}), **found}
+        merged = {**(json.loads(RECORD.read_text()) if RECORD.exists() else {}), **found}
         RECORD.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(found)} artifacts in {RECORD}")
         return 0
