@@ -39,7 +39,6 @@ class PackedLinear(nn.Module):
     def __init__(self, kind: str, codes: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
-        native.load()
         self.kind = kind
         self.out_features = codes.shape[0]
         self.in_features = scale.shape[1] * BLOCK
@@ -71,6 +70,7 @@ class PackedLinear(nn.Module):
         return self.numbers()[..., 1] if self.kind == "q4_1" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native.load()       # at first use: `--decode-kernel bf16` packs through this class without the kernel
         flat = x.reshape(-1, self.in_features)
         if self.kind == "q4_1":
             out = torch.ops.cfmlang.q4_1_linear(flat, self.rows)

@@ -31,7 +31,6 @@ class PackedRoutedMLP(nn.Module):
     def __init__(self, rows: torch.Tensor, codes: torch.Tensor, numbers: torch.Tensor, block_of: torch.Tensor,
                  router: nn.Module, k: int, count: int, act):
         super().__init__()
-        native.load()
         self.register_buffer("rows", rows)
         self.register_buffer("codes", codes)
         self.register_buffer("numbers", numbers)
@@ -41,6 +40,7 @@ class PackedRoutedMLP(nn.Module):
         self.hidden = numbers.shape[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native.load()       # at first use, as PackedLinear
         flat = x.reshape(-1, self.hidden)
         chosen = self.router(flat).topk(self.k, dim=-1, sorted=False).indices.sort(dim=-1).values
         pre = torch.ops.cfmlang.q4_1_gather(flat, self.rows, chosen, 2 * self.size)
@@ -48,7 +48,3 @@ class PackedRoutedMLP(nn.Module):
         active = (self.act(gate) * up).reshape(flat.shape[0], self.k * self.size)
         out = torch.ops.cfmlang.q4_1_columns(active, self.codes, self.numbers, self.block_of, chosen, self.size)
         return out.view(x.shape)
-
-    def weight_bytes(self) -> int:
-        """The bytes of its FFN weights (all experts; a token reads about k/count of them)."""
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.codes, self.numbers, self.block_of))

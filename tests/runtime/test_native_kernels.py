@@ -155,3 +155,19 @@ def test_the_routed_columns_sum_the_same_whatever_the_thread_count(kernels):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*results)
+
+
+def test_the_bf16_kernel_packs_without_building_the_native_kernels(tmp_path):
+    """E245's hint (`--decode-kernel bf16`) holds: packing for torch's int4 kernel builds
+    nothing, so a machine without a compiler for cfmlang's kernels can use it."""
+    env = {**os.environ, "CXX": "no-such-compiler-here", "CFM_KERNEL_CACHE": str(tmp_path)}
+    code = ("import torch\n"
+            "from cfmlang.runtime.packed_linear import KernelLinear, PackedLinear\n"
+            "codes = torch.randint(0, 256, (16, 32), dtype=torch.uint8)\n"
+            "scale, offset = torch.full((16, 2), 0.01).half(), torch.full((16, 2), -0.05).half()\n"
+            "layer = KernelLinear.from_packed(PackedLinear('q4_1', codes, scale, offset, None))\n"
+            "print(tuple(layer(torch.randn(1, 64)).shape))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(1, 16)"
+    assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,10 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxInputs = 65536;   // K of a packed layer (packing.MAX_PACKED_INPUTS)
 
+// Bytes of one weight row of K inputs: Q4_1 codes (K/2) and (d, m) per block; Q8_0 codes (K) and d.
+constexpr int64_t q4_1_row_bytes(int64_t K) { return K / 2 + 4 * (K / kBlock); }
+constexpr int64_t q8_0_row_bytes(int64_t K) { return K + 2 * (K / kBlock); }
+
 inline float half_at(const uint8_t* bytes) {
   uint16_t bits;
   std::memcpy(&bits, bytes, 2);
@@ -238,11 +242,11 @@ template <int rows, int outs> struct Q8_0 {
 };
 
 at::Tensor q4_1_linear(const at::Tensor& x, const at::Tensor& rows) {
-  return product<Q4_1>(x, rows, x.size(1) / 2 + 4 * (x.size(1) / kBlock), 2 * kBlock, "q4_1_linear");
+  return product<Q4_1>(x, rows, q4_1_row_bytes(x.size(1)), 2 * kBlock, "q4_1_linear");
 }
 
 at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
-  return product<Q8_0>(x, rows, x.size(1) + 2 * (x.size(1) / kBlock), kBlock, "q8_0_linear");
+  return product<Q8_0>(x, rows, q8_0_row_bytes(x.size(1)), kBlock, "q8_0_linear");
 }
 
 // Routed FFNs (decode): only the chosen experts' weights are read.
@@ -252,7 +256,7 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
 //          consecutive Q4_1 weight rows of expert index[t, c] (its gate rows, then its up rows).
 at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const at::Tensor& index_in, int64_t width) {
   const auto x = x_in.contiguous(), rows = rows_in.contiguous(), index = index_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), row_bytes = K / 2 + 4 * (K / kBlock);
+  const int64_t M = x.size(0), K = x.size(1), row_bytes = q4_1_row_bytes(K);
   TORCH_CHECK(x.scalar_type() == at::kFloat && K % (2 * kBlock) == 0 && K <= kMaxInputs && rows.dim() == 2
               && rows.scalar_type() == at::kByte && rows.size(1) == row_bytes && width > 0
               && rows.size(0) % width == 0, "q4_1_gather: x, rows and width disagree");
@@ -285,8 +289,10 @@ at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const 
 //
 // A token's chosen neurons are first ordered by block (a counting sort), so that each
 // block's numbers are loaded once per group of outputs, not once per neuron. Outputs go in
-// groups of 64 (4 chunks of 16 in each half, their sums in registers) over the threads;
-// every group sums its neurons in the same order whatever the number of threads.
+// groups of kColumnChunks chunks of 16 in each half (their sums in registers) over the
+// threads; every group sums its neurons in the same order whatever the number of threads.
+constexpr int64_t kColumnChunks = 3;   // 6 groups for SmolLM2's 576 outputs: work for both cores
+
 struct Chosen {
   std::vector<int64_t> neuron;
   std::vector<float> activation;
@@ -397,15 +403,14 @@ at::Tensor q4_1_columns(const at::Tensor& a_in, const at::Tensor& codes_in, cons
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* np = reinterpret_cast<const uint8_t*>(numbers.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
-  const int64_t groups = (half / 16 + 3 - 1) / 3;
+  const int64_t groups = (half / 16 + kColumnChunks - 1) / kColumnChunks;
   for (int64_t t = 0; t < M; ++t) {
     const Chosen chosen = by_block(ap + t * C * width, ip + t * C, bp, C, width, blocks);
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        const int64_t h0 = g * 16 * 3, chunks = std::min<int64_t>(3, (half - h0) / 16);
+        const int64_t h0 = g * 16 * kColumnChunks, chunks = std::min<int64_t>(kColumnChunks, (half - h0) / 16);
         float* row_out = op + t * D;
         switch (chunks) {
-          case 4: column_group<4>(chosen, cp, np, D, h0, row_out); break;
           case 3: column_group<3>(chosen, cp, np, D, h0, row_out); break;
           case 2: column_group<2>(chosen, cp, np, D, h0, row_out); break;
           default: column_group<1>(chosen, cp, np, D, h0, row_out); break;
