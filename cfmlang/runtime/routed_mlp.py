@@ -20,8 +20,9 @@ summation order):
   a few floats wide) the module keeps gate_up as rows, [E, 2m, d], and gathers each chosen
   expert's [2m, d] block with `embedding` before one batched product. Chosen experts are
   gathered in ascending order, so the weights stream from memory in order.
-- masked (prefill, many tokens): the dense FFN (one batched product per projection)
-  with the activations of unchosen experts multiplied by a 0/1 mask.
+- masked (prefill, many tokens): the dense FFN (one batched product per projection; one
+  linear for gate/up when gate_up is kept as rows) with the activations of unchosen
+  experts multiplied by a 0/1 mask.
 
 `forward` picks by shape (gather when tokens * k < count). Neither formulation has a
 data-dependent shape: the expert indices come from `topk` (static k), selection is
@@ -217,8 +218,21 @@ class RoutedMLP(nn.Module):
 
     def scores(self, flat: torch.Tensor) -> torch.Tensor:
         if self.router is None:
-            return expert_mass(flat, self.columns(), self.act)
+            return self.activations(flat).abs().sum(-1)
         return self.router(flat)
+
+    def activations(self, flat: torch.Tensor) -> torch.Tensor:
+        """act(g.x) * (u.x) of every neuron of every expert, [T, E, m]. With row blocks the
+        gate/up product is one linear over all neurons (as in the dense FFN): its row-major
+        result leaves eager and Inductor the same layout for every later product, so the
+        same GEMM and the same bits (through a broadcast matmul, eager's activations came
+        out expert-major and Inductor's token-major, and the down product's two GEMMs
+        differed in the last bits on an AVX-512 CPU, enough to flip per-neuron routing)."""
+        if not self.rows:
+            return expert_activations(flat, self.columns(), self.act)
+        pre = F.linear(flat, self.gate_up.view(-1, self.hidden)).view(flat.shape[0], self.count, -1)
+        gate, up = pre.split(self.size, dim=-1)
+        return self.act(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -274,7 +288,7 @@ class RoutedMLP(nn.Module):
 
     def masked(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The dense FFN with unchosen experts' activations zeroed."""
-        active = expert_activations(flat, self.columns(), self.act)
+        active = self.activations(flat)
         keep = torch.zeros(flat.shape[0], self.count, dtype=flat.dtype, device=flat.device)
         keep = keep.scatter(1, chosen, 1.0)
         active = active * keep.unsqueeze(-1)

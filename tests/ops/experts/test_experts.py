@@ -549,3 +549,32 @@ def test_an_experts_brick_is_cached_and_not_calibrated_again(tiny, tmp_path, mon
     cached_manifest, fresh = (json.loads((tmp_path / d / "cfm.json").read_text()) for d in ("k4", "fresh"))
     assert cached_manifest.pop("created") and fresh.pop("created") and cached_manifest == fresh
     assert cached_manifest["routing"] == cached.manifest["routing"] and cached_manifest["nodes"]["e"]["key"]
+
+
+def test_one_neuron_experts_give_eager_and_inductor_the_same_bits():
+    """Per-neuron routing flips on last-bit differences, so a routed FFN must compute the
+    same bits eagerly and compiled. With one neuron per expert (row blocks), the masked
+    prefill path's activations are token-major in eager as in Inductor, and both run the
+    same down-projection GEMM: bit-identical outputs. (Through a broadcast matmul eager's
+    activations came out expert-major; on an AVX-512 CPU the compiled output then differed
+    in 6000 of 21000 values.)"""
+    torch.manual_seed(0)
+    count, hidden, tokens = 1536, 576, 37
+    mlp = RoutedMLP(torch.randn(count, hidden, 2) * 0.05, torch.randn(count, 1, hidden) * 0.05, None,
+                    count // 2, F.silu, formulation="masked").eval()
+    x = torch.randn(1, tokens, hidden)
+    with torch.no_grad():
+        active = mlp.activations(x.view(tokens, hidden))
+        eager = mlp(x)
+        compiled = torch.compile(mlp, backend="inductor", fullgraph=True)(x)
+    assert active.shape == (tokens, count, 1) and active.is_contiguous()
+    reference = expert_activations_reference(x.view(tokens, hidden), mlp)
+    assert (active - reference).abs().max() < 1e-5
+    assert torch.equal(eager, compiled)
+
+
+def expert_activations_reference(flat: torch.Tensor, mlp: RoutedMLP) -> torch.Tensor:
+    """act(g.x) * (u.x) per neuron, from the packed [E, d, 2m] columns one expert at a time."""
+    columns = mlp.columns()
+    return torch.stack([F.silu(flat @ columns[e, :, :1]) * (flat @ columns[e, :, 1:]) for e in range(len(columns))],
+                       dim=1)
