@@ -4,8 +4,8 @@ The source is the llama.cpp that the `llama-cpp-python` sdist on PyPI vendors (p
 downloads the sdist; nothing else is fetched). It is unpacked under
 `$CFM_BENCH_CACHE/src/` (default `~/.cache/cfmlang-bench/src/`) and built with CMake
 (Release, native CPU flags, shared libraries, no network code) into
-`$CFM_BENCH_CACHE/llama.cpp/build-<sdist version>/`, outside the repository: libllama and
-`llama-simple` (a build on 2 busy cores takes tens of minutes; later runs reuse it). Beside
+`$CFM_BENCH_CACHE/llama.cpp/build-<sdist version>/`, outside the repository: libllama,
+`llama-simple` and `llama-quantize`, llama.cpp's own quantizer (a build on 2 busy cores takes tens of minutes; later runs reuse it). Beside
 them, `benchmarks/llamacpp_decode.cpp` is compiled against that libllama into
 `cfm-llama-decode`: greedy decoding through llama.cpp's C API with a chosen thread count,
 timed in-process and printing the token ids (`llama-simple` prints text only and takes no
@@ -16,7 +16,10 @@ thread count; `llama-bench` needs llama.cpp's `common` library too, 60 more file
 Functions used by the benchmark scripts:
 - `tools()`: the folder holding the built tools;
 - `decode(bin, gguf, text, threads, n, rounds)`: `cfm-llama-decode`'s greedy tokens and
-  prefill/decode seconds per round.
+  prefill/decode seconds per round;
+- `forced_logits(bin, gguf, ids, threads)`: llama.cpp's logits at every position of the
+  token ids `ids`, evaluated in one batch (teacher forcing);
+- `quantize(bin, source, out, kind)`: `llama-quantize` writes `source` quantized to `kind`.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-TOOLS = ("llama-simple",)
+TOOLS = ("llama-simple", "llama-quantize")
 DRIVER = "cfm-llama-decode"
 DRIVER_SOURCE = Path(__file__).with_name("llamacpp_decode.cpp")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
@@ -105,6 +108,29 @@ def decode(bin_dir: Path, gguf: Path, text: str, threads: int, new_tokens: int, 
     done = subprocess.run([str(bin_dir / DRIVER), "-m", str(gguf), "-t", str(threads), "-n", str(new_tokens),
                            "-r", str(rounds)], input=text, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
+
+
+def forced_logits(bin_dir: Path, gguf: Path, ids: list[int], threads: int = 1):
+    """llama.cpp's logits after each token of `ids` (one batch): a float32 array of
+    shape (len(ids), vocabulary)."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "logits.bin"
+        done = subprocess.run([str(bin_dir / DRIVER), "-m", str(gguf), "-t", str(threads), "-l", str(path)],
+                              input=" ".join(map(str, ids)), capture_output=True, text=True, check=True)
+        shape = json.loads(done.stdout)
+        return np.fromfile(path, dtype=np.float32).reshape(shape["tokens"], shape["vocab"])
+
+
+def quantize(bin_dir: Path, source: Path, out: Path, kind: str, threads: int = 2) -> Path:
+    """`out`: the GGUF file `source` quantized to `kind` (e.g. "Q8_0") by llama.cpp's own
+    `llama-quantize`."""
+    subprocess.run([str(bin_dir / "llama-quantize"), str(source), str(out), kind, str(threads)],
+                   capture_output=True, text=True, check=True)
+    return out
 
 
 def build_info(bin_dir: Path) -> str:

@@ -6,7 +6,14 @@
 // the prefill and decode seconds and the N greedy tokens (end-of-generation tokens
 // included: the caller cuts there).
 //
+// With `-l LOGITS.bin` it reads token ids (whitespace-separated) from stdin instead, evaluates
+// them in one batch with the logits of every position, and writes those logits to the file
+// as float32 rows (one row of n_vocab values per token); it prints the token and vocabulary
+// counts. This is teacher forcing: the caller compares llama.cpp's next-token logits with
+// another implementation's on the same tokens.
+//
 //   cfm-llama-decode -m MODEL.gguf -t THREADS -n NEW_TOKENS -r ROUNDS < prompt.txt
+//   cfm-llama-decode -m MODEL.gguf -t THREADS -l LOGITS.bin < token-ids.txt
 #include "llama.h"
 
 #include <chrono>
@@ -32,8 +39,52 @@ static llama_token greedy(llama_context * ctx, int n_vocab) {
     return best;
 }
 
+// The logits of every position of `tokens`, evaluated in one batch, written to `path`.
+static int forced_logits(llama_model * model, const std::vector<llama_token> & tokens, int threads,
+                         const std::string & path) {
+    const int n = static_cast<int>(tokens.size());
+    llama_context_params context_params = llama_context_default_params();
+    context_params.n_ctx = n + 1;
+    context_params.n_batch = n;
+    context_params.n_ubatch = n;
+    context_params.n_threads = threads;
+    context_params.n_threads_batch = threads;
+    llama_context * ctx = llama_init_from_model(model, context_params);
+    if (ctx == nullptr) {
+        std::fprintf(stderr, "cannot create a context\n");
+        return 1;
+    }
+    llama_batch batch = llama_batch_init(n, 0, 1);
+    for (int i = 0; i < n; ++i) {
+        batch.token[i] = tokens[i];
+        batch.pos[i] = i;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = 1;
+    }
+    batch.n_tokens = n;
+    if (llama_decode(ctx, batch) != 0) {
+        std::fprintf(stderr, "evaluating the tokens failed\n");
+        return 1;
+    }
+    const int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
+    FILE * out = std::fopen(path.c_str(), "wb");
+    if (out == nullptr) {
+        std::fprintf(stderr, "cannot write %s\n", path.c_str());
+        return 1;
+    }
+    for (int i = 0; i < n; ++i) {
+        std::fwrite(llama_get_logits_ith(ctx, i), sizeof(float), n_vocab, out);
+    }
+    std::fclose(out);
+    std::printf("{\"tokens\": %d, \"vocab\": %d}\n", n, n_vocab);
+    llama_batch_free(batch);
+    llama_free(ctx);
+    return 0;
+}
+
 int main(int argc, char ** argv) {
-    std::string model_path;
+    std::string model_path, logits_path;
     int threads = 1, new_tokens = 32, rounds = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         const std::string key = argv[i];
@@ -45,13 +96,16 @@ int main(int argc, char ** argv) {
             new_tokens = std::atoi(argv[i + 1]);
         } else if (key == "-r") {
             rounds = std::atoi(argv[i + 1]);
+        } else if (key == "-l") {
+            logits_path = argv[i + 1];
         } else {
             std::fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
         }
     }
     if (model_path.empty() || threads < 1 || new_tokens < 1 || rounds < 1) {
-        std::fprintf(stderr, "usage: %s -m MODEL.gguf -t THREADS -n NEW_TOKENS -r ROUNDS < prompt\n", argv[0]);
+        std::fprintf(stderr, "usage: %s -m MODEL.gguf -t THREADS (-n NEW_TOKENS -r ROUNDS < prompt | "
+                     "-l LOGITS.bin < token-ids)\n", argv[0]);
         return 2;
     }
     const std::string prompt((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
@@ -64,6 +118,25 @@ int main(int argc, char ** argv) {
     if (model == nullptr) {
         std::fprintf(stderr, "cannot load %s\n", model_path.c_str());
         return 1;
+    }
+    if (!logits_path.empty()) {
+        std::vector<llama_token> tokens;
+        for (const char * cursor = prompt.c_str(); *cursor;) {
+            char * end = nullptr;
+            const long id = std::strtol(cursor, &end, 10);
+            if (end == cursor) {
+                break;
+            }
+            tokens.push_back(static_cast<llama_token>(id));
+            cursor = end;
+        }
+        if (tokens.empty()) {
+            std::fprintf(stderr, "no token ids on stdin\n");
+            return 1;
+        }
+        const int status = forced_logits(model, tokens, threads, logits_path);
+        llama_model_free(model);
+        return status;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_prompt = -llama_tokenize(vocab, prompt.c_str(), prompt.size(), nullptr, 0, true, true);
