@@ -200,7 +200,13 @@ def test_packed_inductor_decode_matches_eager_and_hf_greedy(block_model, tmp_pat
             assert (logits[:, 0] - reference[:, 8]).abs().max() < 1e-4
             expected = eager.generate(prompt, max_new_tokens=8, do_sample=False, temperature=None,
                                       top_p=None, top_k=None, pad_token_id=0)
-        assert torch.equal(lowered.generate(prompt, max_new_tokens=8, eos_token_id=[]), expected[:, :17])
+            ours = lowered.generate(prompt, max_new_tokens=8, eos_token_id=[])
+            # every token is eager's best after the same prefix, up to near-ties: 18 sequences
+            # of a random tiny model have logits within 1e-4 of each other somewhere
+            logits = eager(ours).logits[:, 8:-1]
+            picked = logits.gather(-1, ours[:, 9:].unsqueeze(-1)).squeeze(-1)
+            assert (logits.max(-1).values - picked).max() < 1e-4
+        assert batch > 1 or torch.equal(ours, expected[:, :17])
 
 
 def test_the_inductor_program_writes_the_kv_cache_in_place(block_model, tmp_path):

@@ -1,7 +1,7 @@
 """cfmlang's native packed-linear kernels (`runtime/kernels/packed_linear.cpp`): the weights
 they rebuild are the float32 block values bit for bit, their products are float32 products
-in another order, in the AVX-512 form and in the portable one, and a machine that cannot
-build them gets a diagnostic."""
+in another order, in the native form (AVX-512 where the CPU has it), the AVX2 one and the
+portable one, and a machine that cannot build them gets a diagnostic."""
 from __future__ import annotations
 
 import os
@@ -35,26 +35,37 @@ def q8_0_codes(rows: int, inputs: int, seed: int):
     return torch.cat((codes.view(torch.uint8), scale.view(torch.uint8)), dim=1), weight.reshape(rows, inputs)
 
 
-@pytest.fixture(scope="module")
-def portable():
-    """The portable kernels (no AVX-512), built beside the native ones under `cfmlang_portable`."""
-    path = native.library_path(("-mno-avx512f", "-DCFM_OPS_NAMESPACE=cfmlang_portable"))
-    torch.ops.load_library(str(path))
-    return torch.ops.cfmlang_portable
+FORMS = ["native", "avx2", "portable"]
+
+
+def built_form(namespace: str, *flags: str):
+    """The kernels built with `flags` under the op namespace `namespace` (beside the native ones)."""
+    torch.ops.load_library(str(native.library_path((*flags, f"-DCFM_OPS_NAMESPACE={namespace}"))))
+    return getattr(torch.ops, namespace)
 
 
 @pytest.fixture(scope="module")
-def kernels(portable):
+def kernels():
     native.load()
-    return {"native": torch.ops.cfmlang, "portable": portable}
+    forms = {"native": torch.ops.cfmlang,
+             "portable": built_form("cfmlang_portable", "-mno-avx512f", "-mno-avx2")}
+    if " avx2" in native.cpu_signature() and " fma" in native.cpu_signature():
+        forms["avx2"] = built_form("cfmlang_avx2", "-mno-avx512f")
+    return forms
 
 
-@pytest.mark.parametrize("form", ["native", "portable"])
+def form_of(kernels, form: str):
+    if form not in kernels:
+        pytest.skip(f"this CPU cannot run the {form} form")
+    return kernels[form]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
 def test_the_rebuilt_weights_are_the_block_values_and_products_are_float32_products(kernels, form, kind):
     rows = 37                       # not a multiple of the threads' grain (16) nor of 2 rows at a time
     inputs = 192 if kind == "q4_1" else 160     # Q8_0 takes any whole number of blocks, Q4_1 an even one
-    ops = kernels[form]
+    ops = form_of(kernels, form)
     if kind == "q4_1":
         packed, weight = q4_1_codes(rows, inputs, seed=3)
         run = lambda x: ops.q4_1_linear(x, packed)  # noqa: E731
@@ -120,10 +131,10 @@ def routed_weights(seed: int, hidden: int = 128, neurons: int = 128, width: int 
     return (rows, codes, numbers, block_of), rows_weight, columns, width
 
 
-@pytest.mark.parametrize("form", ["native", "portable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_the_routed_gather_and_columns_read_the_chosen_experts_weights(kernels, form):
     (rows, codes, numbers, block_of), rows_weight, columns, width = routed_weights(seed=8)
-    ops = kernels[form]
+    ops = form_of(kernels, form)
     index = torch.tensor([[0, 3, 5], [7, 2, 4]])               # two tokens, three experts each
     x = torch.randn(2, 128, generator=torch.Generator().manual_seed(9))
     pre = ops.q4_1_gather(x, rows, index, 2 * width)           # gate/up rows: width*2 per expert
@@ -155,6 +166,9 @@ def test_the_routed_columns_sum_the_same_whatever_the_thread_count(kernels):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*results)
+    # every form sums each output over the same neurons in the same order: the same bits
+    for form in kernels.values():
+        assert torch.equal(form.q4_1_columns(a, codes, numbers, block_of, index, width), results[0])
 
 
 def test_the_bf16_kernel_packs_without_building_the_native_kernels(tmp_path):

@@ -30,11 +30,14 @@ from cfmlang.runtime.packed_routed import PackedRoutedMLP
 from cfmlang.runtime.routed_mlp import RoutedMLP
 
 # Rebuilding weights from codes costs arithmetic per row of the batch, reading float32
-# weights does not: on the 2-core CPU the packed SmolLM2 decode step costs the same for 1
-# and 2 rows and grows linearly after, and float32 matrix products are faster from about
-# 5 rows on (`cfmc bench DIR --batch 1 2 4 6 8`). A dense model decodes larger batches with
-# its float32 prefill program; routed models always use their gather decode program.
-PACKED_DECODE_MAX_BATCH = 4
+# weights does not, so from some batch size on the float32 matrix products are faster. On a
+# 2-core AVX-512 Xeon the packed SmolLM2 decode step against the float32 program: 2.4x at 8
+# rows and 1.5x at 16 with the native kernel's AVX-512 form, 1.8x and 1.15x with its AVX2
+# form, 1.9x and 1.3x with the bf16 kernel; even or slower from 32 rows on (`cfmc bench DIR
+# --against DIR --batch 8 16 32` with this limit raised in one copy's cfm.json). A dense model
+# decodes larger batches with its float32 prefill program; routed models always use their
+# gather decode program.
+PACKED_DECODE_MAX_BATCH = 16
 MAX_PACKED_INPUTS = 65536    # the native kernel's limit on a layer's inputs (kMaxInputs); wider layers stay float32
 
 

@@ -13,7 +13,9 @@
 // code up in them (vpermps), which leaves one multiply-add per weight. Products
 // accumulate in float32, 16 lanes per row, summed at the end: the same products as a
 // float32 matrix product, in another order, the same for every thread count. Output rows
-// are split over the threads; the weights are read once per 4 input rows.
+// are split over the threads; the weights are read once per 4 input rows. The AVX2 form
+// (AVX2, FMA and F16C) rebuilds each weight with its own fma and sums 8 lanes per row;
+// the portable form is plain C++ for the compiler to vectorize.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +27,9 @@
 #if defined(__AVX512F__) && defined(__F16C__)
 #include <immintrin.h>
 #define CFM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CFM_AVX2 1
 #endif
 
 namespace {
@@ -39,7 +44,7 @@ constexpr int64_t q8_0_row_bytes(int64_t K) { return K + 2 * (K / kBlock); }
 inline float half_at(const uint8_t* bytes) {
   uint16_t bits;
   std::memcpy(&bits, bytes, 2);
-#if CFM_AVX512
+#if CFM_AVX512 || CFM_AVX2
   return _cvtsh_ss(bits);
 #else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
@@ -114,6 +119,63 @@ void q8_0_row(const float* x, int64_t K, const uint8_t* row, float* out, int64_t
   }
   for (int r = 0; r < rows; ++r) out[r * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
+#elif CFM_AVX2
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 code bytes as 8 int32 lanes.
+inline __m256i eight_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int rows, int outs>
+void q4_1_rows(const float* x, int64_t K, const uint8_t* row, int64_t row_bytes, float* out, int64_t out_stride) {
+  const int64_t half = K / 2, half_blocks = half / kBlock;
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 acc[rows][outs];
+  for (int r = 0; r < rows; ++r)
+    for (int o = 0; o < outs; ++o) acc[r][o] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < half_blocks; ++b) {
+    for (int o = 0; o < outs; ++o) {
+      const uint8_t* codes = row + o * row_bytes;
+      const uint8_t* low = codes + half + 4 * b;
+      const uint8_t* high = codes + half + 4 * (b + half_blocks);
+      const __m256 d_low = _mm256_set1_ps(half_at(low)), m_low = _mm256_set1_ps(half_at(low + 2));
+      const __m256 d_high = _mm256_set1_ps(half_at(high)), m_high = _mm256_set1_ps(half_at(high + 2));
+      for (int64_t part = 0; part < 4; ++part) {
+        const int64_t j = b * kBlock + part * 8;
+        const __m256i q = eight_bytes(codes + j);
+        const __m256 w_low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), d_low, m_low);
+        const __m256 w_high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), d_high, m_high);
+        for (int r = 0; r < rows; ++r)
+          acc[r][o] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + half + j), w_high,
+                                      _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j), w_low, acc[r][o]));
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int o = 0; o < outs; ++o) out[r * out_stride + o] = sum8(acc[r][o]);
+}
+
+template <int rows>
+void q8_0_row(const float* x, int64_t K, const uint8_t* row, float* out, int64_t out_stride) {
+  const uint8_t* numbers = row + K;
+  __m256 acc[rows];
+  for (int r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const __m256 d = _mm256_set1_ps(half_at(numbers + 2 * b));
+    for (int64_t part = 0; part < 4; ++part) {
+      const int64_t k = b * kBlock + part * 8;
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k)))), d);
+      for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + k), w, acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) out[r * out_stride] = sum8(acc[r]);
+}
 #else
 // Portable form: the same weights and per-lane accumulation (16 lanes), left to the compiler.
 template <int rows>
@@ -157,7 +219,7 @@ void q8_0_row(const float* x, int64_t K, const uint8_t* row, float* out, int64_t
 #endif
 
 // Several consecutive weight rows, one after the other (where no form of its own shares work).
-#if !CFM_AVX512
+#if !CFM_AVX512 && !CFM_AVX2
 template <int rows, int outs>
 void q4_1_rows(const float* x, int64_t K, const uint8_t* row, int64_t row_bytes, float* out, int64_t out_stride) {
   for (int o = 0; o < outs; ++o) q4_1_row<rows>(x, K, row + o * row_bytes, out + o, out_stride);
@@ -355,6 +417,39 @@ void column_group(const Chosen& chosen, const uint8_t* codes, const uint8_t* num
   for (int i = 0; i < chunks; ++i) {
     _mm512_storeu_ps(out + h0 + 16 * i, low[i]);
     _mm512_storeu_ps(out + half + h0 + 16 * i, high[i]);
+  }
+#elif CFM_AVX2
+  constexpr int eights = 2 * chunks;
+  auto halves = [](const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 low[eights], high[eights];
+  for (int i = 0; i < eights; ++i) low[i] = high[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = chosen.block_start[b], last = chosen.block_start[b + 1];
+    if (first == last) continue;
+    const uint8_t* scale = numbers + b * 2 * D * 2;
+    const uint8_t* offset = scale + D * 2;
+    __m256 d_low[eights], m_low[eights], d_high[eights], m_high[eights];
+    for (int i = 0; i < eights; ++i) {
+      const int64_t h = h0 + 8 * i;
+      d_low[i] = halves(scale + 2 * h), m_low[i] = halves(offset + 2 * h);
+      d_high[i] = halves(scale + 2 * (h + half)), m_high[i] = halves(offset + 2 * (h + half));
+    }
+    for (int64_t s = first; s < last; ++s) {
+      const uint8_t* row = codes + chosen.neuron[s] * half + h0;
+      const __m256 activation = _mm256_set1_ps(chosen.activation[s]);
+      for (int i = 0; i < eights; ++i) {
+        const __m256i q = eight_bytes(row + 8 * i);
+        const __m256 w_low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), d_low[i], m_low[i]);
+        const __m256 w_high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), d_high[i], m_high[i]);
+        low[i] = _mm256_fmadd_ps(activation, w_low, low[i]);
+        high[i] = _mm256_fmadd_ps(activation, w_high, high[i]);
+      }
+    }
+  }
+  for (int i = 0; i < eights; ++i) {
+    _mm256_storeu_ps(out + h0 + 8 * i, low[i]);
+    _mm256_storeu_ps(out + half + h0 + 8 * i, high[i]);
   }
 #else
   float low[chunks][16] = {}, high[chunks][16] = {};
