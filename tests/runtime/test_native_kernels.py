@@ -135,12 +135,17 @@ def routed_weights(seed: int, hidden: int = 128, neurons: int = 128, width: int 
 def test_the_routed_gather_and_columns_read_the_chosen_experts_weights(kernels, form):
     (rows, codes, numbers, block_of), rows_weight, columns, width = routed_weights(seed=8)
     ops = form_of(kernels, form)
-    index = torch.tensor([[0, 3, 5], [7, 2, 4]])               # two tokens, three experts each
-    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(9))
-    pre = ops.q4_1_gather(x, rows, index, 2 * width)           # gate/up rows: width*2 per expert
-    expected_rows = torch.stack([rows_weight.view(8, 2 * width, 128)[index[t]].reshape(-1, 128) for t in range(2)])
+    # six tokens, three experts each; expert 3 chosen by five of them (read once per 4 tokens)
+    batch = torch.tensor([[0, 3, 5], [7, 2, 4], [3, 0, 6], [5, 3, 1], [0, 7, 3], [3, 6, 2]])
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(9))
+    pre = ops.q4_1_gather(x, rows, batch, 2 * width)           # gate/up rows: width*2 per expert
+    expected_rows = torch.stack([rows_weight.view(8, 2 * width, 128)[batch[t]].reshape(-1, 128) for t in range(6)])
     expected = torch.einsum("tk,trk->tr", x.double(), expected_rows.double())
     assert (pre.double() - expected).abs().max() < 1e-5
+    # a token's sums do not depend on the batch it came in
+    alone = torch.cat([ops.q4_1_gather(x[t:t + 1], rows, batch[t:t + 1], 2 * width) for t in range(6)])
+    assert torch.equal(pre, alone)
+    index, x = batch[:2], x[:2]
     # one active neuron of weight 1: its down column, bit for bit
     for t, neuron in ((0, 3 * width + 5), (1, 7 * width + 15)):
         a = torch.zeros(1, 3 * width)

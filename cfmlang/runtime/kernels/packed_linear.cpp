@@ -316,6 +316,10 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
 //   cfmlang::q4_1_gather(x [M, K] f32, rows [E * width, row_bytes(K)] u8, index [M, C] i64, width)
 //       -> [M, C * width]: for each token t and chosen expert c, x[t] times the `width`
 //          consecutive Q4_1 weight rows of expert index[t, c] (its gate rows, then its up rows).
+//
+// The tasks (t, c) are grouped by expert, so that an expert chosen by several tokens of a
+// batch has its rows read once per 4 of them, as in `product`. Each token's sums are the
+// same whatever the batch: every input row has its own accumulators.
 at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const at::Tensor& index_in, int64_t width) {
   const auto x = x_in.contiguous(), rows = rows_in.contiguous(), index = index_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), row_bytes = q4_1_row_bytes(K);
@@ -324,17 +328,32 @@ at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const 
               && rows.size(0) % width == 0, "q4_1_gather: x, rows and width disagree");
   TORCH_CHECK(index.dim() == 2 && index.size(0) == M && index.scalar_type() == at::kLong,
               "q4_1_gather: index must be int64 [M, C]");
-  const int64_t C = index.size(1), experts = rows.size(0) / width;
+  const int64_t C = index.size(1), experts = rows.size(0) / width, tasks = M * C;
   const int64_t* ip = index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < M * C; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < experts, "q4_1_gather: expert out of range");
+  for (int64_t i = 0; i < tasks; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < experts, "q4_1_gather: expert out of range");
+  // the tasks in expert order (a counting sort): expert e's are by_expert[start[e], start[e + 1])
+  std::vector<int64_t> start(experts + 1, 0), by_expert(tasks);
+  for (int64_t i = 0; i < tasks; ++i) ++start[ip[i] + 1];
+  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> next(start.begin(), start.end() - 1), chosen;
+  for (int64_t i = 0; i < tasks; ++i) by_expert[next[ip[i]]++] = i;
+  for (int64_t e = 0; e < experts; ++e)
+    if (start[e + 1] > start[e]) chosen.push_back(e);
   auto out = at::empty({M, C * width}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = rows.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / C, first = ip[task] * width;
-      weight_rows<Q4_1>(xp + t * K, 1, K, wp, row_bytes, first, first + width, op + task * width, 0);
+  at::parallel_for(0, static_cast<int64_t>(chosen.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> inputs, sums;
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t e = chosen[g], first = start[e], count = start[e + 1] - first;
+      inputs.resize(count * K);
+      sums.resize(count * width);
+      for (int64_t i = 0; i < count; ++i)
+        std::memcpy(inputs.data() + i * K, xp + (by_expert[first + i] / C) * K, K * sizeof(float));
+      weight_rows<Q4_1>(inputs.data(), count, K, wp, row_bytes, e * width, (e + 1) * width, sums.data(), width);
+      for (int64_t i = 0; i < count; ++i)
+        std::memcpy(op + by_expert[first + i] * width, sums.data() + i * width, width * sizeof(float));
     }
   });
   return out;
