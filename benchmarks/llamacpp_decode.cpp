@@ -39,19 +39,28 @@ static llama_token greedy(llama_context * ctx, int n_vocab) {
     return best;
 }
 
+// A context of `n_ctx` positions that evaluates up to `n_batch` tokens at once on `threads`
+// threads (null, with a message, when llama.cpp cannot make one).
+static llama_context * new_context(llama_model * model, int n_ctx, int n_batch, int threads) {
+    llama_context_params params = llama_context_default_params();
+    params.n_ctx = n_ctx;
+    params.n_batch = n_batch;
+    params.n_ubatch = n_batch;
+    params.n_threads = threads;
+    params.n_threads_batch = threads;
+    llama_context * ctx = llama_init_from_model(model, params);
+    if (ctx == nullptr) {
+        std::fprintf(stderr, "cannot create a context\n");
+    }
+    return ctx;
+}
+
 // The logits of every position of `tokens`, evaluated in one batch, written to `path`.
 static int forced_logits(llama_model * model, const std::vector<llama_token> & tokens, int threads,
                          const std::string & path) {
     const int n = static_cast<int>(tokens.size());
-    llama_context_params context_params = llama_context_default_params();
-    context_params.n_ctx = n + 1;
-    context_params.n_batch = n;
-    context_params.n_ubatch = n;
-    context_params.n_threads = threads;
-    context_params.n_threads_batch = threads;
-    llama_context * ctx = llama_init_from_model(model, context_params);
+    llama_context * ctx = new_context(model, n + 1, n, threads);
     if (ctx == nullptr) {
-        std::fprintf(stderr, "cannot create a context\n");
         return 1;
     }
     llama_batch batch = llama_batch_init(n, 0, 1);
@@ -147,15 +156,8 @@ int main(int argc, char ** argv) {
         return 1;
     }
 
-    llama_context_params context_params = llama_context_default_params();
-    context_params.n_ctx = n_prompt + new_tokens + 1;
-    context_params.n_batch = n_prompt;
-    context_params.n_ubatch = n_prompt;
-    context_params.n_threads = threads;
-    context_params.n_threads_batch = threads;
-    llama_context * ctx = llama_init_from_model(model, context_params);
+    llama_context * ctx = new_context(model, n_prompt + new_tokens + 1, n_prompt, threads);
     if (ctx == nullptr) {
-        std::fprintf(stderr, "cannot create a context\n");
         return 1;
     }
     const int n_vocab = llama_vocab_n_tokens(vocab);

@@ -400,75 +400,75 @@ Chosen by_block(const float* a, const int64_t* index, const int32_t* block_of, i
   return chosen;
 }
 
+// The vector operations the column kernel needs, at the CPU's vector width.
+#if CFM_AVX512
+struct Lanes {
+  using F = __m512;
+  static constexpr int width = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F splat(float v) { return _mm512_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // `width` code bytes: their low and their high nibbles, as floats
+  static void nibbles(const uint8_t* p, F& low, F& high) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    low = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+    high = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+  }
+};
+#elif CFM_AVX2
+struct Lanes {
+  using F = __m256;
+  static constexpr int width = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F splat(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void nibbles(const uint8_t* p, F& low, F& high) {
+    const __m256i q = eight_bytes(p);
+    low = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+    high = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+  }
+};
+#endif
+
 // out[h0 + 16 i] and out[half + h0 + 16 i] for i < chunks, over every chosen neuron.
 template <int chunks>
 void column_group(const Chosen& chosen, const uint8_t* codes, const uint8_t* numbers, int64_t D, int64_t h0,
                   float* out) {
   const int64_t half = D / 2, blocks = static_cast<int64_t>(chosen.block_start.size()) - 1;
-#if CFM_AVX512
-  auto halves = [](const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); };
-  __m512 low[chunks], high[chunks];
-  for (int i = 0; i < chunks; ++i) low[i] = high[i] = _mm512_setzero_ps();
+#if CFM_AVX512 || CFM_AVX2
+  constexpr int vectors = chunks * 16 / Lanes::width;
+  using F = Lanes::F;
+  F low[vectors], high[vectors];
+  for (int i = 0; i < vectors; ++i) low[i] = high[i] = Lanes::zero();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t first = chosen.block_start[b], last = chosen.block_start[b + 1];
     if (first == last) continue;
     const uint8_t* scale = numbers + b * 2 * D * 2;
     const uint8_t* offset = scale + D * 2;
-    __m512 d_low[chunks], m_low[chunks], d_high[chunks], m_high[chunks];
-    for (int i = 0; i < chunks; ++i) {
-      const int64_t h = h0 + 16 * i;
-      d_low[i] = halves(scale + 2 * h), m_low[i] = halves(offset + 2 * h);
-      d_high[i] = halves(scale + 2 * (h + half)), m_high[i] = halves(offset + 2 * (h + half));
+    F d_low[vectors], m_low[vectors], d_high[vectors], m_high[vectors];
+    for (int i = 0; i < vectors; ++i) {
+      const int64_t h = h0 + Lanes::width * i;
+      d_low[i] = Lanes::halves(scale + 2 * h), m_low[i] = Lanes::halves(offset + 2 * h);
+      d_high[i] = Lanes::halves(scale + 2 * (h + half)), m_high[i] = Lanes::halves(offset + 2 * (h + half));
     }
     for (int64_t s = first; s < last; ++s) {
       const uint8_t* row = codes + chosen.neuron[s] * half + h0;
-      const __m512 activation = _mm512_set1_ps(chosen.activation[s]);
-      for (int i = 0; i < chunks; ++i) {
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * i)));
-        const __m512 w_low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))),
-                                             d_low[i], m_low[i]);
-        const __m512 w_high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d_high[i], m_high[i]);
-        low[i] = _mm512_fmadd_ps(activation, w_low, low[i]);
-        high[i] = _mm512_fmadd_ps(activation, w_high, high[i]);
+      const F activation = Lanes::splat(chosen.activation[s]);
+      for (int i = 0; i < vectors; ++i) {
+        F q_low, q_high;
+        Lanes::nibbles(row + Lanes::width * i, q_low, q_high);
+        low[i] = Lanes::fma(activation, Lanes::fma(q_low, d_low[i], m_low[i]), low[i]);
+        high[i] = Lanes::fma(activation, Lanes::fma(q_high, d_high[i], m_high[i]), high[i]);
       }
     }
   }
-  for (int i = 0; i < chunks; ++i) {
-    _mm512_storeu_ps(out + h0 + 16 * i, low[i]);
-    _mm512_storeu_ps(out + half + h0 + 16 * i, high[i]);
-  }
-#elif CFM_AVX2
-  constexpr int eights = 2 * chunks;
-  auto halves = [](const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); };
-  const __m256i nibble = _mm256_set1_epi32(15);
-  __m256 low[eights], high[eights];
-  for (int i = 0; i < eights; ++i) low[i] = high[i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t first = chosen.block_start[b], last = chosen.block_start[b + 1];
-    if (first == last) continue;
-    const uint8_t* scale = numbers + b * 2 * D * 2;
-    const uint8_t* offset = scale + D * 2;
-    __m256 d_low[eights], m_low[eights], d_high[eights], m_high[eights];
-    for (int i = 0; i < eights; ++i) {
-      const int64_t h = h0 + 8 * i;
-      d_low[i] = halves(scale + 2 * h), m_low[i] = halves(offset + 2 * h);
-      d_high[i] = halves(scale + 2 * (h + half)), m_high[i] = halves(offset + 2 * (h + half));
-    }
-    for (int64_t s = first; s < last; ++s) {
-      const uint8_t* row = codes + chosen.neuron[s] * half + h0;
-      const __m256 activation = _mm256_set1_ps(chosen.activation[s]);
-      for (int i = 0; i < eights; ++i) {
-        const __m256i q = eight_bytes(row + 8 * i);
-        const __m256 w_low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), d_low[i], m_low[i]);
-        const __m256 w_high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), d_high[i], m_high[i]);
-        low[i] = _mm256_fmadd_ps(activation, w_low, low[i]);
-        high[i] = _mm256_fmadd_ps(activation, w_high, high[i]);
-      }
-    }
-  }
-  for (int i = 0; i < eights; ++i) {
-    _mm256_storeu_ps(out + h0 + 8 * i, low[i]);
-    _mm256_storeu_ps(out + half + h0 + 8 * i, high[i]);
+  for (int i = 0; i < vectors; ++i) {
+    Lanes::store(out + h0 + Lanes::width * i, low[i]);
+    Lanes::store(out + half + h0 + Lanes::width * i, high[i]);
   }
 #else
   float low[chunks][16] = {}, high[chunks][16] = {};
