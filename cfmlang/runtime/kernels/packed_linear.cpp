@@ -51,12 +51,46 @@ inline float half_at(const uint8_t* bytes) {
 #endif
 }
 
+// The vector operations the Q4_1 kernels share, at the CPU's vector width.
+#if CFM_AVX512
+struct Lanes {
+  using F = __m512;
+  static constexpr int width = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F splat(float v) { return _mm512_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // `width` code bytes: their low and their high nibbles, as floats
+  static void nibbles(const uint8_t* p, F& low, F& high) {
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    low = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+    high = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+  }
+};
+#elif CFM_AVX2
+struct Lanes {
+  using F = __m256;
+  static constexpr int width = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F splat(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void nibbles(const uint8_t* p, F& low, F& high) {
+    const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    low = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+    high = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+  }
+};
+#endif
+
 #if CFM_AVX512
 // The blocks' float16 numbers of a row, as float32 (`count` of them, a multiple of 2).
 inline void numbers_as_floats(const uint8_t* numbers, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + 16 <= count; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(numbers + 2 * i))));
+    Lanes::store(out + i, Lanes::halves(numbers + 2 * i));
   for (; i < count; ++i) out[i] = half_at(numbers + 2 * i);
 }
 
@@ -126,15 +160,9 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// 8 code bytes as 8 int32 lanes.
-inline __m256i eight_bytes(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-}
-
 template <int rows, int outs>
 void q4_1_rows(const float* x, int64_t K, const uint8_t* row, int64_t row_bytes, float* out, int64_t out_stride) {
   const int64_t half = K / 2, half_blocks = half / kBlock;
-  const __m256i nibble = _mm256_set1_epi32(15);
   __m256 acc[rows][outs];
   for (int r = 0; r < rows; ++r)
     for (int o = 0; o < outs; ++o) acc[r][o] = _mm256_setzero_ps();
@@ -147,9 +175,9 @@ void q4_1_rows(const float* x, int64_t K, const uint8_t* row, int64_t row_bytes,
       const __m256 d_high = _mm256_set1_ps(half_at(high)), m_high = _mm256_set1_ps(half_at(high + 2));
       for (int64_t part = 0; part < 4; ++part) {
         const int64_t j = b * kBlock + part * 8;
-        const __m256i q = eight_bytes(codes + j);
-        const __m256 w_low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, nibble)), d_low, m_low);
-        const __m256 w_high = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), d_high, m_high);
+        __m256 q_low, q_high;
+        Lanes::nibbles(codes + j, q_low, q_high);
+        const __m256 w_low = Lanes::fma(q_low, d_low, m_low), w_high = Lanes::fma(q_high, d_high, m_high);
         for (int r = 0; r < rows; ++r)
           acc[r][o] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + half + j), w_high,
                                       _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + j), w_low, acc[r][o]));
@@ -311,6 +339,22 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& rows) {
   return product<Q8_0>(x, rows, q8_0_row_bytes(x.size(1)), kBlock, "q8_0_linear");
 }
 
+// Items 0..count-1 grouped by key(i) in [0, keys) (a stable counting sort): key k's items are
+// order[start[k], start[k + 1]), in ascending order.
+struct Grouped {
+  std::vector<int64_t> start, order;
+};
+
+template <typename Key>
+Grouped group_by(int64_t count, int64_t keys, Key&& key) {
+  Grouped grouped{std::vector<int64_t>(keys + 1, 0), std::vector<int64_t>(count)};
+  for (int64_t i = 0; i < count; ++i) ++grouped.start[key(i) + 1];
+  for (int64_t k = 0; k < keys; ++k) grouped.start[k + 1] += grouped.start[k];
+  std::vector<int64_t> next(grouped.start.begin(), grouped.start.end() - 1);
+  for (int64_t i = 0; i < count; ++i) grouped.order[next[key(i)]++] = i;
+  return grouped;
+}
+
 // Routed FFNs (decode): only the chosen experts' weights are read.
 //
 //   cfmlang::q4_1_gather(x [M, K] f32, rows [E * width, row_bytes(K)] u8, index [M, C] i64, width)
@@ -331,12 +375,9 @@ at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const 
   const int64_t C = index.size(1), experts = rows.size(0) / width, tasks = M * C;
   const int64_t* ip = index.data_ptr<int64_t>();
   for (int64_t i = 0; i < tasks; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < experts, "q4_1_gather: expert out of range");
-  // the tasks in expert order (a counting sort): expert e's are by_expert[start[e], start[e + 1])
-  std::vector<int64_t> start(experts + 1, 0), by_expert(tasks);
-  for (int64_t i = 0; i < tasks; ++i) ++start[ip[i] + 1];
-  for (int64_t e = 0; e < experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> next(start.begin(), start.end() - 1), chosen;
-  for (int64_t i = 0; i < tasks; ++i) by_expert[next[ip[i]]++] = i;
+  const Grouped by_expert = group_by(tasks, experts, [&](int64_t i) { return ip[i]; });
+  const std::vector<int64_t>& start = by_expert.start;
+  std::vector<int64_t> chosen;
   for (int64_t e = 0; e < experts; ++e)
     if (start[e + 1] > start[e]) chosen.push_back(e);
   auto out = at::empty({M, C * width}, x.options());
@@ -350,10 +391,10 @@ at::Tensor q4_1_gather(const at::Tensor& x_in, const at::Tensor& rows_in, const 
       inputs.resize(count * K);
       sums.resize(count * width);
       for (int64_t i = 0; i < count; ++i)
-        std::memcpy(inputs.data() + i * K, xp + (by_expert[first + i] / C) * K, K * sizeof(float));
+        std::memcpy(inputs.data() + i * K, xp + (by_expert.order[first + i] / C) * K, K * sizeof(float));
       weight_rows<Q4_1>(inputs.data(), count, K, wp, row_bytes, e * width, (e + 1) * width, sums.data(), width);
       for (int64_t i = 0; i < count; ++i)
-        std::memcpy(op + by_expert[first + i] * width, sums.data() + i * width, width * sizeof(float));
+        std::memcpy(op + by_expert.order[first + i] * width, sums.data() + i * width, width * sizeof(float));
     }
   });
   return out;
@@ -382,57 +423,15 @@ struct Chosen {
 
 Chosen by_block(const float* a, const int64_t* index, const int32_t* block_of, int64_t C, int64_t width,
                 int64_t blocks) {
-  Chosen chosen;
-  const int64_t count = C * width;
-  chosen.neuron.resize(count);
-  chosen.activation.resize(count);
-  chosen.block_start.assign(blocks + 1, 0);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < width; ++j) ++chosen.block_start[block_of[index[c] * width + j] + 1];
-  for (int64_t b = 0; b < blocks; ++b) chosen.block_start[b + 1] += chosen.block_start[b];
-  std::vector<int64_t> next(chosen.block_start.begin(), chosen.block_start.end() - 1);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t n = index[c] * width + j, slot = next[block_of[n]]++;
-      chosen.neuron[slot] = n;
-      chosen.activation[slot] = a[c * width + j];
-    }
+  const auto neuron = [&](int64_t i) { return index[i / width] * width + i % width; };   // i = c * width + j
+  Grouped grouped = group_by(C * width, blocks, [&](int64_t i) { return block_of[neuron(i)]; });
+  Chosen chosen{std::vector<int64_t>(C * width), std::vector<float>(C * width), std::move(grouped.start)};
+  for (int64_t slot = 0; slot < C * width; ++slot) {
+    chosen.neuron[slot] = neuron(grouped.order[slot]);
+    chosen.activation[slot] = a[grouped.order[slot]];
+  }
   return chosen;
 }
-
-// The vector operations the column kernel needs, at the CPU's vector width.
-#if CFM_AVX512
-struct Lanes {
-  using F = __m512;
-  static constexpr int width = 16;
-  static F zero() { return _mm512_setzero_ps(); }
-  static F splat(float v) { return _mm512_set1_ps(v); }
-  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F halves(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  // `width` code bytes: their low and their high nibbles, as floats
-  static void nibbles(const uint8_t* p, F& low, F& high) {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    low = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
-    high = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-  }
-};
-#elif CFM_AVX2
-struct Lanes {
-  using F = __m256;
-  static constexpr int width = 8;
-  static F zero() { return _mm256_setzero_ps(); }
-  static F splat(float v) { return _mm256_set1_ps(v); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F halves(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void nibbles(const uint8_t* p, F& low, F& high) {
-    const __m256i q = eight_bytes(p);
-    low = _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
-    high = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
-  }
-};
-#endif
 
 // out[h0 + 16 i] and out[half + h0 + 16 i] for i < chunks, over every chosen neuron.
 template <int chunks>
