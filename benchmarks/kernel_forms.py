@@ -27,15 +27,15 @@ import sys
 from cfmlang.runtime import native
 from cfmlang.cli import main
 built = native.library_path
-native.library_path = lambda extra=(): built(tuple(sys.argv[2:]) + tuple(extra))
-sys.exit(main(["bench", sys.argv[1], "--batch", "1", "--repeat", REPEAT, "--format", "json"]))
+native.library_path = lambda extra=(): built(tuple(sys.argv[3:]) + tuple(extra))
+sys.exit(main(["bench", sys.argv[1], "--batch", "1", "--repeat", sys.argv[2], "--format", "json"]))
 """
 
 
 def decode_rate(directory: Path, flags: tuple[str, ...], repeat: int) -> float:
     """Batch-1 decode tokens/s of the artifact's program with the kernel built with `flags`."""
-    done = subprocess.run([sys.executable, "-c", ONE_RUN.replace("REPEAT", repr(str(repeat))), str(directory),
-                           *flags], capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, "-c", ONE_RUN, str(directory), str(repeat), *flags],
+                          capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(done.stdout)["results"][0]["decode"]["compiled_tokens_per_s"]
 
 
